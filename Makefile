@@ -1,0 +1,35 @@
+# kprune — set-up, tests, benchmarks and experiments.
+# Every target creates the virtual environment with pinned packages if it is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_USE_LEGACY_KERAS := 1
+
+.PHONY: install test test-fast bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench-results.json
+
+demo: $(STAMP)
+	$(PY) -m kprune.demo --out runs/demo
+
+clean:
+	rm -rf runs build dist *.egg-info .pytest_cache bench-results.json bench-results.md

@@ -1,0 +1,244 @@
+"""Darknet cfg -> tf_keras functional model.
+
+Layer names come from the cfg layer index, so any later tool finds layers by name: ``conv_12``,
+``bn_12``, ``leaky_12``, ``pad_12`` (explicit padding of a strided conv), ``maxpool_3``, ``route_25``
+(only when it concatenates several layers; a route of one layer is that layer's output),
+``reorg_26``, ``shortcut_4``, ``upsample_20``, ``region_31`` / ``yolo_16``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from kprune._keras import keras
+from kprune.darknet.cfg import CfgError, DarknetCfg, Section, read_cfg
+from kprune.models.layers import DarknetBatchNormalization, DetectionHead, Reorg
+
+Size = Union[int, Tuple[int, int]]
+
+
+def round_filters(filters: int, width: float, multiple: int = 8) -> int:
+    """Scale a filter count by ``width`` and round it to the nearest multiple (at least one multiple)."""
+    return max(multiple, int(filters * width / multiple + 0.5) * multiple)
+
+
+def head_conv_indices(cfg: DarknetCfg) -> List[int]:
+    """Indices of the convs that feed a region / yolo head (the layer right before each head).
+
+    Raises:
+        CfgError: a head that does not directly follow a convolutional layer.
+    """
+    indices = []
+    for head in cfg.heads():
+        before = cfg.layers[head.index - 1] if head.index > 0 else None
+        if before is None or before.kind != "convolutional":
+            raise head.error("a detection head must directly follow a [convolutional] layer")
+        indices.append(before.index)
+    return indices
+
+
+def _parse_size(size: Size) -> Tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    for value in (height, width):
+        if int(value) != value or value <= 0 or value % 32:
+            raise ValueError(f"input size {size} must be a positive multiple of 32")
+    return int(height), int(width)
+
+
+def adapt_cfg(
+    cfg: DarknetCfg,
+    input_size: Optional[Size] = None,
+    classes: Optional[int] = None,
+    width: float = 1.0,
+) -> DarknetCfg:
+    """Return a copy of ``cfg`` with a new input size, class count and/or width multiplier.
+
+    Args:
+        cfg: the parsed cfg (left unchanged).
+        input_size: new input side (or (height, width)), a multiple of 32.
+        classes: new class count; the head convs' filters are recomputed.
+        width: multiplier of every conv's filters except the head convs, rounded to a multiple of 8
+            and at least 8.
+
+    Raises:
+        ValueError: a size that is not a positive multiple of 32, classes < 1, or width <= 0.
+    """
+    cfg = copy.deepcopy(cfg)
+    if input_size is not None:
+        cfg.net.params["height"], cfg.net.params["width"] = _parse_size(input_size)
+    if classes is not None and int(classes) < 1:
+        raise ValueError(f"classes must be at least 1, got {classes}")
+    if not width > 0:
+        raise ValueError(f"width multiplier must be positive, got {width}")
+    head_convs = set(head_conv_indices(cfg))
+    if classes is not None:
+        for head in cfg.heads():
+            head.params["classes"] = int(classes)
+    for head in cfg.heads():
+        anchors = len(head["mask"]) if head.kind == "yolo" else head["num"]
+        cfg.layers[head.index - 1].params["filters"] = anchors * (5 + head["classes"])
+    if width != 1.0:
+        for section in cfg.layers:
+            if section.kind == "convolutional" and section.index not in head_convs:
+                section.params["filters"] = round_filters(section["filters"], width)
+    return cfg
+
+
+def _conv_padding(section: Section, size: int) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """Keras padding for a Darknet conv over an input side of ``size`` pixels.
+
+    Darknet pads ``size // 2`` pixels (with pad=1) on the top/left and reads as far as the strides
+    take it. For stride 1 and an odd kernel that is Keras' "same". Otherwise the padding is explicit:
+    (top, bottom) with the bottom reduced to what the last window actually reads.
+    """
+    k, stride = section["size"], section["stride"]
+    pad = k // 2 if section["pad"] else section["padding"]
+    if stride == 1 and k % 2 == 1 and pad == k // 2:
+        return "same", None
+    if pad == 0:
+        return "valid", None
+    out = (size + 2 * pad - k) // stride + 1
+    bottom = max(0, (out - 1) * stride + k - size - pad)
+    return "valid", (pad, bottom)
+
+
+_ACTIVATIONS = {
+    "leaky": lambda i: keras.layers.LeakyReLU(alpha=0.1, name=f"leaky_{i}"),
+    "relu": lambda i: keras.layers.ReLU(name=f"relu_{i}"),
+    "logistic": lambda i: keras.layers.Activation("sigmoid", name=f"logistic_{i}"),
+}
+
+
+def _conv_block(section: Section, x):
+    i = section.index
+    padding, explicit = _conv_padding(section, x.shape[1])
+    if explicit is not None and x.shape[1] != x.shape[2]:
+        _, explicit_w = _conv_padding(section, x.shape[2])
+        x = keras.layers.ZeroPadding2D((explicit, explicit_w), name=f"pad_{i}")(x)
+    elif explicit is not None:
+        x = keras.layers.ZeroPadding2D((explicit, explicit), name=f"pad_{i}")(x)
+    batch_norm = bool(section["batch_normalize"])
+    x = keras.layers.Conv2D(
+        section["filters"],
+        section["size"],
+        strides=section["stride"],
+        padding=padding,
+        use_bias=not batch_norm,
+        name=f"conv_{i}",
+    )(x)
+    if batch_norm:
+        x = DarknetBatchNormalization(name=f"bn_{i}")(x)
+    activation = section["activation"]
+    if activation != "linear":
+        x = _ACTIVATIONS[activation](i)(x)
+    return x
+
+
+def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header):
+    """The Keras output of one cfg layer, given the outputs of all earlier layers."""
+    kind, i = section.kind, section.index
+    if kind == "convolutional":
+        return _conv_block(section, x)
+    if kind == "maxpool":
+        # Darknet's maxpool pads (size - 1) pixels split left/right with out-of-image values ignored:
+        # Keras "same" for the sizes Darknet uses (e.g. size 2 stride 1 pads only right/bottom).
+        return keras.layers.MaxPooling2D(
+            section["size"], section["stride"], padding="same", name=f"maxpool_{i}"
+        )(x)
+    if kind == "route":
+        sources = [outputs[j] for j in section["layers"]]
+        if len(sources) == 1:
+            return sources[0]
+        return keras.layers.Concatenate(name=f"route_{i}")(sources)
+    if kind == "reorg":
+        return Reorg(section["stride"], mode=reorg_mode, name=f"reorg_{i}")(x)
+    if kind == "shortcut":
+        other = outputs[section["from"]]
+        if tuple(other.shape[1:]) != tuple(x.shape[1:]):
+            raise section.error(
+                f"shortcut adds layer {section['from']} of shape {tuple(other.shape[1:])} to "
+                f"layer {i - 1} of shape {tuple(x.shape[1:])}; shapes must match"
+            )
+        return keras.layers.Add(name=f"shortcut_{i}")([x, other])
+    if kind == "upsample":
+        return keras.layers.UpSampling2D(section["stride"], interpolation="nearest", name=f"upsample_{i}")(x)
+    if kind in ("region", "yolo"):
+        anchors = section["anchors"]
+        pairs = [anchors[j: j + 2] for j in range(0, len(anchors), 2)]
+        mask = section["mask"] if kind == "yolo" else None
+        return DetectionHead(
+            kind, pairs, section["classes"], mask=mask, names=names, darknet_header=header, name=f"{kind}_{i}"
+        )(x)
+    raise section.error(f"no builder for [{kind}]")  # the parser only lets known kinds through
+
+
+def build_model(
+    cfg: Union[DarknetCfg, str, os.PathLike],
+    input_size: Optional[Size] = None,
+    classes: Optional[int] = None,
+    width: float = 1.0,
+    reorg_mode: str = "darknet",
+    names: Optional[Sequence[str]] = None,
+    darknet_header: Optional[Sequence[int]] = None,
+    name: Optional[str] = None,
+):
+    """Build the tf_keras functional model a Darknet cfg describes (weights freshly initialised).
+
+    Args:
+        cfg: a parsed cfg or the path of a cfg file.
+        input_size, classes, width: overrides, see :func:`adapt_cfg`.
+        reorg_mode: ``darknet`` or ``space_to_depth``, see :class:`Reorg`.
+        names: class names stored in the heads.
+        darknet_header: .weights header stored in the heads (see :class:`DetectionHead`).
+        name: model name; defaults to the cfg file's stem.
+
+    Returns:
+        A functional model whose outputs are the detection heads in cfg order (or the last layer if
+        the cfg has no head).
+
+    Raises:
+        CfgError: the cfg does not parse, or a layer cannot be built (message names the layer).
+        ValueError: invalid overrides.
+    """
+    if not isinstance(cfg, DarknetCfg):
+        cfg = read_cfg(cfg)
+    cfg = adapt_cfg(cfg, input_size=input_size, classes=classes, width=width)
+    if name is None:
+        name = os.path.splitext(os.path.basename(cfg.source))[0] if cfg.source != "<cfg>" else "darknet"
+    name = name.replace(" ", "_")
+    inputs = keras.Input(shape=cfg.input_shape, name="image")
+    x = inputs
+    outputs: List = []
+    heads: List = []
+    for section in cfg.layers:
+        try:
+            x = _layer(section, outputs, x, reorg_mode, names, darknet_header)
+        except CfgError:
+            raise
+        except ValueError as exc:
+            raise section.error(f"cannot build: {exc}") from None
+        outputs.append(x)
+        if section.kind in ("region", "yolo"):
+            heads.append(x)
+    if not outputs:
+        raise CfgError(f"{cfg.source}: the cfg has no layers")
+    return keras.Model(inputs, heads or outputs[-1], name=name)
+
+
+def conv_layers_in_order(model) -> List[Tuple[int, object]]:
+    """(cfg index, layer) of every ``conv_N`` Conv2D layer, sorted by N (Darknet's file order).
+
+    Raises:
+        ValueError: the model has no ``conv_N`` layers (it was not built from a Darknet cfg).
+    """
+    found: Dict[int, object] = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D) and layer.name.startswith("conv_"):
+            suffix = layer.name[len("conv_"):]
+            if suffix.isdigit():
+                found[int(suffix)] = layer
+    if not found:
+        raise ValueError(f"model {model.name!r} has no Darknet conv layers (named conv_N)")
+    return sorted(found.items())

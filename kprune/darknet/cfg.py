@@ -1,0 +1,267 @@
+"""Darknet cfg files: text -> typed sections. Pure Python, no TensorFlow.
+
+A cfg file is a list of ``[section]`` headers, each followed by ``key=value`` lines. The first section
+is ``[net]`` (input size and training options); every later section is one layer, numbered from 0 in
+file order, and ``route`` / ``shortcut`` layers refer to earlier layers by those numbers.
+
+Only the keys kprune needs are typed and validated; the many training-only keys Darknet reads
+(jitter, saturation, ...) are kept as text in :attr:`Section.raw` and otherwise ignored, as Darknet
+ignores keys it does not know.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+REQUIRED = object()  # schema marker: the key has no default
+
+
+class CfgError(ValueError):
+    """A cfg file that kprune cannot build; the message names the section, layer index and line."""
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+
+
+def _float_list(text: str) -> List[float]:
+    return [float(v) for v in text.replace(" ", "").split(",") if v != ""]
+
+
+# kind -> key -> (converter, default). Defaults are Darknet's own (parser.c).
+_SCHEMAS: Dict[str, Dict[str, tuple]] = {
+    "net": {
+        "width": (int, REQUIRED),
+        "height": (int, REQUIRED),
+        "channels": (int, 3),
+    },
+    "convolutional": {
+        "filters": (int, 1),
+        "size": (int, 1),
+        "stride": (int, 1),
+        "pad": (int, 0),
+        "padding": (int, 0),
+        "groups": (int, 1),
+        "batch_normalize": (int, 0),
+        "activation": (str, "logistic"),
+    },
+    "maxpool": {
+        "stride": (int, 1),
+        "size": (int, None),  # Darknet: defaults to stride
+    },
+    "route": {"layers": (_int_list, REQUIRED)},
+    "reorg": {"stride": (int, 1), "reverse": (int, 0)},
+    "shortcut": {"from": (int, REQUIRED), "activation": (str, "linear")},
+    "upsample": {"stride": (int, 2)},
+    "region": {
+        "anchors": (_float_list, REQUIRED),
+        "classes": (int, 20),
+        "coords": (int, 4),
+        "num": (int, 1),
+        "softmax": (int, 0),
+    },
+    "yolo": {
+        "anchors": (_float_list, REQUIRED),
+        "classes": (int, 20),
+        "num": (int, 1),
+        "mask": (_int_list, None),
+    },
+}
+
+SUPPORTED_SECTIONS = tuple(_SCHEMAS)
+ACTIVATIONS = ("linear", "leaky", "relu", "logistic")
+HEAD_KINDS = ("region", "yolo")
+
+
+@dataclass
+class Section:
+    """One ``[kind]`` section of a cfg file.
+
+    Attributes:
+        kind: section name, e.g. ``"convolutional"``.
+        index: layer index (0 for the first layer after ``[net]``; -1 for ``[net]``).
+        line: 1-based line number of the ``[kind]`` header.
+        params: typed values of the schema keys, defaults filled in.
+        raw: every ``key=value`` of the section as written (values stripped).
+        lines: key -> 1-based line number where it was written.
+    """
+
+    kind: str
+    index: int
+    line: int
+    params: Dict[str, Any] = field(default_factory=dict)
+    raw: Dict[str, str] = field(default_factory=dict)
+    lines: Dict[str, int] = field(default_factory=dict)
+    source: str = "<cfg>"
+
+    @property
+    def where(self) -> str:
+        layer = "net" if self.index < 0 else f"layer {self.index}"
+        return f"{self.source}:{self.line}: [{self.kind}] ({layer})"
+
+    def error(self, message: str, key: Optional[str] = None) -> CfgError:
+        """A CfgError naming this section (and the line of ``key`` when given)."""
+        where = self.where
+        if key is not None and key in self.lines:
+            where += f", line {self.lines[key]}"
+        return CfgError(f"{where}: {message}")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.params[key]
+
+
+@dataclass
+class DarknetCfg:
+    """A parsed cfg: the ``[net]`` section and the layer sections in order."""
+
+    net: Section
+    layers: List[Section]
+    source: str = "<cfg>"
+
+    @property
+    def input_shape(self) -> tuple:
+        return (self.net["height"], self.net["width"], self.net["channels"])
+
+    def heads(self) -> List[Section]:
+        return [s for s in self.layers if s.kind in HEAD_KINDS]
+
+
+def _convert(section: Section, key: str, converter: Callable, text: str) -> Any:
+    try:
+        return converter(text)
+    except ValueError:
+        kind = {int: "an integer", float: "a number", str: "text"}.get(converter, "a list of numbers")
+        raise section.error(f"invalid value {key}={text!r}: expected {kind}", key) from None
+
+
+def _resolve_index(section: Section, key: str, value: int) -> int:
+    """Darknet layer references: negative values are relative to this layer, others absolute."""
+    target = section.index + value if value < 0 else value
+    if not 0 <= target < section.index:
+        raise section.error(
+            f"{key}={value} refers to layer {target}; only layers 0..{section.index - 1} come before",
+            key,
+        )
+    return target
+
+
+def _validate(section: Section) -> None:
+    p = section.params
+    kind = section.kind
+    positive = {"convolutional": ("filters", "size", "stride"), "maxpool": ("stride", "size"),
+                "reorg": ("stride",), "upsample": ("stride",), "net": ("width", "height", "channels")}
+    for key in positive.get(kind, ()):
+        if p[key] <= 0:
+            raise section.error(f"{key}={p[key]} must be positive", key)
+    if kind == "convolutional":
+        if p["activation"] not in ACTIVATIONS:
+            raise section.error(
+                f"activation={p['activation']!r} is not supported; expected one of {', '.join(ACTIVATIONS)}",
+                "activation",
+            )
+        if p["groups"] != 1:
+            raise section.error(f"groups={p['groups']} is not supported; only groups=1", "groups")
+    elif kind == "route":
+        p["layers"] = [_resolve_index(section, "layers", v) for v in p["layers"]]
+        if not p["layers"]:
+            raise section.error("layers= lists no layer", "layers")
+    elif kind == "shortcut":
+        p["from"] = _resolve_index(section, "from", p["from"])
+        if p["activation"] != "linear":
+            raise section.error(f"activation={p['activation']!r}: shortcut supports only linear", "activation")
+    elif kind == "reorg":
+        if p["reverse"]:
+            raise section.error("reverse=1 is not supported", "reverse")
+    elif kind in HEAD_KINDS:
+        anchors = p["anchors"]
+        if len(anchors) != 2 * p["num"]:
+            raise section.error(
+                f"anchors has {len(anchors)} values; num={p['num']} needs {2 * p['num']}", "anchors"
+            )
+        if p["classes"] <= 0:
+            raise section.error(f"classes={p['classes']} must be positive", "classes")
+        if kind == "region" and p["coords"] != 4:
+            raise section.error(f"coords={p['coords']} is not supported; only 4", "coords")
+        if kind == "yolo":
+            if p["mask"] is None:
+                p["mask"] = list(range(p["num"]))
+            bad = [m for m in p["mask"] if not 0 <= m < p["num"]]
+            if bad:
+                raise section.error(f"mask refers to anchors {bad}; num={p['num']}", "mask")
+
+
+def parse_cfg(text: str, source: str = "<cfg>") -> DarknetCfg:
+    """Parse the text of a Darknet cfg file.
+
+    Args:
+        text: the file's content.
+        source: a name for messages (usually the file path).
+
+    Returns:
+        The parsed :class:`DarknetCfg`, with route/shortcut references made absolute.
+
+    Raises:
+        CfgError: an unsupported section, a missing or invalid key, a key outside any section, a
+            reference to a layer that does not come before, or no ``[net]`` first.
+    """
+    sections: List[Section] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                raise CfgError(f"{source}:{number}: malformed section header {line!r}")
+            kind = line[1:-1].strip()
+            if kind == "network":
+                kind = "net"
+            index = len(sections) - 1
+            if kind not in _SCHEMAS:
+                where = "net" if index < 0 else f"layer {index}"
+                raise CfgError(
+                    f"{source}:{number}: [{kind}] ({where}) is not supported; kprune knows "
+                    + ", ".join(f"[{k}]" for k in SUPPORTED_SECTIONS)
+                )
+            sections.append(Section(kind=kind, index=index, line=number, source=source))
+            continue
+        if not sections:
+            raise CfgError(f"{source}:{number}: {line!r} comes before any [section]")
+        if "=" not in line:
+            raise sections[-1].error(f"line {number}: expected key=value, got {line!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        sections[-1].raw[key] = value
+        sections[-1].lines[key] = number
+
+    if not sections or sections[0].kind != "net":
+        raise CfgError(f"{source}: the first section must be [net]")
+    for section in sections:
+        if section.kind == "net" and section.index != -1:
+            raise section.error("[net] may only be the first section")
+        for key, (converter, default) in _SCHEMAS[section.kind].items():
+            if key in section.raw:
+                section.params[key] = _convert(section, key, converter, section.raw[key])
+            elif default is REQUIRED:
+                raise section.error(f"missing required key {key!r}")
+            else:
+                section.params[key] = default
+        if section.kind == "maxpool" and section.params["size"] is None:
+            section.params["size"] = section.params["stride"]
+        _validate(section)
+    return DarknetCfg(net=sections[0], layers=sections[1:], source=source)
+
+
+def read_cfg(path: str | os.PathLike) -> DarknetCfg:
+    """Read and parse a cfg file; see :func:`parse_cfg`.
+
+    Raises:
+        CfgError: the file is missing or does not parse.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise CfgError(f"cannot read cfg file {path}: {exc.strerror}") from None
+    return parse_cfg(text, source=path)

@@ -1,0 +1,1 @@
+"""Model building blocks: custom layers, the model zoo and the detection head decoding."""

@@ -1,0 +1,1 @@
+"""Reports: parameters, FLOPs, sizes, latency."""
