@@ -10,13 +10,13 @@ little-endian. A file must end exactly after the last layer.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
 
 from kprune.darknet.builder import conv_layers_in_order
+from kprune.models.io import write_bytes_atomic
 
 _FLOAT = np.dtype("<f4")
 
@@ -180,20 +180,5 @@ def save_weights(model, path: str | os.PathLike, header: WeightsHeader | None = 
     Raises:
         ValueError: the model has no Darknet conv layers.
     """
-    write_atomic(path, weights_bytes(model, header))
+    write_bytes_atomic(path, weights_bytes(model, header))
 
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

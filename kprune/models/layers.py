@@ -247,19 +247,3 @@ def detection_heads(model) -> List[DetectionHead]:
         raise ValueError(f"model {model.name!r} has no detection head among its outputs")
     return heads
 
-
-def load_model(path, compile: bool = False):
-    """Load a ``.keras`` model with kprune's custom layers, ``safe_mode=True``.
-
-    Raises:
-        ValueError: the file is missing or is not a Keras model.
-    """
-    import os
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"model file {path} does not exist")
-    try:
-        return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=compile, safe_mode=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load model {path}: {exc}") from exc

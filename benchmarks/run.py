@@ -1,0 +1,317 @@
+"""kprune benchmarks: ``python benchmarks/run.py --out bench-results.json`` (``make bench``).
+
+Each section is one function registered in :data:`SECTIONS`; it returns a flat dict of numbers
+(seconds, ms, GFLOP/s, ...) that goes into the JSON under ``sections.<name>``. ``--only`` selects
+sections. The JSON and a readable ``.md`` summary (same stem) are written atomically and the summary
+is printed. A section that raises is recorded as ``{"error": ...}`` and the script exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+# kprune must come before TensorFlow: kprune._keras sets TF_USE_LEGACY_KERAS.
+from kprune._keras import keras, tf
+from kprune.darknet.builder import build_model
+from kprune.darknet.weights import load_weights, save_weights
+from kprune.report.metrics import count_flops
+
+REPO = Path(__file__).resolve().parent.parent
+CFG_DIRS = (REPO.parent / "shared" / "darknet" / "cfg", REPO / "kprune" / "models" / "cfg")
+
+MATMUL_N = 4096
+LATENCY_SIZE = 416
+LOAD_GOAL_S = 3.0
+LATENCY_GOAL_RATIO = 1.2
+
+
+def find_cfg(name: str) -> Path:
+    """Path of a Darknet cfg shipped with the project.
+
+    Args:
+        name: file name, e.g. ``yolov2.cfg``.
+
+    Returns:
+        The first existing ``<repo>/../shared/darknet/cfg/<name>`` or ``<repo>/kprune/models/cfg/<name>``.
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    for folder in CFG_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} not found in {', '.join(str(d) for d in CFG_DIRS)}")
+
+
+def _timed(fn: Callable, *args, **kwargs):
+    """(result, seconds) of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def _repeat(fn: Callable, warmup: int, runs: int) -> np.ndarray:
+    """Seconds of ``runs`` calls of ``fn()`` after ``warmup`` untimed calls (tracing, allocator warm-up)."""
+    for _ in range(warmup):
+        fn()
+    return np.array([_timed(fn)[1] for _ in range(runs)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(runs: int) -> Dict:
+    # Cached so that yolov2_latency reuses the peak measured in this run instead of measuring twice.
+    a = tf.random.uniform((MATMUL_N, MATMUL_N), dtype=tf.float32)
+    b = tf.random.uniform((MATMUL_N, MATMUL_N), dtype=tf.float32)
+    matmul = tf.function(tf.linalg.matmul)
+    # On CPU a tf.function call returns only when its ops have run, so wall time is compute time.
+    seconds = _repeat(lambda: matmul(a, b), warmup=2, runs=runs)
+    flop = 2 * MATMUL_N**3
+    return {
+        "n": MATMUL_N,
+        "runs": runs,
+        "best_s": float(seconds.min()),
+        "median_s": float(np.median(seconds)),
+        "gflops_best": float(flop / seconds.min() / 1e9),
+        "gflops_median": float(flop / np.median(seconds) / 1e9),
+    }
+
+
+def matmul_peak(args: argparse.Namespace) -> Dict:
+    """Float32 4096x4096 matmul throughput in TensorFlow: the machine's practical FLOP/s peak.
+
+    Args:
+        args: the command line; uses ``matmul_runs``.
+
+    Returns:
+        ``n``, ``runs``, ``best_s``, ``median_s``, ``gflops_best`` and ``gflops_median`` (2 n³ / seconds).
+    """
+    return dict(_matmul_peak(args.matmul_runs))
+
+
+def darknet_load(args: argparse.Namespace) -> Dict:
+    """Time building YOLOv2 (608) from its cfg, loading a .weights file into it, and exporting one.
+
+    The .weights file is written by ``save_weights`` from a freshly initialised model (random
+    weights, moving variances 1), in a temporary folder removed afterwards. The load is timed on a
+    second, fresh build, so parse+build and load are both measured as a user meets them after start-up.
+    The file was just written, so it is read from the page cache (a cold disk read would add to it).
+
+    Args:
+        args: the command line (unused).
+
+    Returns:
+        Seconds of the first build (``build_first_s``, includes Keras' one-time set-up), of
+        ``save_weights`` (``export_s``), of the fresh ``build_s`` and ``load_s`` and their
+        ``total_s``; ``file_mb``; ``goal_total_s`` and ``meets_goal``.
+    """
+    cfg = find_cfg("yolov2.cfg")
+    with tempfile.TemporaryDirectory(prefix="kprune-bench-") as folder:
+        path = os.path.join(folder, "yolov2.weights")
+        model, build_first_s = _timed(build_model, cfg)
+        _, export_s = _timed(save_weights, model, path)
+        del model
+        keras.backend.clear_session()  # free the first model's ~200 MB of variables
+        model, build_s = _timed(build_model, cfg)
+        _, load_s = _timed(load_weights, model, path)
+        file_mb = os.path.getsize(path) / 1e6
+    total_s = build_s + load_s
+    return {
+        "cfg": cfg.name,
+        "file_mb": file_mb,
+        "build_first_s": build_first_s,
+        "export_s": export_s,
+        "build_s": build_s,
+        "load_s": load_s,
+        "total_s": total_s,
+        "goal_total_s": LOAD_GOAL_S,
+        "meets_goal": total_s <= LOAD_GOAL_S,
+    }
+
+
+def _latency_stats(seconds: np.ndarray) -> Dict:
+    ms = seconds * 1e3
+    return {
+        "mean_ms": float(ms.mean()),
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "min_ms": float(ms.min()),
+    }
+
+
+def yolov2_latency(args: argparse.Namespace) -> Dict:
+    """Batch-1 forward latency of YOLOv2 at 416 against the ideal time FLOPs / matmul peak.
+
+    Two variants of ``model(x, training=False)`` in a ``tf.function``: plain (TensorFlow's graph
+    executor, oneDNN kernels) and ``jit_compile=True`` (XLA). The ratio uses the faster median.
+
+    Args:
+        args: the command line; uses ``runs`` and ``matmul_runs`` (the peak is reused if the
+            ``matmul_peak`` section already ran).
+
+    Returns:
+        ``flops``, ``peak_gflops`` (best matmul run), ``ideal_ms``, ``<variant>_{mean,median,p90,min}_ms``,
+        ``<variant>_compile_s`` (first call: tracing and compilation), ``best_variant``, ``ratio``
+        (best median / ideal), ``goal_ratio`` and ``meets_goal``.
+    """
+    model = build_model(find_cfg("yolov2.cfg"), input_size=LATENCY_SIZE)
+    flops = count_flops(model)
+    peak = _matmul_peak(args.matmul_runs)["gflops_best"]
+    ideal_ms = flops / (peak * 1e9) * 1e3
+    x = tf.random.uniform((1, LATENCY_SIZE, LATENCY_SIZE, 3))
+    result = {"size": LATENCY_SIZE, "runs": args.runs, "flops": flops, "peak_gflops": peak, "ideal_ms": ideal_ms}
+    medians = {}
+    for variant, jit in (("graph", False), ("xla", True)):
+        forward = tf.function(lambda images: model(images, training=False), jit_compile=jit)
+        _, result[f"{variant}_compile_s"] = _timed(lambda: forward(x).numpy())
+        # .numpy() of the small head output makes sure the pass has finished before the clock stops.
+        stats = _latency_stats(_repeat(lambda: forward(x).numpy(), warmup=3, runs=args.runs))
+        result.update({f"{variant}_{key}": value for key, value in stats.items()})
+        medians[variant] = stats["median_ms"]
+    best = min(medians, key=medians.get)
+    result["best_variant"] = best
+    result["ratio"] = float(medians[best] / ideal_ms)
+    result["goal_ratio"] = LATENCY_GOAL_RATIO
+    result["meets_goal"] = bool(result["ratio"] <= LATENCY_GOAL_RATIO)
+    return result
+
+
+# Later sections (data pipeline, training, pruning) register here; the order is the run order.
+SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
+    "matmul_peak": matmul_peak,
+    "darknet_load": darknet_load,
+    "yolov2_latency": yolov2_latency,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_info() -> Dict:
+    """CPU count, platform, CPU model and library versions, so results from different machines compare."""
+    cpu_model = None
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model or platform.processor() or None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "tf_keras": keras.__version__,
+        "numpy": np.__version__,
+        "git": commit,
+    }
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_markdown(results: Dict) -> str:
+    """The results as Markdown: machine line, then one table of metric / value per section."""
+    machine = results["machine"]
+    lines = [
+        "# kprune benchmarks",
+        "",
+        f"{results['timestamp']} — {machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
+        f"TensorFlow {machine['tensorflow']}, git {machine['git']}",
+    ]
+    for name, section in results["sections"].items():
+        lines += ["", f"## {name}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {_format(value)} |" for key, value in section.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (``--only`` names must be registered sections)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON results file")
+    parser.add_argument("--only", help=f"comma-separated sections, from: {', '.join(SECTIONS)}")
+    parser.add_argument("--runs", type=int, default=20, help="timed forward passes per latency variant")
+    parser.add_argument("--matmul-runs", type=int, default=5, help="timed runs of the matmul peak")
+    args = parser.parse_args(argv)
+    names = list(SECTIONS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        parser.error(f"--only {args.only!r}: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.runs < 1 or args.matmul_runs < 1:
+        parser.error("--runs and --matmul-runs must be at least 1")
+    args.sections = names
+    return args
+
+
+def main(argv: List[str] | None = None) -> int:
+    """Run the selected sections, write the JSON and Markdown results, print the summary.
+
+    Returns:
+        0 if every section ran, 1 if any raised (its error is in the results).
+    """
+    args = parse_args(argv)
+    results = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "sections": {},
+    }
+    failed = False
+    for name in args.sections:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            section, seconds = _timed(SECTIONS[name], args)
+            section["section_s"] = seconds
+        except Exception as exc:  # keep the other sections' numbers; the error is reported below
+            traceback.print_exc()
+            section, failed = {"error": f"{type(exc).__name__}: {exc}"}, True
+        results["sections"][name] = section
+    summary = summary_markdown(results)
+    write_atomic(args.out, json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out.with_suffix(".md"), summary)
+    print(summary)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The ``kprune`` command line: parse arguments, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+
+class _Group(click.Group):
+    """Bad input raises ValueError in the library; show it as a one-line error, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="kprune")
+def main():
+    """kprune: prune, retrain, evaluate and export YOLO object detectors."""
+
+
+@main.group()
+def darknet():
+    """Convert between Darknet (cfg + .weights) and .keras models."""
+
+
+@darknet.command("convert")
+@click.argument("cfg", type=click.Path(dir_okay=False))
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--reorg", type=click.Choice(["darknet", "space_to_depth"]), default="darknet", show_default=True,
+              help="darknet: exact Darknet reorg (for Darknet-trained weights); space_to_depth: TF's op.")
+@click.option("--names", type=click.Path(dir_okay=False), help="Class names file, one per line.")
+def darknet_convert(cfg, weights, out, reorg, names):
+    """Build CFG, load WEIGHTS into it and save it as OUT (.keras)."""
+    from kprune.darknet.convert import load_darknet
+    from kprune.models.inference import read_names
+    from kprune.models.io import save_model
+    from kprune.report.metrics import count_params
+
+    model = load_darknet(cfg, weights, reorg_mode=reorg, names=read_names(names) if names else None)
+    save_model(model, out)
+    click.echo(f"saved {out}: {count_params(model)['params']:,} parameters")
+
+
+@darknet.command("export")
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def darknet_export(model_path, out):
+    """Write a model built from a Darknet cfg as a Darknet .weights file."""
+    from kprune.darknet.convert import export_darknet
+    from kprune.models.io import load_model
+
+    export_darknet(load_model(model_path), out)
+    click.echo(f"wrote {out}: {os.path.getsize(out):,} bytes")
+
+
+@main.command()
+@click.argument("model_path", metavar="[MODEL.keras]", required=False, type=click.Path(dir_okay=False))
+@click.option("--cfg", help="A Darknet cfg file or a zoo model name (instead of MODEL.keras).")
+@click.option("--size", type=int, help="Input size override (multiple of 32), with --cfg.")
+@click.option("--classes", type=int, help="Number of classes override, with --cfg.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier, with --cfg.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model_path, cfg, size, classes, width, as_json):
+    """Parameters, FLOPs and shapes of a model or a cfg."""
+    from kprune.report.metrics import model_info
+
+    if (model_path is None) == (cfg is None):
+        raise click.UsageError("give either MODEL.keras or --cfg CFG")
+    if cfg is not None:
+        from kprune.models.zoo import build
+
+        model = build(cfg, input_size=size, classes=classes, width=width)
+    else:
+        if size is not None or classes is not None or width != 1.0:
+            raise click.UsageError("--size, --classes and --width go with --cfg")
+        from kprune.models.io import load_model
+
+        model = load_model(model_path)
+    result = model_info(model)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        shown = f"{value:,}" if isinstance(value, int) else value
+        click.echo(f"{key:>22}: {shown}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="INPUT.npy", type=click.Path(dir_okay=False))
+@click.argument("out", metavar="OUT.npz", type=click.Path(dir_okay=False))
+def predict(model_path, input_path, out):
+    """Raw head outputs (output_0, output_1, ...) for float images in [0, 1] at the input size."""
+    import numpy as np
+
+    from kprune.models.inference import check_input_batch, predict_raw
+    from kprune.models.io import atomic_path, load_model
+
+    model = load_model(model_path)
+    try:
+        array = np.load(input_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {input_path} as a .npy array: {exc}") from None
+    outputs = predict_raw(model, check_input_batch(array, model, input_path))
+    with atomic_path(out, suffix=".npz") as tmp:
+        np.savez(tmp, **{f"output_{i}": o for i, o in enumerate(outputs)})
+    click.echo(f"wrote {out}: " + ", ".join(f"output_{i} {o.shape}" for i, o in enumerate(outputs)))
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--score", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Score threshold.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS IoU threshold.")
+@click.option("--names", type=click.Path(dir_okay=False), help="Class names file (default: names in the model).")
+@click.option("--no-letterbox", is_flag=True, help="Stretch images to the input instead of letterboxing.")
+def detect(model_path, images, out, score, iou, names, no_letterbox):
+    """Detect objects in IMAGE files; write annotated images and detections.json (COCO results)."""
+    import cv2
+    from tqdm import tqdm
+
+    from kprune.models.head import detect as run_detect
+    from kprune.models.inference import coco_results, draw_detections, read_image, read_names, write_json_atomic
+    from kprune.models.io import load_model
+
+    model = load_model(model_path)
+    class_names = read_names(names) if names else None
+    os.makedirs(out, exist_ok=True)
+    all_detections = []
+    for path in tqdm(images, desc="detect", unit="image", disable=len(images) < 2):
+        image = read_image(path)
+        (detections,) = run_detect(model, [image], score, iou, letterbox=not no_letterbox, names=class_names)
+        all_detections.append(detections)
+        drawn = draw_detections(image, detections)
+        target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".jpg")
+        if not cv2.imwrite(target, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
+            raise ValueError(f"cannot write {target}")
+    results = coco_results(all_detections, range(len(images)), [os.path.basename(p) for p in images])
+    write_json_atomic(os.path.join(out, "detections.json"), results)
+    click.echo(f"{len(results)} detections in {len(images)} images -> {out}")
+
+
+if __name__ == "__main__":
+    main()

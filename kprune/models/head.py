@@ -1,0 +1,205 @@
+"""Decoding of the raw head outputs into boxes, and non-maximum suppression.
+
+Decoded boxes are (x_min, y_min, x_max, y_max) normalised to the network input (0..1), then mapped
+back to image pixels by undoing the letterbox or resize of :func:`preprocess_image`.
+
+- region (YOLOv2): x = (col + sigmoid(tx)) / grid_w, w = anchor_w * exp(tw) / grid_w (anchors in
+  grid cells); score = sigmoid(objectness) * softmax(class logits).
+- yolo (YOLOv3): the same centres; w = anchor_w * exp(tw) / input_w (anchors in input pixels);
+  score = sigmoid(objectness) * sigmoid(class logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from kprune._keras import tf
+from kprune.models.layers import DetectionHead, detection_heads
+
+
+def decode_head(output, head: DetectionHead, input_hw: Tuple[int, int]):
+    """Boxes and class scores of one head.
+
+    Args:
+        output: raw head output, (N, H, W, A*(5+classes)).
+        head: the head's metadata.
+        input_hw: the network input (height, width) in pixels (used by yolo heads).
+
+    Returns:
+        ``boxes`` (N, H*W*A, 4) xyxy normalised to the input, and ``scores`` (N, H*W*A, classes).
+    """
+    output = tf.convert_to_tensor(output, tf.float32)
+    grid_h, grid_w = output.shape[1], output.shape[2]
+    anchors = tf.constant(head.head_anchors, tf.float32)  # (A, 2) as (w, h)
+    x = tf.reshape(output, [-1, grid_h, grid_w, head.num_anchors, 5 + head.classes])
+    cols, rows = tf.meshgrid(tf.range(grid_w, dtype=tf.float32), tf.range(grid_h, dtype=tf.float32))
+    cell = tf.stack([cols, rows], axis=-1)[None, :, :, None, :]  # (1, H, W, 1, 2) as (x, y)
+    grid = tf.constant([grid_w, grid_h], tf.float32)
+    centre = (cell + tf.sigmoid(x[..., 0:2])) / grid
+    if head.kind == "region":
+        size = tf.exp(x[..., 2:4]) * anchors / grid
+        classes = tf.nn.softmax(x[..., 5:], axis=-1)
+    else:
+        size = tf.exp(x[..., 2:4]) * anchors / tf.constant([input_hw[1], input_hw[0]], tf.float32)
+        classes = tf.sigmoid(x[..., 5:])
+    scores = tf.sigmoid(x[..., 4:5]) * classes
+    boxes = tf.concat([centre - size / 2, centre + size / 2], axis=-1)
+    count = grid_h * grid_w * head.num_anchors
+    return tf.reshape(boxes, [-1, count, 4]), tf.reshape(scores, [-1, count, head.classes])
+
+
+def decode_outputs(model, outputs: Sequence):
+    """Decode every head of ``model`` and concatenate: boxes (N, B, 4), scores (N, B, classes)."""
+    heads = detection_heads(model)
+    if len(outputs) != len(heads):
+        raise ValueError(f"model {model.name!r} has {len(heads)} heads but {len(outputs)} outputs were given")
+    input_hw = tuple(model.input_shape[1:3])
+    decoded = [decode_head(o, h, input_hw) for o, h in zip(outputs, heads)]
+    return tf.concat([d[0] for d in decoded], axis=1), tf.concat([d[1] for d in decoded], axis=1)
+
+
+def non_max_suppression(
+    boxes, scores, score_threshold: float = 0.25, iou_threshold: float = 0.45, max_detections: int = 100
+):
+    """Per-class NMS with TensorFlow's ``tf.image.combined_non_max_suppression``.
+
+    Args:
+        boxes: (N, B, 4) xyxy boxes.
+        scores: (N, B, classes) scores.
+        score_threshold: boxes scoring below it are dropped (use 0.001 for mAP).
+        iou_threshold: a box overlapping a higher-scoring box of its class by more is dropped.
+        max_detections: kept per image (and per class).
+
+    Returns:
+        A list per image of (boxes (K, 4) xyxy, scores (K,), classes (K,) int) numpy arrays, best first.
+
+    Raises:
+        ValueError: thresholds outside [0, 1] or max_detections < 1.
+    """
+    for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be at least 1, got {max_detections}")
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    yxyx = tf.gather(boxes, [1, 0, 3, 2], axis=-1)[:, :, None, :]
+    nmsed_boxes, nmsed_scores, nmsed_classes, valid = tf.image.combined_non_max_suppression(
+        yxyx,
+        tf.convert_to_tensor(scores, tf.float32),
+        max_output_size_per_class=max_detections,
+        max_total_size=max_detections,
+        iou_threshold=iou_threshold,
+        score_threshold=score_threshold,
+        clip_boxes=False,
+    )
+    results = []
+    for i, count in enumerate(valid.numpy()):
+        kept = nmsed_boxes[i, :count].numpy()[:, [1, 0, 3, 2]]
+        results.append((kept, nmsed_scores[i, :count].numpy(), nmsed_classes[i, :count].numpy().astype(np.int64)))
+    return results
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How an image was placed in the network input: input_px = image_px * scale + offset."""
+
+    image_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]
+    scale_xy: Tuple[float, float]
+    offset_xy: Tuple[float, float]
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """Map xyxy boxes normalised to the network input back to image pixels, clipped to the image."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        size = np.array([self.input_hw[1], self.input_hw[0]] * 2, dtype=np.float64)
+        scale = np.array(self.scale_xy * 2)
+        offset = np.array(self.offset_xy * 2)
+        pixels = (boxes * size - offset) / scale
+        limit = np.array([self.image_hw[1], self.image_hw[0]] * 2, dtype=np.float64)
+        return np.clip(pixels, 0, limit)
+
+
+def image_transform(image_hw: Tuple[int, int], input_hw: Tuple[int, int], letterbox: bool = True) -> ImageTransform:
+    """The transform that fits an image into the network input: letterbox (keep the aspect ratio,
+    centre, pad) or plain resize."""
+    (ih, iw), (nh, nw) = image_hw, input_hw
+    if not letterbox:
+        return ImageTransform(tuple(image_hw), tuple(input_hw), (nw / iw, nh / ih), (0.0, 0.0))
+    scale = min(nw / iw, nh / ih)
+    new_w, new_h = int(round(iw * scale)), int(round(ih * scale))
+    return ImageTransform(
+        tuple(image_hw), tuple(input_hw), (new_w / iw, new_h / ih), ((nw - new_w) // 2, (nh - new_h) // 2)
+    )
+
+
+def preprocess_image(image: np.ndarray, input_hw: Tuple[int, int], letterbox: bool = True):
+    """Fit an RGB uint8 image (H, W, 3) into the network input as float32 in [0, 1].
+
+    Letterboxing pads with 0.5 grey, as Darknet does.
+
+    Returns:
+        (input image (h, w, 3) float32, :class:`ImageTransform`).
+    """
+    import cv2
+
+    transform = image_transform(image.shape[:2], input_hw, letterbox)
+    new_w = int(round(image.shape[1] * transform.scale_xy[0]))
+    new_h = int(round(image.shape[0] * transform.scale_xy[1]))
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    canvas = np.full((input_hw[0], input_hw[1], 3), 0.5, dtype=np.float32)
+    dx, dy = int(transform.offset_xy[0]), int(transform.offset_xy[1])
+    canvas[dy: dy + new_h, dx: dx + new_w] = resized
+    return canvas, transform
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: Tuple[float, float, float, float]  # xyxy in image pixels
+    score: float
+    class_id: int
+    label: Optional[str] = None
+
+
+def detect(
+    model,
+    images: Sequence[np.ndarray],
+    score_threshold: float = 0.25,
+    iou_threshold: float = 0.45,
+    max_detections: int = 100,
+    letterbox: bool = True,
+    names: Optional[Sequence[str]] = None,
+) -> List[List[Detection]]:
+    """Run a detector on RGB uint8 images of any size; boxes come back in each image's pixels.
+
+    Args:
+        model: a model with :class:`DetectionHead` outputs.
+        images: RGB uint8 arrays (H, W, 3).
+        score_threshold, iou_threshold, max_detections: see :func:`non_max_suppression`.
+        letterbox: letterbox (True) or stretch (False) the images into the input.
+        names: class names; default the names stored in the model's head, if any.
+
+    Returns:
+        One list of :class:`Detection` per image, best first.
+    """
+    input_hw = tuple(model.input_shape[1:3])
+    if names is None:
+        names = detection_heads(model)[0].names
+    results = []
+    for image in images:
+        batch, transform = preprocess_image(image, input_hw, letterbox)
+        outputs = model(batch[None], training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        boxes, scores = decode_outputs(model, outputs)
+        (kept, kept_scores, kept_classes), = non_max_suppression(
+            boxes, scores, score_threshold, iou_threshold, max_detections
+        )
+        pixels = transform.to_image(kept)
+        results.append([
+            Detection(tuple(float(v) for v in box), float(score), int(cls),
+                      names[cls] if names is not None and cls < len(names) else None)
+            for box, score, cls in zip(pixels, kept_scores, kept_classes)
+        ])
+    return results
