@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from kprune.darknet.builder import build_model
 from kprune.darknet.cfg import read_cfg
-from kprune.darknet.weights import load_weights, save_weights, set_model_header
+from kprune.darknet.weights import load_weights, save_weights
 
 
 def load_darknet(
@@ -32,8 +32,7 @@ def load_darknet(
     """
     cfg = read_cfg(cfg_path)
     model = build_model(cfg, reorg_mode=reorg_mode, names=names)
-    header = load_weights(model, weights_path)
-    set_model_header(model, header)
+    load_weights(model, weights_path)
     return model
 
 

@@ -93,7 +93,8 @@ def load_weights(model, path: str | os.PathLike) -> WeightsHeader:
         path: the .weights file.
 
     Returns:
-        The file's header.
+        The file's header, also stored in the model's detection heads (see :func:`set_model_header`)
+        so that :func:`save_weights` writes it back.
 
     Raises:
         WeightsError: the file is missing, ends inside a layer, or has bytes left after the last
@@ -133,6 +134,7 @@ def load_weights(model, path: str | os.PathLike) -> WeightsHeader:
         )
     for variable, array in assignments:
         variable.assign(array)
+    set_model_header(model, header)
     return header
 
 
