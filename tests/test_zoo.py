@@ -1,0 +1,23 @@
+"""The zoo ships the original cfgs unchanged and builds models by name."""
+
+import pytest
+
+from kprune.models import zoo
+from tests.conftest import CFG_DIR
+
+
+def test_zoo_lists_the_six_cfgs():
+    assert zoo.available() == ["yolov2", "yolov2-tiny", "yolov2-tiny-voc", "yolov2-voc", "yolov3", "yolov3-tiny"]
+
+
+@pytest.mark.parametrize("name", ["yolov2", "yolov2-tiny", "yolov2-tiny-voc", "yolov2-voc", "yolov3", "yolov3-tiny"])
+def test_zoo_cfgs_equal_the_originals(name):
+    with open(zoo.cfg_path(name), "rb") as shipped, open(CFG_DIR / f"{name}.cfg", "rb") as original:
+        assert shipped.read() == original.read()
+
+
+def test_zoo_build_with_overrides():
+    model = zoo.build("yolov3-tiny", input_size=64, classes=2, width=0.25)
+    assert model.output_shape == [(None, 2, 2, 21), (None, 4, 4, 21)]
+    with pytest.raises(ValueError, match="zoo models: yolov2, yolov2-tiny"):
+        zoo.cfg_path("resnet")
