@@ -1,0 +1,1 @@
+"""Dataset converters (COCO, KITTI, VOC -> TFRecord) and the synthetic dataset generator."""
