@@ -112,3 +112,15 @@ def test_detection_head_metadata_and_checks():
         DetectionHead("region", [[1, 1]], 2, names=["a"])
     with pytest.raises(ValueError, match="mask \\[3\\]"):
         DetectionHead("yolo", [[1, 1]], 2, mask=[3])
+
+
+def test_keras_3_is_refused():
+    """kprune needs Keras 2: a process that asked for Keras 3 gets a clear ImportError."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "0"}
+    result = subprocess.run([sys.executable, "-c", "import kprune._keras"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "kprune needs Keras 2 (tf_keras) but TF_USE_LEGACY_KERAS is set to '0'" in result.stderr
