@@ -77,7 +77,7 @@ def _repeat(fn: Callable, warmup: int, runs: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _matmul_peak(runs: int) -> Dict:
-    # Cached so that yolov2_latency reuses the peak measured in this run instead of measuring twice.
+    """See :func:`matmul_peak`; cached so that yolov2_latency reuses this run's peak, not re-measures it."""
     a = tf.random.uniform((MATMUL_N, MATMUL_N), dtype=tf.float32)
     b = tf.random.uniform((MATMUL_N, MATMUL_N), dtype=tf.float32)
     matmul = tf.function(tf.linalg.matmul)
@@ -96,6 +96,9 @@ def _matmul_peak(runs: int) -> Dict:
 
 def matmul_peak(args: argparse.Namespace) -> Dict:
     """Float32 4096x4096 matmul throughput in TensorFlow: the machine's practical FLOP/s peak.
+
+    The best run is the peak: on a shared host outside load can halve the speed for seconds, so a
+    ``gflops_median`` well below ``gflops_best`` flags a noisy run.
 
     Args:
         args: the command line; uses ``matmul_runs``.
@@ -180,7 +183,8 @@ def yolov2_latency(args: argparse.Namespace) -> Dict:
     peak = _matmul_peak(args.matmul_runs)["gflops_best"]
     ideal_ms = flops / (peak * 1e9) * 1e3
     x = tf.random.uniform((1, LATENCY_SIZE, LATENCY_SIZE, 3))
-    result = {"size": LATENCY_SIZE, "runs": args.runs, "flops": flops, "peak_gflops": peak, "ideal_ms": ideal_ms}
+    result = {"size": LATENCY_SIZE, "runs": args.runs, "flops": flops, "peak_gflops": peak}
+    result["ideal_ms"] = ideal_ms
     passes = {}
     for variant, jit in (("graph", False), ("xla", True)):
         forward = tf.function(lambda images: model(images, training=False), jit_compile=jit)
@@ -222,7 +226,8 @@ def machine_info() -> Dict:
     cpu_model = None
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as handle:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+            names = (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            cpu_model = next(names, None)
     try:
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
@@ -255,8 +260,8 @@ def summary_markdown(results: Dict) -> str:
     lines = [
         "# kprune benchmarks",
         "",
-        f"{results['timestamp']} — {machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
-        f"TensorFlow {machine['tensorflow']}, git {machine['git']}",
+        f"{results['timestamp']} — {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
+        f"{machine['platform']}, TensorFlow {machine['tensorflow']}, git {machine['git']}",
     ]
     for name, section in results["sections"].items():
         lines += ["", f"## {name}", "", "| metric | value |", "|---|---|"]
@@ -267,7 +272,8 @@ def summary_markdown(results: Dict) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() applies the umask, mkstemp would not
+    # A name of our own rather than mkstemp: open() applies the umask, mkstemp would make it private.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as handle:
             handle.write(text)
@@ -280,7 +286,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (``--only`` names must be registered sections)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Run the kprune benchmarks; write JSON and Markdown results.")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON results file")
     parser.add_argument("--only", help=f"comma-separated sections, from: {', '.join(SECTIONS)}")
     parser.add_argument("--runs", type=int, default=20, help="timed forward passes per latency variant")
