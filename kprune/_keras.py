@@ -9,7 +9,7 @@ does ``from kprune._keras import keras, tf``.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if os.environ.get("TF_USE_LEGACY_KERAS", "1") != "1":
+if os.environ.get("TF_USE_LEGACY_KERAS", "1") not in ("1", "true", "True"):
     raise ImportError(
         "kprune needs Keras 2 (tf_keras) but TF_USE_LEGACY_KERAS is set to "
         f"{os.environ['TF_USE_LEGACY_KERAS']!r}; unset it or set it to 1"

@@ -16,6 +16,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
 
 
 @click.group(cls=_Group)
@@ -43,6 +45,8 @@ def darknet_convert(cfg, weights, out, reorg, names):
     from kprune.models.io import save_model
     from kprune.report.metrics import count_params
 
+    if not out.endswith(".keras"):
+        raise click.BadParameter(f"{out} must end in .keras", param_hint="OUT")
     model = load_darknet(cfg, weights, reorg_mode=reorg, names=read_names(names) if names else None)
     save_model(model, out)
     click.echo(f"saved {out}: {count_params(model)['params']:,} parameters")
@@ -124,27 +128,12 @@ def predict(model_path, input_path, out):
 @click.option("--no-letterbox", is_flag=True, help="Stretch images to the input instead of letterboxing.")
 def detect(model_path, images, out, score, iou, names, no_letterbox):
     """Detect objects in IMAGE files; write annotated images and detections.json (COCO results)."""
-    import cv2
-    from tqdm import tqdm
-
-    from kprune.models.head import detect as run_detect
-    from kprune.models.inference import coco_results, draw_detections, read_image, read_names, write_json_atomic
+    from kprune.models.inference import detect_files, read_names
     from kprune.models.io import load_model
 
     model = load_model(model_path)
     class_names = read_names(names) if names else None
-    os.makedirs(out, exist_ok=True)
-    all_detections = []
-    for path in tqdm(images, desc="detect", unit="image", disable=len(images) < 2):
-        image = read_image(path)
-        (detections,) = run_detect(model, [image], score, iou, letterbox=not no_letterbox, names=class_names)
-        all_detections.append(detections)
-        drawn = draw_detections(image, detections)
-        target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".jpg")
-        if not cv2.imwrite(target, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
-            raise ValueError(f"cannot write {target}")
-    results = coco_results(all_detections, range(len(images)), [os.path.basename(p) for p in images])
-    write_json_atomic(os.path.join(out, "detections.json"), results)
+    results = detect_files(model, images, out, score, iou, letterbox=not no_letterbox, names=class_names)
     click.echo(f"{len(results)} detections in {len(images)} images -> {out}")
 
 

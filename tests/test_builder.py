@@ -113,6 +113,51 @@ def test_maxpool_size2_stride1_pads_right_bottom_only():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_maxpool_without_keras_equivalent_is_refused():
+    cfg = parse_cfg("[net]\nwidth=32\nheight=32\nchannels=1\n[maxpool]\nsize=3\nstride=2\n", source="p.cfg")
+    with pytest.raises(CfgError, match=r"p.cfg:5: \[maxpool\] \(layer 0\).*size=3 stride=2 padding=2"):
+        build_model(cfg)
+
+
+def test_maxpool_padding_zero_is_valid_pooling():
+    cfg = parse_cfg("[net]\nwidth=32\nheight=32\nchannels=1\n[convolutional]\nfilters=1\nsize=3\nstride=1\n"
+                    "activation=linear\n[maxpool]\nsize=2\nstride=2\npadding=0\n")
+    model = build_model(cfg)  # conv without pad: 30 -> Darknet (30 + 0 - 2) / 2 + 1 = 15
+    assert model.output_shape == (None, 15, 15, 1)
+
+
+def test_head_conv_filters_must_fit_the_head():
+    cfg = parse_cfg("[net]\nwidth=64\nheight=64\nchannels=3\n[convolutional]\nfilters=999\nactivation=linear\n"
+                    "[region]\nanchors=1,1\nclasses=2\nnum=1\nsoftmax=1\n", source="h.cfg")
+    with pytest.raises(CfgError, match=r"line 6: filters=999 does not fit the next \[region\]: 1 anchors x \(5 \+ 2"):
+        build_model(cfg)
+    assert build_model(cfg, classes=3).output_shape == (None, 64, 64, 8)  # an override recomputes them
+
+
+def test_region_without_softmax_is_refused():
+    with pytest.raises(CfgError, match="softmax=0 is not supported"):
+        parse_cfg("[net]\nwidth=64\nheight=64\n[convolutional]\nfilters=6\n[region]\nanchors=1,1\nclasses=1\nnum=1\n")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"width": float("inf")}, "positive finite number"), ({"classes": 2.5}, "whole number"),
+    ({"input_size": (64, 64, 3)}, "multiple of 32"), ({"input_size": "64"}, "multiple of 32"),
+])
+def test_bad_overrides(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg_path("yolov2-tiny"), **kwargs)
+
+
+def test_tfmot_can_wrap_a_built_model():
+    import tensorflow_model_optimization as tfmot
+
+    model = build_model(cfg_path("yolov2"), input_size=64, width=0.125, classes=2)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model)
+    wrapped = [layer.layer.name for layer in pruned.layers if hasattr(layer, "pruning_vars")]
+    assert "conv_0" in wrapped and "reorg_27" in wrapped and "bn_0" in wrapped
+    assert len([name for name in wrapped if name.startswith("conv_")]) == 23
+
+
 def test_build_errors_name_the_layer():
     cfg = parse_cfg("[net]\nwidth=64\nheight=64\nchannels=3\n[convolutional]\nfilters=8\n"
                     "[convolutional]\nfilters=16\n[shortcut]\nfrom=-2\n", source="bad.cfg")
@@ -121,7 +166,7 @@ def test_build_errors_name_the_layer():
 
 
 def test_head_must_follow_a_conv():
-    cfg = parse_cfg("[net]\nwidth=64\nheight=64\nchannels=3\n[maxpool]\nstride=2\n[region]\nanchors=1,1\n")
+    cfg = parse_cfg("[net]\nwidth=64\nheight=64\nchannels=3\n[maxpool]\nstride=2\n[region]\nanchors=1,1\nsoftmax=1\n")
     with pytest.raises(CfgError, match=r"\[region\] \(layer 1\).*follow a \[convolutional\]"):
         build_model(cfg)
 

@@ -72,6 +72,11 @@ def test_preprocess_places_image_on_grey_canvas():
     assert np.all(canvas[:16] == 0.5) and np.all(canvas[48:] == 0.5) and np.all(canvas[16:48] == 1.0)
 
 
+def test_extreme_aspect_ratio_keeps_one_pixel():
+    canvas, transform = preprocess_image(np.zeros((1, 2000, 3), np.uint8), (64, 64))
+    assert canvas.shape == (64, 64, 3) and transform.scale_xy[1] == 1.0
+
+
 def test_iou_continuous():
     assert iou_matrix([[0, 0, 10, 10]], [[5, 0, 15, 10]])[0, 0] == pytest.approx(50 / 150)
     assert iou_matrix([[0, 0, 1, 1]], [[2, 2, 3, 3]])[0, 0] == 0.0

@@ -52,6 +52,8 @@ def test_layout_matches_darknet_order(tmp_path):
     kernel1 = model.get_layer("conv_1").kernel.numpy()
     # Keras (kh, kw, c, n) holds Darknet's weights[n][c][kh][kw].
     assert kernel1[2, 0, 1, 3] == w1[3, 1, 2, 0]
+    np.testing.assert_array_equal(kernel1, w1.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(kernel0, w0.transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(model.get_layer("conv_1").bias.numpy(), b1)
     # This cfg has no head to keep the header in, so it is passed explicitly.
     save_weights(model, tmp_path / "out.weights", header)
@@ -100,6 +102,22 @@ def test_truncated_and_overlong_files_name_the_layer(tmp_path):
         load_weights(model, _write(tmp_path / "h.weights", b"\0" * 8))
     with pytest.raises(WeightsError, match="cannot read weights file"):
         load_weights(model, tmp_path / "missing.weights")
+
+
+def test_header_values_must_fit(tmp_path):
+    with pytest.raises(WeightsError, match="does not fit a 16-byte Darknet header"):
+        WeightsHeader(0, 1, 0, 2**31).to_bytes()
+    assert len(WeightsHeader(0, 2, 0, 2**31).to_bytes()) == 20
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    model = build_model(parse_cfg(TINY_CFG))
+    save_weights(model, tmp_path / "m.weights")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.weights").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_failed_load_changes_nothing(tmp_path):

@@ -9,6 +9,8 @@ Layer names come from the cfg layer index, so any later tool finds layers by nam
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,11 +42,10 @@ def head_conv_indices(cfg: DarknetCfg) -> List[int]:
 
 
 def _parse_size(size: Size) -> Tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    for value in (height, width):
-        if int(value) != value or value <= 0 or value % 32:
-            raise ValueError(f"input size {size} must be a positive multiple of 32")
-    return int(height), int(width)
+    values = [size, size] if isinstance(size, numbers.Integral) else list(size) if isinstance(size, (tuple, list)) else []
+    if len(values) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 and v % 32 == 0 for v in values):
+        raise ValueError(f"input size {size} must be a positive multiple of 32 (or a (height, width) pair of them)")
+    return int(values[0]), int(values[1])
 
 
 def adapt_cfg(
@@ -68,17 +69,24 @@ def adapt_cfg(
     cfg = copy.deepcopy(cfg)
     if input_size is not None:
         cfg.net.params["height"], cfg.net.params["width"] = _parse_size(input_size)
-    if classes is not None and int(classes) < 1:
-        raise ValueError(f"classes must be at least 1, got {classes}")
-    if not width > 0:
-        raise ValueError(f"width multiplier must be positive, got {width}")
+    if classes is not None and (not isinstance(classes, numbers.Integral) or classes < 1):
+        raise ValueError(f"classes must be a whole number of at least 1, got {classes}")
+    if not (isinstance(width, numbers.Real) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width multiplier must be a positive finite number, got {width}")
     head_convs = set(head_conv_indices(cfg))
     if classes is not None:
         for head in cfg.heads():
             head.params["classes"] = int(classes)
     for head in cfg.heads():
         anchors = len(head["mask"]) if head.kind == "yolo" else head["num"]
-        cfg.layers[head.index - 1].params["filters"] = anchors * (5 + head["classes"])
+        conv = cfg.layers[head.index - 1]
+        needed = anchors * (5 + head["classes"])
+        if classes is None and conv["filters"] != needed:
+            raise conv.error(
+                f"filters={conv['filters']} does not fit the next [{head.kind}]: {anchors} anchors x "
+                f"(5 + {head['classes']} classes) = {needed}", "filters"
+            )
+        conv.params["filters"] = needed
     if width != 1.0:
         for section in cfg.layers:
             if section.kind == "convolutional" and section.index not in head_convs:
@@ -102,6 +110,26 @@ def _conv_padding(section: Section, size: int) -> Tuple[str, Optional[Tuple[int,
     out = (size + 2 * pad - k) // stride + 1
     bottom = max(0, (out - 1) * stride + k - size - pad)
     return "valid", (pad, bottom)
+
+
+def _pool_padding(section: Section, sizes) -> str:
+    """Keras padding equal to Darknet's maxpool, which pads ``padding`` pixels in all, ``padding // 2``
+    of them on the top/left, with out-of-image values ignored.
+
+    Raises:
+        CfgError: no Keras padding gives Darknet's windows for this size, stride, padding and input.
+    """
+    k, stride, pad = section["size"], section["stride"], section["padding"]
+    for size in sizes:
+        darknet_out = (size + pad - k) // stride + 1
+        same_out = -(-size // stride)
+        same_left = max((same_out - 1) * stride + k - size, 0) // 2
+        valid_out = (size - k) // stride + 1
+        if not ((darknet_out, pad // 2) == (same_out, same_left) or (pad == 0 and darknet_out == valid_out)):
+            raise section.error(
+                f"maxpool size={k} stride={stride} padding={pad} on a {size}-pixel input has no Keras equivalent"
+            )
+    return "valid" if pad == 0 else "same"
 
 
 _ACTIVATIONS = {
@@ -142,10 +170,8 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header):
     if kind == "convolutional":
         return _conv_block(section, x)
     if kind == "maxpool":
-        # Darknet's maxpool pads (size - 1) pixels split left/right with out-of-image values ignored:
-        # Keras "same" for the sizes Darknet uses (e.g. size 2 stride 1 pads only right/bottom).
         return keras.layers.MaxPooling2D(
-            section["size"], section["stride"], padding="same", name=f"maxpool_{i}"
+            section["size"], section["stride"], padding=_pool_padding(section, x.shape[1:3]), name=f"maxpool_{i}"
         )(x)
     if kind == "route":
         sources = [outputs[j] for j in section["layers"]]

@@ -50,6 +50,7 @@ _SCHEMAS: Dict[str, Dict[str, tuple]] = {
     "maxpool": {
         "stride": (int, 1),
         "size": (int, None),  # Darknet: defaults to stride
+        "padding": (int, None),  # Darknet: defaults to size - 1
     },
     "route": {"layers": (_int_list, REQUIRED)},
     "reorg": {"stride": (int, 1), "reverse": (int, 0)},
@@ -60,7 +61,7 @@ _SCHEMAS: Dict[str, Dict[str, tuple]] = {
         "classes": (int, 20),
         "coords": (int, 4),
         "num": (int, 1),
-        "softmax": (int, 0),
+        "softmax": (int, 0),  # Darknet's default; kprune's region heads need softmax=1
     },
     "yolo": {
         "anchors": (_float_list, REQUIRED),
@@ -184,6 +185,8 @@ def _validate(section: Section) -> None:
             raise section.error(f"classes={p['classes']} must be positive", "classes")
         if kind == "region" and p["coords"] != 4:
             raise section.error(f"coords={p['coords']} is not supported; only 4", "coords")
+        if kind == "region" and p["softmax"] != 1:
+            raise section.error(f"softmax={p['softmax']} is not supported; only softmax=1", "softmax")
         if kind == "yolo":
             if p["mask"] is None:
                 p["mask"] = list(range(p["num"]))
@@ -246,8 +249,11 @@ def parse_cfg(text: str, source: str = "<cfg>") -> DarknetCfg:
                 raise section.error(f"missing required key {key!r}")
             else:
                 section.params[key] = default
-        if section.kind == "maxpool" and section.params["size"] is None:
-            section.params["size"] = section.params["stride"]
+        if section.kind == "maxpool":
+            if section.params["size"] is None:
+                section.params["size"] = section.params["stride"]
+            if section.params["padding"] is None:
+                section.params["padding"] = section.params["size"] - 1
         _validate(section)
     return DarknetCfg(net=sections[0], layers=sections[1:], source=source)
 
@@ -264,4 +270,6 @@ def read_cfg(path: str | os.PathLike) -> DarknetCfg:
             text = handle.read()
     except OSError as exc:
         raise CfgError(f"cannot read cfg file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CfgError(f"{path} is not a text cfg file (cfg and weights swapped?)") from None
     return parse_cfg(text, source=path)

@@ -41,6 +41,14 @@ class WeightsHeader:
         return 20 if self.seen_is_int64 else 16
 
     def to_bytes(self) -> bytes:
+        """The header's bytes.
+
+        Raises:
+            WeightsError: a value that does not fit its field.
+        """
+        limit = 2**63 if self.seen_is_int64 else 2**31
+        if not 0 <= self.seen < limit or not all(-2**31 <= v < 2**31 for v in (self.major, self.minor, self.revision)):
+            raise WeightsError(f"header {self.as_list()} does not fit a {self.nbytes}-byte Darknet header")
         head = np.array([self.major, self.minor, self.revision], dtype="<i4").tobytes()
         seen = np.array([self.seen], dtype="<i8" if self.seen_is_int64 else "<i4").tobytes()
         return head + seen
@@ -143,6 +151,8 @@ def model_header(model) -> WeightsHeader:
     for layer in model.layers:
         header = getattr(layer, "darknet_header", None)
         if header:
+            if len(header) != 4:
+                raise WeightsError(f"layer {layer.name}: darknet_header {header} is not [major, minor, revision, seen]")
             return WeightsHeader(*header)
     return WeightsHeader()
 

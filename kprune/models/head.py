@@ -129,7 +129,7 @@ def image_transform(image_hw: Tuple[int, int], input_hw: Tuple[int, int], letter
     if not letterbox:
         return ImageTransform(tuple(image_hw), tuple(input_hw), (nw / iw, nh / ih), (0.0, 0.0))
     scale = min(nw / iw, nh / ih)
-    new_w, new_h = int(round(iw * scale)), int(round(ih * scale))
+    new_w, new_h = max(1, int(round(iw * scale))), max(1, int(round(ih * scale)))
     return ImageTransform(
         tuple(image_hw), tuple(input_hw), (new_w / iw, new_h / ih), ((nw - new_w) // 2, (nh - new_h) // 2)
     )
@@ -146,8 +146,8 @@ def preprocess_image(image: np.ndarray, input_hw: Tuple[int, int], letterbox: bo
     import cv2
 
     transform = image_transform(image.shape[:2], input_hw, letterbox)
-    new_w = int(round(image.shape[1] * transform.scale_xy[0]))
-    new_h = int(round(image.shape[0] * transform.scale_xy[1]))
+    new_w = max(1, int(round(image.shape[1] * transform.scale_xy[0])))
+    new_h = max(1, int(round(image.shape[0] * transform.scale_xy[1])))
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
     canvas = np.full((input_hw[0], input_hw[1], 3), 0.5, dtype=np.float32)
     dx, dy = int(transform.offset_xy[0]), int(transform.offset_xy[1])
@@ -183,12 +183,21 @@ def detect(
 
     Returns:
         One list of :class:`Detection` per image, best first.
+
+    Raises:
+        ValueError: an image that is not uint8 (H, W, 3), or names whose count is not the model's.
     """
     input_hw = tuple(model.input_shape[1:3])
+    head = detection_heads(model)[0]
     if names is None:
-        names = detection_heads(model)[0].names
+        names = head.names
+    elif len(names) != head.classes:
+        raise ValueError(f"{len(names)} class names given for a model with {head.classes} classes")
     results = []
-    for image in images:
+    for index, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         batch, transform = preprocess_image(image, input_hw, letterbox)
         outputs = model(batch[None], training=False)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
@@ -199,7 +208,7 @@ def detect(
         pixels = transform.to_image(kept)
         results.append([
             Detection(tuple(float(v) for v in box), float(score), int(cls),
-                      names[cls] if names is not None and cls < len(names) else None)
+                      names[cls] if names is not None else None)
             for box, score, cls in zip(pixels, kept_scores, kept_classes)
         ])
     return results

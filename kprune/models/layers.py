@@ -99,8 +99,9 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
     Darknet file (scales, biases, rolling_mean, rolling_variance), so conversion is lossless both ways.
     ``epsilon`` is added to the standard deviation, as Darknet does.
 
-    In training mode the batch mean and variance are used and the moving statistics updated with
-    ``momentum`` (Darknet: 0.99). A layer with ``trainable=False`` always runs in inference mode,
+    In training mode the batch mean and (biased) variance are used and the moving statistics updated
+    with ``momentum`` (Darknet: 0.99; Darknet's batch variance divides by N - 1, which only matters for
+    tiny batches). A layer with ``trainable=False`` always runs in inference mode,
     as Keras 2's BatchNormalization does.
     """
 
@@ -131,6 +132,11 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
             return self._normalize(inputs, self.moving_mean, self.moving_variance)
 
         return tf.__internal__.smart_cond.smart_cond(training, train_branch, inference_branch)
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: batch norm is never pruned (tfmot only knows the exact
+        BatchNormalization class, not subclasses)."""
+        return []
 
 
 @_serializable
