@@ -28,6 +28,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.darknet.builder import build_model
 from kprune.darknet.weights import load_weights, save_weights
+from kprune.models.io import write_bytes_atomic
 from kprune.report.metrics import count_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,21 +270,6 @@ def summary_markdown(results: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of our own rather than mkstemp: open() applies the umask, mkstemp would make it private.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (``--only`` names must be registered sections)."""
     parser = argparse.ArgumentParser(description="Run the kprune benchmarks; write JSON and Markdown results.")
@@ -325,8 +311,8 @@ def main(argv: List[str] | None = None) -> int:
             section, failed = {"error": f"{type(exc).__name__}: {exc}"}, True
         results["sections"][name] = section
     summary = summary_markdown(results)
-    write_atomic(args.out, json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out.with_suffix(".md"), summary)
+    write_bytes_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(args.out.with_suffix(".md"), summary.encode("utf-8"))
     print(summary)
     return 1 if failed else 0
 

@@ -41,8 +41,8 @@ def run(out: str, model_name: str = "yolov2-tiny-voc", seed: int = 0) -> dict:
     from kprune.darknet.weights import WeightsHeader, save_weights
     from kprune.models import zoo
     from kprune.models.head import detect
-    from kprune.models.inference import coco_results, draw_detections, write_json_atomic
-    from kprune.models.io import save_model
+    from kprune.models.inference import coco_results, draw_detections
+    from kprune.models.io import save_model, write_json_atomic
     from kprune.report.metrics import model_info
 
     os.makedirs(out, exist_ok=True)

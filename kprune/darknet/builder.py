@@ -15,7 +15,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kprune._keras import keras
-from kprune.darknet.cfg import CfgError, DarknetCfg, Section, read_cfg
+from kprune.darknet.cfg import HEAD_KINDS, CfgError, DarknetCfg, Section, read_cfg
 from kprune.models.layers import DarknetBatchNormalization, DetectionHead, Reorg
 
 Size = Union[int, Tuple[int, int]]
@@ -141,12 +141,10 @@ _ACTIVATIONS = {
 
 def _conv_block(section: Section, x):
     i = section.index
-    padding, explicit = _conv_padding(section, x.shape[1])
-    if explicit is not None and x.shape[1] != x.shape[2]:
-        _, explicit_w = _conv_padding(section, x.shape[2])
-        x = keras.layers.ZeroPadding2D((explicit, explicit_w), name=f"pad_{i}")(x)
-    elif explicit is not None:
-        x = keras.layers.ZeroPadding2D((explicit, explicit), name=f"pad_{i}")(x)
+    padding, pad_h = _conv_padding(section, x.shape[1])
+    _, pad_w = _conv_padding(section, x.shape[2])
+    if pad_h is not None:
+        x = keras.layers.ZeroPadding2D((pad_h, pad_w), name=f"pad_{i}")(x)
     batch_norm = bool(section["batch_normalize"])
     x = keras.layers.Conv2D(
         section["filters"],
@@ -190,7 +188,7 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header):
         return keras.layers.Add(name=f"shortcut_{i}")([x, other])
     if kind == "upsample":
         return keras.layers.UpSampling2D(section["stride"], interpolation="nearest", name=f"upsample_{i}")(x)
-    if kind in ("region", "yolo"):
+    if kind in HEAD_KINDS:
         anchors = section["anchors"]
         pairs = [anchors[j: j + 2] for j in range(0, len(anchors), 2)]
         mask = section["mask"] if kind == "yolo" else None
@@ -246,7 +244,7 @@ def build_model(
         except ValueError as exc:
             raise section.error(f"cannot build: {exc}") from None
         outputs.append(x)
-        if section.kind in ("region", "yolo"):
+        if section.kind in HEAD_KINDS:
             heads.append(x)
     if not outputs:
         raise CfgError(f"{cfg.source}: the cfg has no layers")

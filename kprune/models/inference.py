@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -122,6 +121,7 @@ def detect_files(
     from tqdm import tqdm
 
     from kprune.models.head import detect
+    from kprune.models.io import write_json_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     all_detections, used = [], set()
@@ -138,13 +138,6 @@ def detect_files(
     results = coco_results(all_detections, range(len(paths)), list(paths))
     write_json_atomic(os.path.join(out_dir, "detections.json"), results)
     return results
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """Write JSON to ``path`` atomically."""
-    from kprune.models.io import write_bytes_atomic
-
-    write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
 
 
 def read_names(path: str) -> List[str]:

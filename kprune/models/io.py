@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
 
 
 def save_model(model, path: str | os.PathLike) -> None:
