@@ -28,7 +28,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.darknet.builder import build_model
 from kprune.darknet.weights import load_weights, save_weights
-from kprune.models.io import write_bytes_atomic
+from kprune.fileio import write_bytes_atomic
 from kprune.report.metrics import count_flops
 
 REPO = Path(__file__).resolve().parent.parent

@@ -105,7 +105,8 @@ def predict(model_path, input_path, out):
     import numpy as np
 
     from kprune.models.inference import check_input_batch, predict_raw
-    from kprune.models.io import atomic_path, load_model
+    from kprune.fileio import atomic_path
+    from kprune.models.io import load_model
 
     model = load_model(model_path)
     try:

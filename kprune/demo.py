@@ -42,7 +42,8 @@ def run(out: str, model_name: str = "yolov2-tiny-voc", seed: int = 0) -> dict:
     from kprune.models import zoo
     from kprune.models.head import detect
     from kprune.models.inference import coco_results, draw_detections
-    from kprune.models.io import save_model, write_json_atomic
+    from kprune.fileio import write_json_atomic
+    from kprune.models.io import save_model
     from kprune.report.metrics import model_info
 
     os.makedirs(out, exist_ok=True)

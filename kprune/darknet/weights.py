@@ -16,7 +16,7 @@ from typing import List, Tuple
 import numpy as np
 
 from kprune.darknet.builder import conv_layers_in_order
-from kprune.models.io import write_bytes_atomic
+from kprune.fileio import write_bytes_atomic
 
 _FLOAT = np.dtype("<f4")
 

@@ -121,7 +121,7 @@ def detect_files(
     from tqdm import tqdm
 
     from kprune.models.head import detect
-    from kprune.models.io import write_json_atomic
+    from kprune.fileio import write_json_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     all_detections, used = [], set()

@@ -1,0 +1,137 @@
+"""``python -m data_tools``: convert COCO / KITTI / VOC to kprune TFRecords, or make synthetic data.
+
+The commands parse arguments, call the converters and print their summary; a user error (a missing
+file, an unknown class, a bad option) ends with one line ``Error: ...`` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from data_tools import coco as coco_mod
+from data_tools import kitti as kitti_mod
+from data_tools import voc as voc_mod
+from data_tools.convert import parse_classes
+
+
+def _user_errors(command):
+    """Turn ValueError / OSError into click's one-line error instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def _write(records, classes, out, source, options, dropped_fields, annotation_bytes, quiet, extra=None):
+    from data_tools.convert import summary, write_dataset
+
+    if extra:
+        source = {**source, **extra}
+    manifest = write_dataset(
+        records, classes, out, source, options, dropped_fields, annotation_bytes, progress=not quiet
+    )
+    click.echo(summary(manifest, out))
+
+
+_out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the TFRecords and dataset.json.")
+_quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Dataset tools: COCO, KITTI and VOC to sharded TFRecords with a dataset.json manifest,
+    metadata stripped; and a synthetic dataset in the official COCO or KITTI layout."""
+
+
+@main.command()
+@click.option("--coco-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with annotations/instances_{train,val}YEAR.json and trainYEAR/, valYEAR/.")
+@click.option("--year", default=2017, show_default=True, type=int)
+@click.option("--classes", default=",".join(coco_mod.DEFAULT_CLASSES), show_default=True,
+              help="Comma-separated category names; labels 0..K-1 in this order.")
+@click.option("--keep-negatives", default=0, show_default=True, type=int,
+              help="Also keep this many images per split without any of the classes (drawn by seed 0).")
+@_out
+@_quiet
+@_user_errors
+def coco(coco_dir, year, classes, keep_negatives, out, quiet):
+    """COCO instances (official layout) -> a class subset. Crowd boxes become ignore regions."""
+    names = parse_classes(classes)
+    records, nbytes = coco_mod.coco_records(coco_dir, year, names, keep_negatives)
+    options = {"year": year, "classes": names, "keep_negatives": keep_negatives}
+    _write(records, names, out, {"kind": "coco", "dir": coco_dir}, options, coco_mod.DROPPED_FIELDS, nbytes, quiet)
+
+
+@main.command()
+@click.option("--kitti-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with training/image_2 and training/label_2.")
+@click.option("--classes", default=",".join(kitti_mod.DEFAULT_CLASSES), show_default=True,
+              help="Comma-separated KITTI types; labels 0..K-1 in this order.")
+@click.option("--map", "mapping", multiple=True, metavar="TYPE=CLASS",
+              help="Count objects of TYPE as CLASS, e.g. Person_sitting=Pedestrian (repeatable).")
+@click.option("--val-fraction", default=0.2, show_default=True, type=float,
+              help="Fraction of the labelled images for validation.")
+@click.option("--train", "num_train", type=int, default=None, help="Exact number of training images (with --val).")
+@click.option("--val", "num_val", type=int, default=None, help="Exact number of validation images (with --train).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/val split.")
+@_out
+@_quiet
+@_user_errors
+def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, out, quiet):
+    """KITTI object detection (official layout) -> a deterministic train/val split. DontCare boxes
+    become ignore regions."""
+    names = parse_classes(classes)
+    mapped = kitti_mod.parse_mapping(mapping, names)
+    records, nbytes, left_out = kitti_mod.kitti_records(
+        kitti_dir, names, mapped, val_fraction, num_train, num_val, seed
+    )
+    options = {"classes": names, "map": mapped, "val_fraction": val_fraction, "train": num_train,
+               "val": num_val, "seed": seed}
+    _write(records, names, out, {"kind": "kitti", "dir": kitti_dir}, options, (), nbytes, quiet,
+           extra={"objects_left_out": left_out})
+    if left_out:
+        click.echo("  objects of other types left out: " + ", ".join(f"{k} {v}" for k, v in sorted(left_out.items())))
+
+
+@main.command()
+@click.option("--voc-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="VOCdevkit (with VOC2007/ inside) or the VOC2007 folder itself.")
+@click.option("--year", default=2007, show_default=True, type=int)
+@click.option("--classes", default=",".join(voc_mod.DEFAULT_CLASSES), show_default=True,
+              help="Comma-separated VOC class names; labels 0..K-1 in this order.")
+@_out
+@_quiet
+@_user_errors
+def voc(voc_dir, year, classes, out, quiet):
+    """PASCAL VOC (train.txt / val.txt of ImageSets/Main). Difficult objects become ignore regions."""
+    names = parse_classes(classes)
+    records, nbytes = voc_mod.voc_records(voc_dir, year, names)
+    options = {"year": year, "classes": names}
+    _write(records, names, out, {"kind": "voc", "dir": voc_dir}, options, ("pose", "truncated", "segmented", "source", "owner"), nbytes, quiet)
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the dataset (official layout).")
+@click.option("--num-train", default=1000, show_default=True, type=int)
+@click.option("--num-val", default=200, show_default=True, type=int)
+@click.option("--size", default=256, show_default=True, type=int, help="Image width in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--format", "fmt", type=click.Choice(["coco", "kitti"]), default="coco", show_default=True)
+@_quiet
+@_user_errors
+def synth(out, num_train, num_val, size, seed, fmt, quiet):
+    """A synthetic detection dataset (5 shape classes) in the official COCO or KITTI layout.
+    Convert it like real data: `python -m data_tools coco --coco-dir OUT --classes ellipse,...`."""
+    from data_tools import synth as synth_mod
+
+    result = synth_mod.generate(out, num_train=num_train, num_val=num_val, size=size, seed=seed, fmt=fmt,
+                                progress=not quiet)
+    click.echo(f"synthetic {fmt} dataset written to {out}: {result}")
+    click.echo(f"classes: {','.join(synth_mod.CLASSES)}")
