@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install test test-fast bench demo clean
+.PHONY: install test test-fast bench demo data-synth clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench-results.json
+
+# The synthetic dataset, written in the official COCO layout, then converted like real COCO.
+SYNTH_RAW ?= data/synth-coco
+SYNTH ?= data/synth
+data-synth: $(STAMP)
+	$(PY) -m data_tools synth --out $(SYNTH_RAW)
+	$(PY) -m data_tools coco --coco-dir $(SYNTH_RAW) --classes all --out $(SYNTH)
 
 demo: $(STAMP)
 	$(PY) -m kprune.demo --out runs/demo

@@ -55,7 +55,7 @@ def main():
               help="Folder with annotations/instances_{train,val}YEAR.json and trainYEAR/, valYEAR/.")
 @click.option("--year", default=2017, show_default=True, type=int)
 @click.option("--classes", default=",".join(coco_mod.DEFAULT_CLASSES), show_default=True,
-              help="Comma-separated category names; labels 0..K-1 in this order.")
+              help="Comma-separated category names, labels 0..K-1 in this order; 'all' for every category.")
 @click.option("--keep-negatives", default=0, show_default=True, type=int,
               help="Also keep this many images per split without any of the classes (drawn by seed 0).")
 @_out
@@ -63,8 +63,8 @@ def main():
 @_user_errors
 def coco(coco_dir, year, classes, keep_negatives, out, quiet):
     """COCO instances (official layout) -> a class subset. Crowd boxes become ignore regions."""
-    names = parse_classes(classes)
-    records, nbytes = coco_mod.coco_records(coco_dir, year, names, keep_negatives)
+    names = None if classes == "all" else parse_classes(classes)
+    records, names, nbytes = coco_mod.coco_records(coco_dir, year, names, keep_negatives)
     options = {"year": year, "classes": names, "keep_negatives": keep_negatives}
     _write(records, names, out, {"kind": "coco", "dir": coco_dir}, options, coco_mod.DROPPED_FIELDS, nbytes, quiet)
 
@@ -128,10 +128,9 @@ def voc(voc_dir, year, classes, out, quiet):
 @_user_errors
 def synth(out, num_train, num_val, size, seed, fmt, quiet):
     """A synthetic detection dataset (5 shape classes) in the official COCO or KITTI layout.
-    Convert it like real data: `python -m data_tools coco --coco-dir OUT --classes ellipse,...`."""
+    Convert it like real data: `python -m data_tools coco --coco-dir OUT --classes all --out DATA`."""
     from data_tools import synth as synth_mod
 
     result = synth_mod.generate(out, num_train=num_train, num_val=num_val, size=size, seed=seed, fmt=fmt,
                                 progress=not quiet)
     click.echo(f"synthetic {fmt} dataset written to {out}: {result}")
-    click.echo(f"classes: {','.join(synth_mod.CLASSES)}")

@@ -51,6 +51,11 @@ def load_annotations(path: Path) -> dict:
     return data
 
 
+def category_names(data: dict) -> List[str]:
+    """Every category name of an instances file, in id order."""
+    return [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+
+
 def split_records(
     data: dict, path: Path, image_dir: Path, classes: Sequence[str], keep_negatives: int, seed: int
 ) -> List[Record]:
@@ -93,9 +98,11 @@ def split_records(
 
 
 def coco_records(
-    coco_dir: str | Path, year: int, classes: Sequence[str], keep_negatives: int = 0, seed: int = 0
-) -> Tuple[Dict[str, List[Record]], int]:
-    """Records of the train and val splits, and the bytes of the annotation files read.
+    coco_dir: str | Path, year: int, classes: Sequence[str] | None, keep_negatives: int = 0, seed: int = 0
+) -> Tuple[Dict[str, List[Record]], List[str], int]:
+    """Records of the train and val splits, the class names, and the bytes of the annotation files read.
+
+    ``classes`` None means every category of the train file, in id order.
 
     Raises:
         ValueError: a file or folder of the official layout is missing, a class does not exist (the
@@ -110,5 +117,7 @@ def coco_records(
     records = {}
     for split, path in paths.items():
         image_dir = require_dir(coco_dir / f"{split}{year}", f"COCO {split} images")
-        records[split] = split_records(load_annotations(path), path, image_dir, classes, keep_negatives, seed)
-    return records, sum(p.stat().st_size for p in paths.values())
+        data = load_annotations(path)
+        classes = category_names(data) if classes is None else list(classes)
+        records[split] = split_records(data, path, image_dir, classes, keep_negatives, seed)
+    return records, classes, sum(p.stat().st_size for p in paths.values())

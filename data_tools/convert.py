@@ -327,7 +327,7 @@ def _bytes_summary(stats, annotation_bytes: int, out: Path, files: Dict[str, Lis
 def summary(manifest: dict, out: str | os.PathLike) -> str:
     """The readable report printed at the end of a conversion."""
     classes = manifest["classes"]
-    width = max(12, *(len(c) for c in classes))
+    width = max(len(label) for label in [*classes, "ignore regions", "skipped images"])
     lines = [f"dataset written to {out} ({tfrecord.MANIFEST})"]
     header = f"  {'':{width}}" + "".join(f" {split:>12}" for split in manifest["splits"])
     lines.append(header)
