@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 CFG_DIRS = (REPO.parent / "shared" / "darknet" / "cfg", REPO / "kprune" / "models" / "cfg")
 
 MATMUL_N = 4096
+# The model the demo trains (YOLOv2 with its reorg path, reduced width and input for 2 cores).
+DEMO_MODEL = {"name": "yolov2", "input_size": 256, "width": 0.25}
+DEMO_BATCH = 16
+PIPELINE_GOAL_RATIO = 3.0
 LATENCY_SIZE = 416
 LOAD_GOAL_S = 3.0
 LATENCY_GOAL_RATIO = 1.2
@@ -210,11 +214,112 @@ def yolov2_latency(args: argparse.Namespace) -> Dict:
     return result
 
 
-# Later sections (data pipeline, training, pruning) register here; the order is the run order.
+@functools.lru_cache(maxsize=None)
+def _synthetic_dataset(num_train: int, num_val: int) -> Dict:
+    """Generate the synthetic COCO-layout dataset and convert it, timing both (cached: the pipeline
+    section reads the result). The folder lives until the process ends."""
+    from data_tools import coco, synth
+    from data_tools.convert import write_dataset
+
+    folder = Path(tempfile.mkdtemp(prefix="kprune-bench-data-"))
+    _, generate_s = _timed(synth.generate, folder / "raw", num_train=num_train, num_val=num_val, progress=False)
+    records, names, nbytes = coco.coco_records(folder / "raw", 2017, None)
+    manifest, convert_s = _timed(
+        write_dataset, records, names, folder / "data", {"kind": "coco"}, {}, coco.DROPPED_FIELDS, nbytes,
+        progress=False,
+    )
+    images = num_train + num_val
+    return {"folder": folder / "data", "images": images, "generate_s": generate_s, "convert_s": convert_s,
+            "bytes": manifest["bytes"]["tfrecords"]}
+
+
+def data_conversion(args: argparse.Namespace) -> Dict:
+    """Images per second of the synthetic generator and of the COCO converter on its output.
+
+    The converter reads every image, strips JPEG metadata, decodes it with TensorFlow to check it,
+    and writes TFRecords (threads: one per core).
+
+    Returns:
+        ``images``, ``generate_s``, ``generate_images_per_s``, ``convert_s``, ``convert_images_per_s``
+        and ``tfrecord_mb``.
+    """
+    data = _synthetic_dataset(args.data_train, args.data_val)
+    return {
+        "images": data["images"],
+        "generate_s": data["generate_s"],
+        "generate_images_per_s": data["images"] / data["generate_s"],
+        "convert_s": data["convert_s"],
+        "convert_images_per_s": data["images"] / data["convert_s"],
+        "tfrecord_mb": data["bytes"] / 1e6,
+    }
+
+
+def data_pipeline(args: argparse.Namespace) -> Dict:
+    """Training input pipeline against the training step rate of the demo model.
+
+    The pipeline runs as in training: shuffle, decode, letterbox, augmentation (flip, scale,
+    translate, HSV), batching and the YOLOv2 targets, measured over ``--pipeline-batches`` batches
+    after warm-up. The training step is one forward, backward and Adam update of the demo model
+    (:data:`DEMO_MODEL`) on a batch of the same size, with a stand-in loss (sum of squared outputs):
+    the cost of a step is the network's, not the loss's. Both are measured alone on the whole machine.
+
+    Returns:
+        ``model``, ``batch``, ``pipeline_images_per_s``, ``train_step_ms``, ``train_images_per_s``,
+        ``ratio`` (pipeline / training), ``goal_ratio`` and ``meets_goal``.
+    """
+    from kprune.data.pipeline import make_dataset
+    from kprune.data.targets import TargetEncoder
+    from kprune.data.tfrecord import read_manifest
+    from kprune.models import zoo
+
+    data = _synthetic_dataset(args.data_train, args.data_val)
+    manifest = read_manifest(data["folder"])
+    spec = dict(DEMO_MODEL)
+    model = zoo.build(spec.pop("name"), classes=len(manifest.classes), **spec)
+    size = DEMO_MODEL["input_size"]
+    dataset = make_dataset(manifest, "train", size, DEMO_BATCH, training=True,
+                           encoder=TargetEncoder.from_model(model), seed=0, repeat=True)
+    batches = iter(dataset)
+    for _ in range(3):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(args.pipeline_batches):
+        images, _ = next(batches)
+    pipeline_ips = args.pipeline_batches * DEMO_BATCH / (time.perf_counter() - start)
+
+    optimizer = keras.optimizers.Adam(1e-4)
+
+    @tf.function
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            outputs = model(x, training=True)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            loss = tf.add_n([tf.reduce_mean(tf.square(o)) for o in outputs])
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    seconds = _repeat(lambda: train_step(images).numpy(), warmup=2, runs=args.train_steps)
+    train_ips = DEMO_BATCH / float(np.median(seconds))
+    ratio = pipeline_ips / train_ips
+    return {
+        "model": f"{DEMO_MODEL['name']} width {DEMO_MODEL['width']} at {size}",
+        "batch": DEMO_BATCH,
+        "pipeline_images_per_s": pipeline_ips,
+        "train_step_ms": float(np.median(seconds)) * 1e3,
+        "train_images_per_s": train_ips,
+        "ratio": ratio,
+        "goal_ratio": PIPELINE_GOAL_RATIO,
+        "meets_goal": bool(ratio >= PIPELINE_GOAL_RATIO),
+    }
+
+
+# Later sections (training, pruning) register here; the order is the run order.
 SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "matmul_peak": matmul_peak,
     "darknet_load": darknet_load,
     "yolov2_latency": yolov2_latency,
+    "data_conversion": data_conversion,
+    "data_pipeline": data_pipeline,
 }
 
 
@@ -277,6 +382,10 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated sections, from: {', '.join(SECTIONS)}")
     parser.add_argument("--runs", type=int, default=20, help="timed forward passes per latency variant")
     parser.add_argument("--matmul-runs", type=int, default=10, help="timed runs of the matmul peak")
+    parser.add_argument("--data-train", type=int, default=800, help="synthetic training images to generate")
+    parser.add_argument("--data-val", type=int, default=200, help="synthetic validation images to generate")
+    parser.add_argument("--pipeline-batches", type=int, default=30, help="timed batches of the input pipeline")
+    parser.add_argument("--train-steps", type=int, default=10, help="timed training steps of the demo model")
     args = parser.parse_args(argv)
     names = list(SECTIONS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
