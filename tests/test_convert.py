@@ -291,3 +291,31 @@ def test_voc_difficult_objects_become_ignore_regions(tmp_path):
     (root / "ImageSets/Main/val.txt").write_text("../../x\n")
     with pytest.raises(ValueError, match="'../../x' is rejected"):
         voc.voc_records(root, 2007, ["horse"])
+
+
+@pytest.mark.parametrize("fmt", ["coco", "kitti"])
+def test_synthetic_data_goes_through_the_real_converters(tmp_path, fmt):
+    from data_tools import synth
+
+    runner = CliRunner()
+    result = runner.invoke(data_cli, ["synth", "--out", str(tmp_path / "raw"), "--num-train", "8", "--num-val", "4",
+                                      "--size", "96", "--format", fmt, "--quiet"])
+    assert result.exit_code == 0, result.output
+    made = synth.generate(tmp_path / "again", num_train=8, num_val=4, size=96, fmt=fmt, progress=False)
+    if fmt == "coco":
+        args = ["coco", "--coco-dir", str(tmp_path / "raw"), "--classes", "all"]
+    else:
+        args = ["kitti", "--kitti-dir", str(tmp_path / "raw"), "--classes", ",".join(synth.KITTI_TYPES),
+                "--train", "8", "--val", "4"]
+    result = runner.invoke(data_cli, args + ["--out", str(tmp_path / "data"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = tfrecord.read_manifest(tmp_path / "data")
+    splits = manifest.data["splits"]
+    assert len(manifest.classes) == 5
+    assert sum(s["images"] for s in splits.values()) == 12
+    assert sum(s["objects"] for s in splits.values()) == sum(s["objects"] for s in made["splits"].values())
+    assert sum(s["ignore_regions"] for s in splits.values()) == sum(s["ignored"] for s in made["splits"].values())
+    assert all(not s["skipped"] and s["boxes_dropped"] == 0 for s in splits.values())
+    if fmt == "coco":
+        assert manifest.classes == list(synth.CLASSES) and splits["train"]["images"] == 8
+        assert splits["train"]["objects_per_class"] == made["splits"]["train"]["per_class"]
