@@ -40,6 +40,11 @@ def _write(records, classes, out, source, options, dropped_fields, annotation_by
     click.echo(summary(manifest, out))
 
 
+def _classes(defaults, what: str):
+    return click.option("--classes", default=",".join(defaults), show_default=True,
+                        help=f"Comma-separated {what}; labels 0..K-1 in this order.")
+
+
 _out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the TFRecords and dataset.json.")
 _quiet = click.option("--quiet", is_flag=True, help="No progress bar.")
 
@@ -54,8 +59,7 @@ def main():
 @click.option("--coco-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with annotations/instances_{train,val}YEAR.json and trainYEAR/, valYEAR/.")
 @click.option("--year", default=2017, show_default=True, type=int)
-@click.option("--classes", default=",".join(coco_mod.DEFAULT_CLASSES), show_default=True,
-              help="Comma-separated category names, labels 0..K-1 in this order; 'all' for every category.")
+@_classes(coco_mod.DEFAULT_CLASSES, "category names ('all': every category, in id order)")
 @click.option("--keep-negatives", default=0, show_default=True, type=int,
               help="Also keep this many images per split without any of the classes (drawn by seed 0).")
 @_out
@@ -72,8 +76,7 @@ def coco(coco_dir, year, classes, keep_negatives, out, quiet):
 @main.command()
 @click.option("--kitti-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with training/image_2 and training/label_2.")
-@click.option("--classes", default=",".join(kitti_mod.DEFAULT_CLASSES), show_default=True,
-              help="Comma-separated KITTI types; labels 0..K-1 in this order.")
+@_classes(kitti_mod.DEFAULT_CLASSES, "KITTI types")
 @click.option("--map", "mapping", multiple=True, metavar="TYPE=CLASS",
               help="Count objects of TYPE as CLASS, e.g. Person_sitting=Pedestrian (repeatable).")
 @click.option("--val-fraction", default=0.2, show_default=True, type=float,
@@ -104,8 +107,7 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
 @click.option("--voc-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="VOCdevkit (with VOC2007/ inside) or the VOC2007 folder itself.")
 @click.option("--year", default=2007, show_default=True, type=int)
-@click.option("--classes", default=",".join(voc_mod.DEFAULT_CLASSES), show_default=True,
-              help="Comma-separated VOC class names; labels 0..K-1 in this order.")
+@_classes(voc_mod.DEFAULT_CLASSES, "VOC class names")
 @_out
 @_quiet
 @_user_errors

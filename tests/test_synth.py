@@ -42,22 +42,22 @@ def _coco_per_image(document: dict) -> list[tuple[dict, list[dict]]]:
     return [(image, by_image[image["id"]]) for image in document["images"]]
 
 
+def in_both_formats(root: Path, options: dict) -> dict[str, Path]:
+    for fmt in synth.FORMATS:
+        synth.generate(root / fmt, fmt=fmt, **options)
+    return {fmt: root / fmt for fmt in synth.FORMATS}
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dict[str, Path]:
     """The same small dataset (seed 0) in both formats."""
-    root = tmp_path_factory.mktemp("synth_small")
-    for fmt in synth.FORMATS:
-        synth.generate(root / fmt, fmt=fmt, **SMALL)
-    return {fmt: root / fmt for fmt in synth.FORMATS}
+    return in_both_formats(tmp_path_factory.mktemp("synth_small"), SMALL)
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> dict[str, Path]:
     """40 images at size 128 in both formats, for statistics and pixel checks."""
-    root = tmp_path_factory.mktemp("synth_sample")
-    for fmt in synth.FORMATS:
-        synth.generate(root / fmt, fmt=fmt, **SAMPLE)
-    return {fmt: root / fmt for fmt in synth.FORMATS}
+    return in_both_formats(tmp_path_factory.mktemp("synth_sample"), SAMPLE)
 
 
 @pytest.mark.parametrize("fmt", synth.FORMATS)
