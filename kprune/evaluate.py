@@ -1,0 +1,304 @@
+"""mAP: VOC-style AP at IoU 0.5 (all-point and 11-point) and COCO AP from pycocotools itself.
+
+Conventions (see DESIGN.md, Evaluation):
+
+- Detections are taken at score >= 0.001, at most 100 per image, or it is not mAP.
+- IoU on continuous coordinates (area = w * h).
+- VOC matching, per class, detections by decreasing score: each detection goes to the true box it
+  overlaps most; IoU >= 0.5 and that box still free -> true positive; taken -> false positive (the
+  VOC devkit's rule). A detection that is not a true positive and lies at least half inside an
+  ignore region (crowd, DontCare, difficult) counts as neither.
+- COCO: pycocotools' COCOeval on the same boxes; ignore regions are crowd annotations there.
+- Class ids are the model's 0-based class indices, in detections and ground truth alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from kprune.boxes import iou_matrix, xywh_to_xyxy, xyxy_to_xywh
+
+SCORE_THRESHOLD = 0.001
+MAX_DETECTIONS = 100
+
+
+@dataclass
+class ImageTruth:
+    """Ground truth of one image, in pixels: boxes (N, 4) xyxy with labels (N,), and ignore regions
+    (M, 4) xyxy with labels (M,), -1 meaning "any class"."""
+
+    image_id: int
+    height: int
+    width: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+
+@dataclass
+class ImageDetections:
+    """Detections of one image, in pixels: boxes (K, 4) xyxy, scores (K,), labels (K,)."""
+
+    image_id: int
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, eleven_point: bool = False) -> float:
+    """Area under the precision/recall curve.
+
+    All-point (VOC 2010+): precision made monotone from the right, summed over recall steps.
+    11-point (VOC 2007): mean of the best precision at recall >= 0, 0.1, ..., 1.
+    """
+    recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
+    if eleven_point:
+        return float(np.mean([precision[recall >= t].max() if np.any(recall >= t) else 0.0
+                              for t in np.linspace(0, 1, 11)]))
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    steps = np.nonzero(r[1:] != r[:-1])[0]
+    return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
+
+
+def _inside_fraction(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(K, M) fraction of each box's area inside each region."""
+    top_left = np.maximum(boxes[:, None, :2], regions[None, :, :2])
+    bottom_right = np.minimum(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=-1)
+    area = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=-1)[:, None]
+    return inter / np.maximum(area, 1e-12)
+
+
+def voc_evaluate(
+    detections: Sequence[ImageDetections], truths: Sequence[ImageTruth], num_classes: int, iou: float = 0.5
+) -> Dict[int, dict]:
+    """Per class: ``ap`` (all-point), ``ap_11pt``, ``recall`` (at the last detection), ``precision``
+    there, ``ground_truth`` and ``detections`` counts (ignored detections not counted)."""
+    by_image = {d.image_id: d for d in detections}
+    results = {}
+    for label in range(num_classes):
+        scored = []  # (score, is true positive)
+        total = 0
+        for truth in truths:
+            gt = truth.boxes[truth.labels == label].reshape(-1, 4)
+            total += len(gt)
+            det = by_image.get(truth.image_id)
+            if det is None:
+                continue
+            keep = det.labels == label
+            boxes, scores = det.boxes[keep].reshape(-1, 4), det.scores[keep]
+            order = np.argsort(-scores, kind="stable")
+            boxes, scores = boxes[order], scores[order]
+            overlaps = iou_matrix(boxes, gt) if len(gt) else np.zeros((len(boxes), 0))
+            regions = truth.ignore[(truth.ignore_labels == -1) | (truth.ignore_labels == label)].reshape(-1, 4)
+            inside = _inside_fraction(boxes, regions).max(axis=1) if len(regions) and len(boxes) else np.zeros(len(boxes))
+            taken = np.zeros(len(gt), bool)
+            for k in range(len(boxes)):
+                best = int(np.argmax(overlaps[k])) if len(gt) else -1
+                if best >= 0 and overlaps[k, best] >= iou and not taken[best]:
+                    taken[best] = True
+                    scored.append((scores[k], True))
+                elif inside[k] >= 0.5:
+                    continue
+                else:
+                    scored.append((scores[k], False))
+        scored.sort(key=lambda item: -item[0])
+        hits = np.array([t for _, t in scored], bool)
+        tp, fp = np.cumsum(hits), np.cumsum(~hits)
+        recall = tp / max(total, 1)
+        precision = tp / np.maximum(tp + fp, 1e-12)
+        results[label] = {
+            "ap": voc_ap(recall, precision) if total else float("nan"),
+            "ap_11pt": voc_ap(recall, precision, eleven_point=True) if total else float("nan"),
+            "recall": float(recall[-1]) if len(recall) else 0.0,
+            "precision": float(precision[-1]) if len(precision) else 0.0,
+            "ground_truth": int(total),
+            "detections": int(len(hits)),
+        }
+    return results
+
+
+def coco_ground_truth(truths: Sequence[ImageTruth], names: Sequence[str]) -> dict:
+    """The ground truth as a COCO instances dict (category ids = class indices; ignore regions as
+    crowd annotations, one per class when they belong to any class)."""
+    annotations = []
+
+    def add(image_id, box, label, crowd):
+        x, y, w, h = (float(v) for v in xyxy_to_xywh(np.asarray(box, np.float64)))
+        annotations.append({"id": len(annotations) + 1, "image_id": int(image_id), "category_id": int(label),
+                            "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(crowd)})
+
+    for truth in truths:
+        for box, label in zip(truth.boxes, truth.labels):
+            add(truth.image_id, box, label, 0)
+        for box, label in zip(truth.ignore, truth.ignore_labels):
+            for cls in (range(len(names)) if label < 0 else [label]):
+                add(truth.image_id, box, cls, 1)
+    return {
+        "images": [{"id": int(t.image_id), "height": int(t.height), "width": int(t.width)} for t in truths],
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for i, n in enumerate(names)],
+    }
+
+
+def coco_detections(detections: Sequence[ImageDetections]) -> List[dict]:
+    """Detections in the COCO results format."""
+    results = []
+    for det in detections:
+        for box, score, label in zip(det.boxes, det.scores, det.labels):
+            x, y, w, h = (float(v) for v in xyxy_to_xywh(np.asarray(box, np.float64)))
+            results.append({"image_id": int(det.image_id), "category_id": int(label), "bbox": [x, y, w, h],
+                            "score": float(score)})
+    return results
+
+
+def coco_evaluate(ground_truth: dict, results: List[dict]) -> dict:
+    """COCO AP with pycocotools: ``coco_map`` (AP@[.5:.95]), ``coco_ap50``, ``coco_ap75`` and the
+    printed summary; zeros when there are no detections."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {"coco_map": 0.0, "coco_ap50": 0.0, "coco_ap75": 0.0, "coco_summary": "no detections"}
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        evaluation = COCOeval(gt, dt, "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluation.summarize()
+    stats = evaluation.stats
+    return {"coco_map": float(stats[0]), "coco_ap50": float(stats[1]), "coco_ap75": float(stats[2]),
+            "coco_summary": summary.getvalue()}
+
+
+def evaluate_detections(
+    detections: Sequence[ImageDetections], truths: Sequence[ImageTruth], names: Sequence[str]
+) -> dict:
+    """Every figure at once: ``map50`` (VOC all-point, IoU 0.5), ``map50_11pt``, ``coco_map``,
+    ``coco_ap50``, ``coco_ap75``, ``per_class`` (name -> ap, ap_11pt, recall, ...), ``images``.
+
+    mAP averages over the classes that have ground truth."""
+    per_class = voc_evaluate(detections, truths, len(names))
+    present = [v for v in per_class.values() if v["ground_truth"] > 0]
+    result = {
+        "map50": float(np.mean([v["ap"] for v in present])) if present else 0.0,
+        "map50_11pt": float(np.mean([v["ap_11pt"] for v in present])) if present else 0.0,
+    }
+    result.update(coco_evaluate(coco_ground_truth(truths, names), coco_detections(detections)))
+    result["per_class"] = {names[k]: v for k, v in per_class.items()}
+    result["images"] = len(truths)
+    return result
+
+
+def truths_from_coco(data: dict) -> tuple[List[ImageTruth], List[str]]:
+    """Ground truth from a COCO instances dict (crowd boxes become ignore regions of their class);
+    category ids are used as class indices."""
+    ids = sorted(c["id"] for c in data["categories"])
+    names_by_id = {c["id"]: c["name"] for c in data["categories"]}
+    if ids != list(range(len(ids))):
+        raise ValueError(f"category ids {ids}: expected 0..{len(ids) - 1}, the model's class indices")
+    per_image: Dict[int, dict] = {im["id"]: {"im": im, "boxes": [], "labels": [], "ignore": [], "ignore_labels": []}
+                                  for im in data["images"]}
+    for ann in data["annotations"]:
+        entry = per_image.get(ann["image_id"])
+        if entry is None:
+            raise ValueError(f"annotation {ann.get('id')} refers to image {ann['image_id']}, not in images")
+        box = xywh_to_xyxy(np.asarray(ann["bbox"], np.float64))
+        kind = "ignore" if ann.get("iscrowd", 0) else "boxes"
+        entry[kind].append(box)
+        entry["ignore_labels" if kind == "ignore" else "labels"].append(ann["category_id"])
+    truths = [
+        ImageTruth(e["im"]["id"], e["im"].get("height", 0), e["im"].get("width", 0),
+                   np.asarray(e["boxes"], np.float64).reshape(-1, 4), np.asarray(e["labels"], np.int64),
+                   np.asarray(e["ignore"], np.float64).reshape(-1, 4), np.asarray(e["ignore_labels"], np.int64))
+        for e in per_image.values()
+    ]
+    return truths, [names_by_id[i] for i in ids]
+
+
+def detections_from_coco(results: List[dict]) -> List[ImageDetections]:
+    """Detections from a COCO results list."""
+    grouped: Dict[int, list] = {}
+    for r in results:
+        grouped.setdefault(r["image_id"], []).append(r)
+    return [
+        ImageDetections(image_id, xywh_to_xyxy(np.asarray([r["bbox"] for r in rs], np.float64)).reshape(-1, 4),
+                        np.asarray([r["score"] for r in rs], np.float64), np.asarray([r["category_id"] for r in rs]))
+        for image_id, rs in grouped.items()
+    ]
+
+
+def predict_dataset(
+    model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
+    score_threshold: float = SCORE_THRESHOLD, max_detections: int = MAX_DETECTIONS, progress: bool = False,
+):
+    """Run a model over a split of a converted dataset.
+
+    Args:
+        model: a Keras detector (or, with ``predict``, any model whose head metadata it carries).
+        data: the dataset folder or its manifest.
+        predict: optional function images -> raw outputs (e.g. a TFLite interpreter); default the model.
+
+    Returns:
+        (detections, truths): lists of :class:`ImageDetections` and :class:`ImageTruth` in pixels;
+        image ids are positions in the split.
+    """
+    from tqdm import tqdm
+
+    from kprune.data.pipeline import make_dataset
+    from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.models.head import decode_outputs, non_max_suppression
+
+    manifest = data if isinstance(data, Manifest) else read_manifest(data)
+    size = model.input_shape[1]
+    dataset = make_dataset(manifest, split, size, batch_size, letterbox=letterbox, with_meta=True,
+                           max_boxes=256, max_ignore=256)
+    if predict is None:
+        import tensorflow as tf
+
+        forward = tf.function(lambda x: model(x, training=False))
+        predict = forward
+    detections, truths = [], []
+    total = manifest.num_images(split)
+    bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
+    for images, meta in dataset:
+        outputs = predict(images)
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        boxes, scores = decode_outputs(model, outputs)
+        kept = non_max_suppression(boxes, scores, score_threshold, 0.45, max_detections)
+        for k, (det_boxes, det_scores, det_labels) in enumerate(kept):
+            image_id = len(truths)
+            hw = meta["image_hw"][k].numpy()
+            scale = meta["scale_xy"][k].numpy().astype(np.float64)
+            offset = meta["offset_xy"][k].numpy().astype(np.float64)
+            size_wh = np.array([size, size] * 2, np.float64)
+
+            def to_pixels(normalised):
+                pixels = (np.asarray(normalised, np.float64) * size_wh - np.tile(offset, 2)) / np.tile(scale, 2)
+                return np.clip(pixels, 0, np.array([hw[1], hw[0]] * 2))
+
+            labels = meta["labels"][k].numpy()
+            valid = labels >= 0
+            ignore = meta["ignore"][k].numpy()
+            ignore = ignore[(ignore[:, 2] > ignore[:, 0]) & (ignore[:, 3] > ignore[:, 1])]
+            truths.append(ImageTruth(image_id, int(hw[0]), int(hw[1]), to_pixels(meta["boxes"][k].numpy()[valid]),
+                                     labels[valid].astype(np.int64), to_pixels(ignore),
+                                     np.full(len(ignore), -1, np.int64)))
+            detections.append(ImageDetections(image_id, to_pixels(det_boxes), det_scores, det_labels))
+        bar.update(len(kept))
+    bar.close()
+    return detections, truths

@@ -1,0 +1,202 @@
+"""YOLO losses over the targets of :mod:`kprune.data.targets`.
+
+YOLOv2 (``region`` heads), YAD2K semantics, per image::
+
+    0.5 * sum over cells and anchors of
+        coordinate_scale * mask * |(sigmoid(tx, ty), tw, th) - matching[0:4]|^2
+      + object_scale     * mask * (target - sigmoid(to))^2        target = IoU (rescore) or 1
+      + no_object_scale  * (1 - mask) * [best IoU < threshold] * [not in an ignore region] * sigmoid(to)^2
+      + class_scale      * mask * |one_hot(class) - softmax(class logits)|^2
+
+where "best IoU" is the IoU of the predicted box with the true box it overlaps most (YAD2K's
+``best_ious``; also the rescore target, held constant for the gradient). A prediction lies in an
+ignore region (crowd, DontCare, difficult) when at least half of its area is inside one; it then
+counts neither as object nor as background.
+
+YOLOv3 (``yolo`` heads), Darknet / keras-yolo3 semantics, per image and summed over heads::
+
+    mask * (2 - w*h) * (BCE(offset, tx ty) + 0.5 * |(tw, th) - matching[2:4]|^2)
+  + BCE(mask, objectness), the negatives only where best IoU < threshold and outside ignore regions
+  + mask * sum BCE(one_hot(class), class logits)
+
+Both are averaged over the images of the batch, not summed, so the learning rate does not depend on
+the batch size. Raw widths are clipped before ``exp`` so that a wild prediction cannot make NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+from kprune._keras import tf
+from kprune.data.targets import TargetEncoder
+from kprune.models.layers import detection_heads
+
+_MAX_LOG_WH = 8.0  # exp(8) ~ 3000 times the anchor: beyond any real box, far below overflow
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Scales and thresholds: YAD2K's defaults for YOLOv2 (:meth:`YoloLoss.from_model` gives YOLOv3
+    models ``object_scale`` 1 and ``threshold`` 0.5, Darknet's)."""
+
+    object_scale: float = 5.0
+    no_object_scale: float = 1.0
+    class_scale: float = 1.0
+    coordinate_scale: float = 1.0
+    threshold: float = 0.6
+    rescore: bool = True
+    ignore_overlap: float = 0.5
+
+    def __post_init__(self):
+        for name in ("object_scale", "no_object_scale", "class_scale", "coordinate_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss option {name} = {getattr(self, name)}: must be >= 0")
+        for name in ("threshold", "ignore_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"loss option {name} = {getattr(self, name)}: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LossHead:
+    name: str
+    kind: str
+    classes: int
+    stride: int
+    anchors_px: Sequence[Sequence[float]]
+
+
+def _xyxy(centre, size):
+    return tf.concat([centre - size / 2, centre + size / 2], axis=-1)
+
+
+def _area(boxes):
+    return tf.maximum(boxes[..., 2] - boxes[..., 0], 0.0) * tf.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
+
+
+def _intersection(a, b):
+    top_left = tf.maximum(a[..., 0:2], b[..., 0:2])
+    bottom_right = tf.minimum(a[..., 2:4], b[..., 2:4])
+    return tf.reduce_prod(tf.maximum(bottom_right - top_left, 0.0), axis=-1)
+
+
+def _max_or_zero(values):
+    """Maximum over the last axis, 0 when that axis is empty."""
+    return tf.reduce_max(tf.concat([values, tf.zeros_like(values[..., :1])], axis=-1), axis=-1)
+
+
+def _best_iou(pred_xyxy, true_boxes):
+    """Highest IoU of every predicted box (B, H, W, A, 4) with the true boxes (B, N, 5) of its image."""
+    true_xyxy = _xyxy(true_boxes[..., 0:2], true_boxes[..., 2:4])[:, None, None, None]  # (B, 1, 1, 1, N, 4)
+    pred = pred_xyxy[..., None, :]  # (B, H, W, A, 1, 4)
+    inter = _intersection(pred, true_xyxy)
+    iou = inter / tf.maximum(_area(pred) + _area(true_xyxy) - inter, 1e-9)
+    valid = (true_boxes[..., 2] > 0)[:, None, None, None, :]
+    return _max_or_zero(tf.where(valid, iou, 0.0))
+
+
+def _in_ignore(pred_xyxy, ignore, overlap: float):
+    """Whether at least ``overlap`` of each predicted box lies inside an ignore region (B, M, 4 xyxy)."""
+    regions = ignore[:, None, None, None]  # (B, 1, 1, 1, M, 4)
+    pred = pred_xyxy[..., None, :]
+    inside = _intersection(pred, regions) / tf.maximum(_area(pred), 1e-9)
+    valid = (_area(ignore) > 0)[:, None, None, None, :]
+    return _max_or_zero(tf.where(valid, inside, 0.0)) >= overlap
+
+
+class YoloLoss:
+    """The loss of a YOLO model: one term per head kind, averaged per image.
+
+    Args:
+        heads: per head its name, kind, classes, stride and anchors in input pixels.
+        options: scales and thresholds.
+
+    Use :meth:`from_model`; call it with the pipeline's targets and the model's raw outputs.
+    """
+
+    def __init__(self, heads: Sequence[LossHead], options: LossOptions = LossOptions()):
+        self.heads = list(heads)
+        self.options = options
+
+    @classmethod
+    def from_model(cls, model, options: LossOptions | None = None) -> "YoloLoss":
+        encoder = TargetEncoder.from_model(model)
+        kinds = {h.name: h for h in detection_heads(model)}
+        heads = [
+            LossHead(spec.name, kinds[spec.name].kind, kinds[spec.name].classes, spec.stride,
+                  encoder.anchors_px[list(spec.anchor_ids)].tolist())
+            for spec in encoder.heads
+        ]
+        if options is None:
+            options = LossOptions(object_scale=1.0, threshold=0.5) if heads[0].kind == "yolo" else LossOptions()
+        return cls(heads, options)
+
+    def __call__(self, targets: Dict, outputs: Sequence) -> Dict[str, tf.Tensor]:
+        """Loss terms, each averaged over the batch: ``coordinates``, ``objects``, ``no_objects``,
+        ``classes`` and their sum ``loss``."""
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        if len(outputs) != len(self.heads):
+            raise ValueError(f"{len(outputs)} outputs for a loss with {len(self.heads)} heads")
+        terms: Dict[str, tf.Tensor] = {}
+        for head, output in zip(self.heads, outputs):
+            per_head = self._head_terms(head, targets, tf.cast(output, tf.float32))
+            for key, value in per_head.items():
+                terms[key] = terms.get(key, 0.0) + value
+        terms["loss"] = tf.add_n(list(terms.values()))
+        return terms
+
+    def _head_terms(self, head: LossHead, targets: Dict, output) -> Dict[str, tf.Tensor]:
+        o = self.options
+        shape = tf.shape(output)
+        batch, grid_h, grid_w = shape[0], shape[1], shape[2]
+        anchors = tf.constant(head.anchors_px, tf.float32)
+        x = tf.reshape(output, [batch, grid_h, grid_w, len(head.anchors_px), 5 + head.classes])
+        cols, rows = tf.meshgrid(tf.range(grid_w), tf.range(grid_h))
+        cell = tf.cast(tf.stack([cols, rows], axis=-1)[None, :, :, None, :], tf.float32)
+        grid = tf.cast(tf.stack([grid_w, grid_h]), tf.float32)
+        input_wh = grid * float(head.stride)
+        xy = tf.sigmoid(x[..., 0:2])
+        twh = tf.clip_by_value(x[..., 2:4], -_MAX_LOG_WH, _MAX_LOG_WH)
+        pred_xyxy = _xyxy((cell + xy) / grid, tf.exp(twh) * anchors / input_wh)
+
+        best_iou = tf.stop_gradient(_best_iou(pred_xyxy, targets["true_boxes"]))
+        background = tf.cast(best_iou < o.threshold, tf.float32)
+        if "ignore" in targets:
+            background *= 1.0 - tf.cast(_in_ignore(pred_xyxy, targets["ignore"], o.ignore_overlap), tf.float32)
+        mask = targets[head.name]["mask"][..., 0]
+        matching = targets[head.name]["matching"]
+        one_hot = tf.one_hot(tf.cast(matching[..., 4], tf.int32), head.classes)
+        images = tf.cast(batch, tf.float32)
+
+        def per_image(value):
+            return tf.reduce_sum(value) / images
+
+        if head.kind == "region":
+            confidence = tf.sigmoid(x[..., 4])
+            target = best_iou if o.rescore else 1.0
+            coords = tf.reduce_sum(tf.square(matching[..., 0:4] - tf.concat([xy, twh], -1)), -1)
+            classes = tf.reduce_sum(tf.square(one_hot - tf.nn.softmax(x[..., 5:])), -1)
+            return {
+                "coordinates": 0.5 * o.coordinate_scale * per_image(mask * coords),
+                "objects": 0.5 * o.object_scale * per_image(mask * tf.square(target - confidence)),
+                "no_objects": 0.5 * o.no_object_scale * per_image((1 - mask) * background * tf.square(confidence)),
+                "classes": 0.5 * o.class_scale * per_image(mask * classes),
+            }
+        bce = tf.nn.sigmoid_cross_entropy_with_logits
+        true_wh = tf.exp(matching[..., 2:4]) * anchors / input_wh
+        box_scale = 2.0 - true_wh[..., 0] * true_wh[..., 1]
+        coords = tf.reduce_sum(bce(labels=matching[..., 0:2], logits=x[..., 0:2]), -1) + 0.5 * tf.reduce_sum(
+            tf.square(matching[..., 2:4] - x[..., 2:4]), -1)
+        objectness = bce(labels=mask, logits=x[..., 4])
+        classes = tf.reduce_sum(bce(labels=one_hot, logits=x[..., 5:]), -1)
+        return {
+            "coordinates": o.coordinate_scale * per_image(mask * box_scale * coords),
+            "objects": o.object_scale * per_image(mask * objectness),
+            "no_objects": o.no_object_scale * per_image((1 - mask) * background * objectness),
+            "classes": o.class_scale * per_image(mask * classes),
+        }
+
+
+def loss_terms() -> List[str]:
+    """Names of the terms a :class:`YoloLoss` returns, ``loss`` last."""
+    return ["coordinates", "objects", "no_objects", "classes", "loss"]
