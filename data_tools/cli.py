@@ -10,21 +10,21 @@ import functools
 
 import click
 
-from data_tools import coco as coco_mod
-from data_tools import kitti as kitti_mod
-from data_tools import voc as voc_mod
-from data_tools.convert import parse_classes
-
+from data_tools import classes as defaults
 
 def _user_errors(command):
-    """Turn ValueError / OSError into click's one-line error instead of a traceback."""
+    """Turn ValueError / OSError (and TensorFlow's file errors) into click's one-line error."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from kprune._keras import tf
+
         try:
             return command(*args, **kwargs)
         except (ValueError, OSError) as error:
             raise click.ClickException(str(error)) from None
+        except tf.errors.OpError as error:
+            raise click.ClickException(error.message.splitlines()[0]) from None
 
     return wrapper
 
@@ -32,6 +32,8 @@ def _user_errors(command):
 def _write(records, classes, out, source, options, dropped_fields, annotation_bytes, quiet, extra=None):
     from data_tools.convert import summary, write_dataset
 
+    if not quiet:
+        click.echo(f"converting {', '.join(f'{len(r)} {split}' for split, r in records.items())} images")
     if extra:
         source = {**source, **extra}
     manifest = write_dataset(
@@ -40,8 +42,8 @@ def _write(records, classes, out, source, options, dropped_fields, annotation_by
     click.echo(summary(manifest, out))
 
 
-def _classes(defaults, what: str):
-    return click.option("--classes", default=",".join(defaults), show_default=True,
+def _classes(names, what: str):
+    return click.option("--classes", default=",".join(names), show_default=True,
                         help=f"Comma-separated {what}; labels 0..K-1 in this order.")
 
 
@@ -59,7 +61,7 @@ def main():
 @click.option("--coco-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with annotations/instances_{train,val}YEAR.json and trainYEAR/, valYEAR/.")
 @click.option("--year", default=2017, show_default=True, type=int)
-@_classes(coco_mod.DEFAULT_CLASSES, "category names ('all': every category, in id order)")
+@_classes(defaults.COCO5, "category names ('all': every category, in id order)")
 @click.option("--keep-negatives", default=0, show_default=True, type=int,
               help="Also keep this many images per split without any of the classes (drawn by seed 0).")
 @_out
@@ -67,6 +69,9 @@ def main():
 @_user_errors
 def coco(coco_dir, year, classes, keep_negatives, out, quiet):
     """COCO instances (official layout) -> a class subset. Crowd boxes become ignore regions."""
+    from data_tools import coco as coco_mod
+    from data_tools.convert import parse_classes
+
     names = None if classes == "all" else parse_classes(classes)
     records, names, nbytes = coco_mod.coco_records(coco_dir, year, names, keep_negatives)
     options = {"year": year, "classes": names, "keep_negatives": keep_negatives}
@@ -76,11 +81,11 @@ def coco(coco_dir, year, classes, keep_negatives, out, quiet):
 @main.command()
 @click.option("--kitti-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with training/image_2 and training/label_2.")
-@_classes(kitti_mod.DEFAULT_CLASSES, "KITTI types")
+@_classes(defaults.KITTI, "KITTI types")
 @click.option("--map", "mapping", multiple=True, metavar="TYPE=CLASS",
               help="Count objects of TYPE as CLASS, e.g. Person_sitting=Pedestrian (repeatable).")
-@click.option("--val-fraction", default=0.2, show_default=True, type=float,
-              help="Fraction of the labelled images for validation.")
+@click.option("--val-fraction", default=None, type=float,
+              help="Fraction of the labelled images for validation  [default: 0.2].")
 @click.option("--train", "num_train", type=int, default=None, help="Exact number of training images (with --val).")
 @click.option("--val", "num_val", type=int, default=None, help="Exact number of validation images (with --train).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/val split.")
@@ -90,6 +95,9 @@ def coco(coco_dir, year, classes, keep_negatives, out, quiet):
 def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, out, quiet):
     """KITTI object detection (official layout) -> a deterministic train/val split. DontCare boxes
     become ignore regions."""
+    from data_tools import kitti as kitti_mod
+    from data_tools.convert import parse_classes
+
     names = parse_classes(classes)
     mapped = kitti_mod.parse_mapping(mapping, names)
     records, nbytes, left_out = kitti_mod.kitti_records(
@@ -97,7 +105,7 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
     )
     options = {"classes": names, "map": mapped, "val_fraction": val_fraction, "train": num_train,
                "val": num_val, "seed": seed}
-    _write(records, names, out, {"kind": "kitti", "dir": kitti_dir}, options, (), nbytes, quiet,
+    _write(records, names, out, {"kind": "kitti", "dir": kitti_dir}, options, kitti_mod.DROPPED_FIELDS, nbytes, quiet,
            extra={"objects_left_out": left_out})
     if left_out:
         click.echo("  objects of other types left out: " + ", ".join(f"{k} {v}" for k, v in sorted(left_out.items())))
@@ -107,23 +115,27 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
 @click.option("--voc-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="VOCdevkit (with VOC2007/ inside) or the VOC2007 folder itself.")
 @click.option("--year", default=2007, show_default=True, type=int)
-@_classes(voc_mod.DEFAULT_CLASSES, "VOC class names")
+@_classes(defaults.VOC, "VOC class names")
 @_out
 @_quiet
 @_user_errors
 def voc(voc_dir, year, classes, out, quiet):
     """PASCAL VOC (train.txt / val.txt of ImageSets/Main). Difficult objects become ignore regions."""
+    from data_tools import voc as voc_mod
+    from data_tools.convert import parse_classes
+
     names = parse_classes(classes)
     records, nbytes = voc_mod.voc_records(voc_dir, year, names)
     options = {"year": year, "classes": names}
-    _write(records, names, out, {"kind": "voc", "dir": voc_dir}, options, ("pose", "truncated", "segmented", "source", "owner"), nbytes, quiet)
+    _write(records, names, out, {"kind": "voc", "dir": voc_dir}, options, voc_mod.DROPPED_FIELDS, nbytes, quiet)
 
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the dataset (official layout).")
 @click.option("--num-train", default=1000, show_default=True, type=int)
 @click.option("--num-val", default=200, show_default=True, type=int)
-@click.option("--size", default=256, show_default=True, type=int, help="Image width in pixels.")
+@click.option("--size", default=256, show_default=True, type=int,
+              help="Longer image side in pixels (the shorter one varies from 3/4 of it to all of it).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--format", "fmt", type=click.Choice(["coco", "kitti"]), default="coco", show_default=True)
 @_quiet
@@ -135,4 +147,8 @@ def synth(out, num_train, num_val, size, seed, fmt, quiet):
 
     result = synth_mod.generate(out, num_train=num_train, num_val=num_val, size=size, seed=seed, fmt=fmt,
                                 progress=not quiet)
-    click.echo(f"synthetic {fmt} dataset written to {out}: {result}")
+    click.echo(f"synthetic dataset ({fmt} layout) written to {out}; classes {', '.join(result['classes'])}")
+    for split, info in result["splits"].items():
+        per_class = ", ".join(f"{name} {count}" for name, count in info["per_class"].items())
+        click.echo(f"  {split}: {info['images']} images, {info['objects']} objects ({per_class}), "
+                   f"{info['ignored']} ignore regions")

@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from data_tools import classes as defaults
 from data_tools.convert import (
     Record,
     check_relative_name,
@@ -21,7 +22,7 @@ from data_tools.convert import (
     unknown_classes_error,
 )
 
-DEFAULT_CLASSES = ("horse", "bear", "zebra", "cow", "giraffe")
+DEFAULT_CLASSES = defaults.COCO5
 SPLITS = ("train", "val")
 # Fields of the official files that detection does not need; none of them reaches the TFRecords.
 DROPPED_FIELDS = (
@@ -51,16 +52,22 @@ def load_annotations(path: Path) -> dict:
     return data
 
 
-def category_names(data: dict) -> List[str]:
+def category_names(data: dict, path: Path) -> List[str]:
     """Every category name of an instances file, in id order."""
-    return [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    try:
+        return [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: a category is malformed; expected id and name") from None
 
 
 def split_records(
     data: dict, path: Path, image_dir: Path, classes: Sequence[str], keep_negatives: int, seed: int
 ) -> List[Record]:
     """Records of one split: images with objects of ``classes`` (plus ``keep_negatives`` without)."""
-    ids_by_name = {c["name"]: c["id"] for c in data["categories"]}
+    try:
+        ids_by_name = {c["name"]: c["id"] for c in data["categories"]}
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: a category is malformed; expected id and name") from None
     unknown = [name for name in classes if name not in ids_by_name]
     if unknown:
         raise unknown_classes_error(unknown, sorted(ids_by_name), str(path))
@@ -68,17 +75,26 @@ def split_records(
 
     objects: Dict[int, List[Tuple[tuple, int]]] = {}
     crowds: Dict[int, List[Tuple[tuple, str]]] = {}
-    for ann in data["annotations"]:
-        label = label_of.get(ann["category_id"])
-        if label is None:
-            continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
+    for number, ann in enumerate(data["annotations"]):
+        try:
+            label = label_of.get(ann["category_id"])
+            if label is None:
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            image_id = ann["image_id"]
+        except (KeyError, TypeError, ValueError) as error:
+            what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+            raise ValueError(f"{path}: annotation {ann.get('id', f'#{number}') if isinstance(ann, dict) else f'#{number}'} "
+                             f"is malformed ({what}); expected category_id, image_id and bbox [x, y, w, h]") from None
         box = (x, y, x + w, y + h)
         if ann.get("iscrowd", 0):
-            crowds.setdefault(ann["image_id"], []).append((box, "crowd"))
+            crowds.setdefault(image_id, []).append((box, "crowd"))
         else:
-            objects.setdefault(ann["image_id"], []).append((box, label))
+            objects.setdefault(image_id, []).append((box, label))
 
+    for number, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise ValueError(f"{path}: image #{number} is malformed; expected id and file_name")
     images = sorted(data["images"], key=lambda im: im["id"])
     chosen = [im for im in images if im["id"] in objects]
     if keep_negatives > 0:
@@ -118,6 +134,6 @@ def coco_records(
     for split, path in paths.items():
         image_dir = require_dir(coco_dir / f"{split}{year}", f"COCO {split} images")
         data = load_annotations(path)
-        classes = category_names(data) if classes is None else list(classes)
+        classes = category_names(data, path) if classes is None else list(classes)
         records[split] = split_records(data, path, image_dir, classes, keep_negatives, seed)
     return records, classes, sum(p.stat().st_size for p in paths.values())

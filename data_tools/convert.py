@@ -138,6 +138,9 @@ class SplitStats:
     negatives: int = 0
     boxes_clipped: int = 0
     boxes_dropped: int = 0
+    ignore_dropped: int = 0
+    max_objects: int = 0
+    max_ignore: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
     metadata_removed: int = 0
@@ -159,6 +162,9 @@ class SplitStats:
             "negatives": self.negatives,
             "boxes_clipped": self.boxes_clipped,
             "boxes_dropped": self.boxes_dropped,
+            "ignore_regions_dropped": self.ignore_dropped,
+            "max_objects_per_image": self.max_objects,
+            "max_ignore_per_image": self.max_ignore,
             "bytes": {
                 "images_before": self.bytes_before,
                 "images_after": self.bytes_after,
@@ -195,7 +201,8 @@ def _process(record: Record, classes: Sequence[str]):
         encoded, height, width, removed = prepare_image(data)
     except CorruptImage as error:
         return None, str(error), len(data)
-    counts = {"clipped": 0, "dropped": 0, "removed": removed, "reencoded": int(data[:2] != b"\xff\xd8")}
+    counts = {"clipped": 0, "dropped": 0, "ignore_dropped": 0, "removed": removed,
+              "reencoded": int(data[:2] != b"\xff\xd8")}
     boxes, labels, ignore, reasons = [], [], [], []
     for box, label in record.objects:
         kept, was_clipped = _clip(box, width, height)
@@ -207,9 +214,11 @@ def _process(record: Record, classes: Sequence[str]):
         labels.append(label)
     for box, reason in record.ignore:
         kept, _ = _clip(box, width, height)
-        if kept is not None:
-            ignore.append(kept)
-            reasons.append(reason)
+        if kept is None:
+            counts["ignore_dropped"] += 1
+            continue
+        ignore.append(kept)
+        reasons.append(reason)
     sample = tfrecord.Sample(
         filename=record.filename,
         source_id=record.source_id,
@@ -241,14 +250,16 @@ def write_dataset(
 
     Corrupt or unreadable images are skipped and listed in the manifest. Boxes are clipped to their
     image; boxes with nothing left are dropped and counted. All shards of all splits are written
-    under partial names and renamed only when every split succeeded; the manifest is written last,
-    then shards of earlier conversions that it no longer lists are removed.
+    under partial names; only when every split succeeded is the old manifest removed, the shards
+    renamed and the new manifest written, then shards of earlier conversions it no longer lists are
+    removed. A kill before that leaves an earlier dataset as it was; a kill during it (a few renames)
+    leaves no manifest, so no reader takes the folder for a dataset.
 
     Returns:
         the manifest (also written to ``out/dataset.json``).
 
     Raises:
-        ValueError: a split has no images (before or after skipping corrupt ones).
+        ValueError: a split has no images (before or after skipping corrupt ones) or no objects.
     """
     out = Path(out)
     for split, records in splits.items():
@@ -277,12 +288,18 @@ def write_dataset(
             bar.close()
             if stats.images == 0:
                 raise ValueError(f"split {split!r}: all {len(records)} images were skipped; first: {stats.skipped[0]}")
+            if stats.objects == 0:
+                raise ValueError(f"split {split!r} has no objects of the classes {', '.join(classes)}")
             writers[split], results[split] = writer, stats
+        # The manifest goes first, so that a kill while shards are renamed over an earlier dataset's
+        # cannot leave that dataset's manifest describing the new shards: no manifest, no dataset.
+        (out / tfrecord.MANIFEST).unlink(missing_ok=True)
         files = {split: writer.commit() for split, writer in writers.items()}
     manifest = {
         "format": tfrecord.FORMAT,
         "version": tfrecord.VERSION,
         "classes": list(classes),
+        "label_offset": tfrecord.LABEL_OFFSET,
         "source": source,
         "options": options,
         "splits": {split: results[split].as_dict(files[split]) for split in splits},
@@ -301,6 +318,9 @@ def _count(stats: SplitStats, sample: tfrecord.Sample, counts: dict, nbytes: int
     stats.negatives += int(len(sample.labels) == 0)
     stats.boxes_clipped += counts["clipped"]
     stats.boxes_dropped += counts["dropped"]
+    stats.ignore_dropped += counts["ignore_dropped"]
+    stats.max_objects = max(stats.max_objects, len(sample.labels))
+    stats.max_ignore = max(stats.max_ignore, len(sample.ignore))
     stats.metadata_removed += counts["removed"]
     stats.reencoded += counts["reencoded"]
     stats.bytes_before += nbytes
@@ -343,6 +363,7 @@ def summary(manifest: dict, out: str | os.PathLike) -> str:
     row("no objects", [s["negatives"] for s in splits])
     row("boxes clipped", [s["boxes_clipped"] for s in splits])
     row("boxes dropped", [s["boxes_dropped"] for s in splits])
+    row("ignore dropped", [s["ignore_regions_dropped"] for s in splits])
     row("skipped images", [len(s["skipped"]) for s in splits])
     b = manifest["bytes"]
     saved = b["images_before"] - b["images_after"]

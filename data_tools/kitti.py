@@ -14,11 +14,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_tools import classes as defaults
 from data_tools.convert import Record, require_dir, unknown_classes_error
 
-DEFAULT_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Cyclist")
+DEFAULT_CLASSES = defaults.KITTI
+DEFAULT_VAL_FRACTION = 0.2
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Label fields detection does not need; none of them reaches the TFRecords.
+DROPPED_FIELDS = ("truncated", "occluded", "alpha", "dimensions", "location", "rotation_y", "score")
 
 
 def parse_label_file(path: Path) -> List[Tuple[str, tuple]]:
@@ -51,6 +55,8 @@ def parse_mapping(pairs: Sequence[str], classes: Sequence[str]) -> Dict[str, str
             raise ValueError(f"--map {pair!r}: expected SOURCE=CLASS, e.g. Person_sitting=Pedestrian")
         if target not in classes:
             raise ValueError(f"--map {pair!r}: {target!r} is not one of the classes {', '.join(classes)}")
+        if source == "DontCare":
+            raise ValueError(f"--map {pair!r}: DontCare boxes are regions to ignore, never objects")
         mapping[source] = target
     return mapping
 
@@ -60,11 +66,15 @@ def split_ids(ids: Sequence[str], val_fraction: Optional[float], train: Optional
     ids = sorted(ids)
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     if train is not None or val is not None:
+        if val_fraction is not None:
+            raise ValueError("give --val-fraction or --train and --val, not both")
         if train is None or val is None or train < 1 or val < 1:
             raise ValueError(f"--train and --val go together and must be >= 1, got {train} and {val}")
         if train + val > len(ids):
             raise ValueError(f"--train {train} + --val {val} is more than the {len(ids)} labelled images")
         return sorted(order[:train]), sorted(order[train:train + val])
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     num_val = max(1, int(round(len(ids) * val_fraction)))
@@ -77,7 +87,7 @@ def kitti_records(
     kitti_dir: str | Path,
     classes: Sequence[str],
     mapping: Dict[str, str],
-    val_fraction: Optional[float] = 0.2,
+    val_fraction: Optional[float] = None,
     train: Optional[int] = None,
     val: Optional[int] = None,
     seed: int = 0,
@@ -95,6 +105,8 @@ def kitti_records(
     label_files = sorted(label_dir.glob("*.txt"))
     if not label_files:
         raise ValueError(f"{label_dir}: no label files (*.txt)")
+    if "DontCare" in classes:
+        raise ValueError("DontCare cannot be a class: its boxes are regions to ignore, never objects")
     labels = {path.stem: parse_label_file(path) for path in label_files}
     types = sorted({t for objects in labels.values() for t, _ in objects} | set(KITTI_TYPES))
     unknown = [name for name in list(classes) + list(mapping) if name not in types]

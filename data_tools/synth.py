@@ -58,6 +58,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from kprune.fileio import write_bytes_atomic
+
 CLASSES = ("ellipse", "triangle", "rectangle", "star", "cross")
 # Deliberately not 0..4: the COCO converter has to map category ids to labels.
 CATEGORY_IDS = (11, 13, 17, 19, 23)
@@ -600,18 +602,6 @@ def render_image(rng: np.random.Generator, size: int) -> Rendered:
 # Writing.
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename over `path`.
-
-    A reader never sees a half-written file, and an interrupted run leaves at
-    most a stray ``.partial`` file.
-    """
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-    os.replace(partial, path)
-
-
 def _encode(image: np.ndarray, extension: str) -> bytes:
     """Encode an RGB image as JPEG or PNG bytes (cv2 expects BGR)."""
     if extension == ".jpg":
@@ -658,7 +648,7 @@ class _CocoWriter:
         """Write one image and collect its annotations."""
         image_id = index + 1 + (self.val_offset if split == "val" else 0)
         name = f"{image_id:012d}.jpg"
-        _write_atomic(self.root / _COCO_SPLIT_DIRS[split] / name, _encode(rendered.image, ".jpg"))
+        write_bytes_atomic(self.root / _COCO_SPLIT_DIRS[split] / name, _encode(rendered.image, ".jpg"))
         height, width = rendered.image.shape[:2]
         self.data[split]["images"].append({
             "license": 1, "file_name": name, "coco_url": "", "height": height, "width": width,
@@ -692,7 +682,7 @@ class _CocoWriter:
         for split, directory in _COCO_SPLIT_DIRS.items():
             document = {"info": info, "licenses": [_LICENSE], **self.data[split], "categories": categories}
             path = self.root / "annotations" / f"instances_{directory}.json"
-            _write_atomic(path, json.dumps(document).encode())
+            write_bytes_atomic(path, json.dumps(document).encode())
             paths.append(path)
         return paths
 
@@ -712,22 +702,28 @@ def _kitti_line(annotation: Annotation) -> str:
 class _KittiWriter:
     """Writes training/image_2/*.png and training/label_2/*.txt, train then val."""
 
-    def __init__(self, root: Path, num_train: int) -> None:
+    def __init__(self, root: Path, num_train: int, num_val: int) -> None:
         self.images = root / "training" / "image_2"
         self.labels = root / "training" / "label_2"
-        self.num_train = num_train
+        self.num_train, self.num_val = num_train, num_val
         self.images.mkdir(parents=True, exist_ok=True)
         self.labels.mkdir(parents=True, exist_ok=True)
 
     def add(self, split: str, index: int, rendered: Rendered) -> None:
         """Write one image and its label file."""
         number = index + (self.num_train if split == "val" else 0)
-        _write_atomic(self.images / f"{number:06d}.png", _encode(rendered.image, ".png"))
+        write_bytes_atomic(self.images / f"{number:06d}.png", _encode(rendered.image, ".png"))
         text = "".join(_kitti_line(a) + "\n" for a in rendered.annotations)
-        _write_atomic(self.labels / f"{number:06d}.txt", text.encode())
+        write_bytes_atomic(self.labels / f"{number:06d}.txt", text.encode())
 
     def finish(self) -> list[Path]:
-        """Nothing is left to write; returns no paths."""
+        """Remove label and image files numbered beyond this run (left by a larger earlier run in the
+        same folder, the converter would read them); returns no paths."""
+        total = self.num_train + self.num_val
+        for folder, suffix in ((self.images, ".png"), (self.labels, ".txt")):
+            for path in folder.iterdir():
+                if path.suffix == suffix and path.stem.isdigit() and len(path.stem) == 6 and int(path.stem) >= total:
+                    path.unlink()
         return []
 
 
@@ -748,8 +744,8 @@ def generate(
 ) -> dict:
     """Write a synthetic shape-detection dataset in the official COCO or KITTI layout.
 
-    Files already in `out_dir` are overwritten when they have the same name and
-    otherwise left alone.
+    Files already in `out_dir` are overwritten when they have the same name; in
+    KITTI format, numbered images and labels beyond this run's are removed.
 
     Args:
         out_dir: Dataset root; created if missing.
@@ -775,7 +771,7 @@ def generate(
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r} is not allowed: it must be one of {', '.join(FORMATS)}")
     root = Path(out_dir)
-    writer = _CocoWriter(root, num_train) if fmt == "coco" else _KittiWriter(root, num_train)
+    writer = _CocoWriter(root, num_train) if fmt == "coco" else _KittiWriter(root, num_train, num_val)
     splits = {"train": num_train, "val": num_val}
     summary = {split: {"images": count, "objects": 0, "ignored": 0,
                        "per_class": dict.fromkeys(CLASSES, 0)} for split, count in splits.items()}

@@ -11,13 +11,13 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from data_tools import classes as defaults
 from data_tools.convert import Record, check_relative_name, require_dir, require_file, unknown_classes_error
 
-DEFAULT_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
+DEFAULT_CLASSES = defaults.VOC
 SPLITS = ("train", "val")
+# Annotation fields detection does not need; none of them reaches the TFRecords.
+DROPPED_FIELDS = ("folder", "source", "owner", "segmented", "pose", "truncated", "part")
 
 
 def year_dir(voc_dir: str | Path, year: int) -> Path:

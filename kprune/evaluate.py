@@ -244,61 +244,55 @@ def detections_from_coco(results: List[dict]) -> List[ImageDetections]:
 
 def predict_dataset(
     model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
-    score_threshold: float = SCORE_THRESHOLD, max_detections: int = MAX_DETECTIONS, progress: bool = False,
+    score_threshold: float = SCORE_THRESHOLD, max_detections: int = MAX_DETECTIONS, label_map=None,
+    progress: bool = False,
 ):
-    """Run a model over a split of a converted dataset.
+    """Run a model over a split of a converted dataset; detections and ground truth in image pixels.
 
     Args:
-        model: a Keras detector (or, with ``predict``, any model whose head metadata it carries).
+        model: a Keras detector (with ``predict``: any model object carrying the head metadata).
         data: the dataset folder or its manifest.
+        split: the split to run.
+        batch_size: images per batch.
+        letterbox: place images as the model was trained to see them.
         predict: optional function images -> raw outputs (e.g. a TFLite interpreter); default the model.
+        score_threshold, max_detections: kept detections per image (0.001 and 100 for mAP).
+        label_map: the model label of each dataset label (a model that keeps its own classes).
+        progress: show a progress bar.
 
     Returns:
-        (detections, truths): lists of :class:`ImageDetections` and :class:`ImageTruth` in pixels;
-        image ids are positions in the split.
+        (detections, truths): lists of :class:`ImageDetections` and :class:`ImageTruth`; image ids are
+        positions in the split; ignore regions apply to any class.
     """
     from tqdm import tqdm
 
+    from kprune._keras import tf
     from kprune.data.pipeline import make_dataset
     from kprune.data.tfrecord import Manifest, read_manifest
-    from kprune.models.head import decode_outputs, non_max_suppression
+    from kprune.models.head import ImageTransform, decode_outputs, non_max_suppression
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     size = model.input_shape[1]
-    dataset = make_dataset(manifest, split, size, batch_size, letterbox=letterbox, with_meta=True,
-                           max_boxes=256, max_ignore=256)
+    dataset = make_dataset(manifest, split, size, batch_size, letterbox=letterbox, with_meta=True, label_map=label_map)
     if predict is None:
-        import tensorflow as tf
-
-        forward = tf.function(lambda x: model(x, training=False))
-        predict = forward
+        predict = tf.function(lambda images: model(images, training=False))
     detections, truths = [], []
-    total = manifest.num_images(split)
-    bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
-    for images, meta in dataset:
-        outputs = predict(images)
-        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-        boxes, scores = decode_outputs(model, outputs)
-        kept = non_max_suppression(boxes, scores, score_threshold, 0.45, max_detections)
-        for k, (det_boxes, det_scores, det_labels) in enumerate(kept):
-            image_id = len(truths)
-            hw = meta["image_hw"][k].numpy()
-            scale = meta["scale_xy"][k].numpy().astype(np.float64)
-            offset = meta["offset_xy"][k].numpy().astype(np.float64)
-            size_wh = np.array([size, size] * 2, np.float64)
-
-            def to_pixels(normalised):
-                pixels = (np.asarray(normalised, np.float64) * size_wh - np.tile(offset, 2)) / np.tile(scale, 2)
-                return np.clip(pixels, 0, np.array([hw[1], hw[0]] * 2))
-
-            labels = meta["labels"][k].numpy()
-            valid = labels >= 0
-            ignore = meta["ignore"][k].numpy()
-            ignore = ignore[(ignore[:, 2] > ignore[:, 0]) & (ignore[:, 3] > ignore[:, 1])]
-            truths.append(ImageTruth(image_id, int(hw[0]), int(hw[1]), to_pixels(meta["boxes"][k].numpy()[valid]),
-                                     labels[valid].astype(np.int64), to_pixels(ignore),
-                                     np.full(len(ignore), -1, np.int64)))
-            detections.append(ImageDetections(image_id, to_pixels(det_boxes), det_scores, det_labels))
-        bar.update(len(kept))
-    bar.close()
+    with tqdm(total=manifest.num_images(split), desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
+        for images, meta in dataset:
+            outputs = predict(images)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            kept = non_max_suppression(*decode_outputs(model, outputs), score_threshold, 0.45, max_detections)
+            for k, (det_boxes, det_scores, det_labels) in enumerate(kept):
+                hw = tuple(int(v) for v in meta["image_hw"][k].numpy())
+                transform = ImageTransform(hw, (size, size), tuple(meta["scale_xy"][k].numpy().tolist()),
+                                           tuple(meta["offset_xy"][k].numpy().tolist()))
+                labels = meta["labels"][k].numpy()
+                ignore = meta["ignore"][k].numpy()
+                ignore = ignore[(ignore[:, 2] > ignore[:, 0]) & (ignore[:, 3] > ignore[:, 1])]
+                image_id = len(truths)
+                truths.append(ImageTruth(
+                    image_id, hw[0], hw[1], transform.to_image(meta["boxes"][k].numpy()[labels >= 0]),
+                    labels[labels >= 0].astype(np.int64), transform.to_image(ignore), np.full(len(ignore), -1, np.int64)))
+                detections.append(ImageDetections(image_id, transform.to_image(det_boxes), det_scores, det_labels))
+            bar.update(len(kept))
     return detections, truths

@@ -1,16 +1,38 @@
-"""Training of YOLO detectors with Keras ``fit``.
+"""Training of YOLO detectors with Keras ``fit``: run directories, checkpoints, resume, schedules,
+distribution strategies, and the three retraining modes.
 
 The detector stays a functional model (prunable, savable with safe_mode); :class:`DetectorTrainer`
 wraps it only to give ``fit`` a train step that feeds the pipeline's targets to the YOLO loss.
+
+A run directory holds ``config.yaml`` (the resolved config), ``log.csv``, ``tensorboard/``,
+``checkpoints/last`` and ``checkpoints/best`` (model, optimizer and epoch), ``best.keras``,
+``final.keras`` and ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from typing import Dict, Optional
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
 
 from kprune._keras import keras, tf
 from kprune.losses import LossOptions, YoloLoss, loss_terms
+
+MODES = ("full", "head", "new-head")
+STRATEGIES = ("default", "mirrored", "multi-worker")
+# Dataset names and the folders `make data-synth` / the data_tools converters write them to.
+DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: the loss became NaN or Inf (the message names the step)."""
 
 
 class DetectorTrainer(keras.Model):
@@ -85,3 +107,372 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "final": self.final, "decay": self.decay, "boundaries": self.boundaries, "gamma": self.gamma}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run directory.
+
+    The model comes from one of: ``model`` (a zoo name, fresh weights), ``init`` (a ``.keras``
+    model) or ``cfg`` + ``weights`` (Darknet files). ``mode``: ``full`` trains everything, ``head``
+    only the last conv of each head and keeps the model's classes (dataset classes are mapped onto
+    them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
+    by new ones for the dataset's classes.
+    """
+
+    dataset: str = "synth"
+    model: Optional[str] = None
+    init: Optional[str] = None
+    cfg: Optional[str] = None
+    weights: Optional[str] = None
+    input_size: Optional[int] = None
+    width: float = 1.0
+    mode: str = "full"
+    class_map: Dict[str, str] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    warmup_epochs: float = 1.0
+    decay: str = "cosine"
+    decay_epochs: List[int] = field(default_factory=list)
+    augment: Dict[str, object] = field(default_factory=dict)
+    multiscale: Optional[List[int]] = None
+    letterbox: bool = True
+    loss: Dict[str, object] = field(default_factory=dict)
+    seed: int = 0
+    strategy: str = "default"
+    early_stopping: Optional[int] = None
+    eval_every: int = 0
+    steps_per_epoch: Optional[int] = None
+    out: str = "runs/train"
+
+    def __post_init__(self):
+        sources = [name for name in ("model", "init", "cfg") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError(f"give one of model, init or cfg + weights, not {' and '.join(sources)}")
+        if not sources:
+            self.model = "yolov2"
+        if bool(self.cfg) != bool(self.weights):
+            raise ValueError("cfg and weights go together")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {self.optimizer!r}: choose adam or sgd")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr = {self.lr}: must be > 0")
+
+
+def resolve_dataset(name_or_path: str) -> str:
+    """The folder of a dataset name (synth, coco5, kitti) or path.
+
+    Raises:
+        ValueError: the folder has no ``dataset.json``; the message says how to make it.
+    """
+    folder = DATASETS.get(name_or_path, name_or_path)
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        how = {
+            "synth": "make data-synth",
+            "coco5": "python -m data_tools coco --coco-dir COCO_DIR --out data/coco5",
+            "kitti": "python -m data_tools kitti --kitti-dir KITTI_DIR --out data/kitti",
+        }.get(name_or_path, "python -m data_tools coco|kitti|voc|synth ... --out " + folder)
+        raise ValueError(f"dataset {name_or_path!r}: no converted dataset in {folder} (make it with `{how}`)")
+    return folder
+
+
+def head_convs(model) -> Dict[str, object]:
+    """The conv layer feeding each detection head, by head name.
+
+    Raises:
+        ValueError: a head is not fed directly by a Conv2D.
+    """
+    from kprune.models.layers import detection_heads
+
+    convs = {}
+    for head in detection_heads(model):
+        producer = head.inbound_nodes[0].inbound_layers
+        if not isinstance(producer, keras.layers.Conv2D):
+            raise ValueError(f"head {head.name} is not fed directly by a Conv2D (found {type(producer).__name__})")
+        convs[head.name] = producer
+    return convs
+
+
+def replace_heads(model, classes: int, names: Optional[Sequence[str]] = None):
+    """A copy of ``model`` whose head convs and heads are made for ``classes`` classes (new, freshly
+    initialised head convs; every other layer keeps its weights)."""
+    from kprune.models.layers import DetectionHead
+
+    convs = {conv.name: head for head, conv in ((h, c) for h, c in zip(head_convs(model), head_convs(model).values()))}
+    heads = {layer.name: layer for layer in model.layers if isinstance(layer, DetectionHead)}
+    conv_heads = {conv.name: heads[head] for head, conv in head_convs(model).items()}
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name in conv_heads:
+            config["filters"] = conv_heads[layer.name].num_anchors * (5 + classes)
+        elif isinstance(layer, DetectionHead):
+            config["classes"] = classes
+            config["names"] = list(names) if names is not None else None
+        return layer.__class__.from_config(config)
+
+    del convs
+    new = keras.models.clone_model(model, clone_function=clone)
+    for layer in new.layers:
+        if layer.name not in conv_heads and layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return new
+
+
+def class_mapping(dataset_classes: Sequence[str], model_names: Optional[Sequence[str]],
+                  class_map: Dict[str, str]) -> List[int]:
+    """For ``head`` mode: the model class index of every dataset class.
+
+    Raises:
+        ValueError: the model has no class names, or a dataset class has no counterpart.
+    """
+    if not model_names:
+        raise ValueError("mode head keeps the model's classes, but the model has no class names "
+                         "(convert it with --names, or use --mode new-head)")
+    lookup = {n.lower(): i for i, n in enumerate(model_names)}
+    mapping = []
+    for name in dataset_classes:
+        target = class_map.get(name, name).lower()
+        if target not in lookup:
+            raise ValueError(f"dataset class {name!r} matches no class of the model (add it to class_map, "
+                             f"e.g. {name}: {model_names[0]}); model classes: {', '.join(model_names)}")
+        mapping.append(lookup[target])
+    return mapping
+
+
+def build_detector(config: TrainConfig, classes: Sequence[str]):
+    """The detector a config asks for, fitted to the dataset's ``classes`` (see :class:`TrainConfig`).
+
+    Returns:
+        (model, label_map): label_map maps dataset labels to model labels (None when identical).
+
+    Raises:
+        ValueError: the model's classes do not fit the dataset in mode ``full``.
+    """
+    from kprune.darknet.builder import build_model
+    from kprune.darknet.weights import load_weights
+    from kprune.models import zoo
+    from kprune.models.io import load_model
+    from kprune.models.layers import detection_heads
+
+    size = config.input_size
+    if config.model:
+        keep = config.mode == "head"
+        overrides = {"width": config.width, **({"input_size": size} if size else {})}
+        model = zoo.build(config.model, **overrides, **({} if keep else {"classes": len(classes)}))
+        if not keep:
+            for head in detection_heads(model):
+                head.names = list(classes)
+    elif config.init:
+        model = load_model(config.init)
+        if size and model.input_shape[1] != size:
+            raise ValueError(f"{config.init} takes {model.input_shape[1]} px inputs; input_size {size} "
+                             "needs the model rebuilt from its cfg")
+    else:
+        model = build_model(config.cfg, **({"input_size": size} if size else {}))
+        load_weights(model, config.weights)
+    head = detection_heads(model)[0]
+    if config.mode == "new-head":
+        model = replace_heads(model, len(classes), classes)
+    elif config.mode == "head":
+        return model, class_mapping(classes, head.names, config.class_map)
+    elif head.classes != len(classes):
+        raise ValueError(f"the model has {head.classes} classes and the dataset {len(classes)} "
+                         f"({', '.join(classes)}): use --mode new-head (new last conv) or --mode head")
+    return model, None
+
+
+def set_trainable(model, mode: str) -> None:
+    """``head`` mode: only the head convs train; otherwise everything."""
+    convs = {conv.name for conv in head_convs(model).values()}
+    for layer in model.layers:
+        layer.trainable = mode != "head" or layer.name in convs
+
+
+def make_strategy(name: str):
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class RunCallback(keras.callbacks.Callback):
+    """Stops on a NaN / Inf loss (naming the step), saves the last and best checkpoints each epoch,
+    evaluates mAP every ``eval_every`` epochs."""
+
+    def __init__(self, run, monitor: str):
+        super().__init__()
+        self.run, self.monitor = run, monitor
+        self.best = run.state.get("best")
+        self.failure = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(value):
+            self.failure = f"loss became {value} at epoch {self.epoch + 1}, step {batch + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.failure:
+            return
+        logs = logs if logs is not None else {}
+        if self.run.config.eval_every and (epoch + 1) % self.run.config.eval_every == 0:
+            logs["val_map50"] = self.run.evaluate()["map50"]
+        self.run.epoch.assign(epoch + 1)
+        self.run.last.save()
+        value = logs.get(self.monitor)
+        better = value is not None and (self.best is None or (value > self.best if "map" in self.monitor else value < self.best))
+        if better:
+            self.best = float(value)
+            self.run.best.save()
+            self.run.save_detector("best.keras")
+        self.run.state.update({"epoch": epoch + 1, "best": self.best, "monitor": self.monitor})
+        self.run.write_json("state.json", self.run.state)
+
+
+class TrainingRun:
+    """One training run in its directory (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        from kprune.data.tfrecord import read_manifest
+
+        self.config, self.progress = config, progress
+        self.out = Path(config.out)
+        self.data = resolve_dataset(config.dataset)
+        self.manifest = read_manifest(self.data)
+        for split in ("train", "val"):
+            if split not in self.manifest.splits or self.manifest.num_images(split) == 0:
+                raise ValueError(f"dataset {self.data}: split {split!r} is missing or empty")
+        self.strategy = make_strategy(config.strategy)
+        with self.strategy.scope():
+            self.detector, self.label_map = build_detector(config, self.manifest.classes)
+            set_trainable(self.detector, config.mode)
+            self.trainer = DetectorTrainer(self.detector, self._loss())
+            self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
+            schedule = WarmupCosine(
+                config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
+                decay=config.decay, boundaries=[e * self.steps for e in config.decay_epochs])
+            optimizer = (keras.optimizers.Adam(schedule) if config.optimizer == "adam"
+                         else keras.optimizers.SGD(schedule, momentum=0.9))
+            self.trainer.compile(optimizer=optimizer)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            checkpoint = tf.train.Checkpoint(detector=self.detector, optimizer=optimizer, epoch=self.epoch)
+        self.last = tf.train.CheckpointManager(checkpoint, str(self.out / "checkpoints" / "last"), max_to_keep=1)
+        self.best = tf.train.CheckpointManager(checkpoint, str(self.out / "checkpoints" / "best"), max_to_keep=1)
+        self.state = {}
+        if resume:
+            if self.last.latest_checkpoint is None:
+                raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints' / 'last'}")
+            checkpoint.restore(self.last.latest_checkpoint)
+            state_path = self.out / "state.json"
+            self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def _loss(self) -> YoloLoss:
+        loss = YoloLoss.from_model(self.detector)
+        if self.config.loss:
+            loss = YoloLoss(loss.heads, dataclasses.replace(loss.options, **self.config.loss))
+        return loss
+
+    def dataset(self, split: str, training: bool, start_epoch: int = 0):
+        from kprune.data.pipeline import Augment, make_dataset
+        from kprune.data.targets import TargetEncoder
+
+        c = self.config
+        size = self.detector.input_shape[1]
+        augment = Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.augment.items()})
+        return make_dataset(
+            self.manifest, split, size, c.batch_size, training=training, augment=augment, letterbox=c.letterbox,
+            encoder=TargetEncoder.from_model(self.detector), multiscale=c.multiscale if training else None,
+            seed=c.seed, start_epoch=start_epoch, repeat=training, label_map=self.label_map,
+        )
+
+    def write_json(self, name: str, payload) -> None:
+        from kprune.fileio import write_json_atomic
+
+        write_json_atomic(self.out / name, payload)
+
+    def save_detector(self, name: str) -> None:
+        from kprune.models.io import save_model
+
+        save_model(self.detector, self.out / name)
+
+    def evaluate(self, split: str = "val") -> dict:
+        from kprune.evaluate import evaluate_detections, predict_dataset
+
+        detections, truths = predict_dataset(self.detector, self.manifest, split, self.config.batch_size,
+                                             letterbox=self.config.letterbox, label_map=self.label_map)
+        classes = self.manifest.classes
+        if self.label_map is not None:  # head mode: score in the model's classes, named after the dataset's
+            names = list(detection_heads_names(self.detector))
+            classes = names
+        return evaluate_detections(detections, truths, classes)
+
+    def fit(self) -> dict:
+        """Train to ``config.epochs``, evaluate the final model, write ``final.keras`` and
+        ``metrics.json``; returns the metrics.
+
+        Raises:
+            TrainingError: the loss became NaN or Inf (the last good checkpoint is kept).
+        """
+        import yaml
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        from kprune.fileio import write_bytes_atomic
+
+        write_bytes_atomic(self.out / "config.yaml", yaml.safe_dump(dataclasses.asdict(c), sort_keys=False).encode())
+        start = int(self.epoch.numpy())
+        monitor = "val_map50" if c.eval_every else "val_loss"
+        run_callback = RunCallback(self, monitor)
+        callbacks = [
+            run_callback,
+            keras.callbacks.CSVLogger(str(self.out / "log.csv"), append=start > 0),
+            keras.callbacks.TensorBoard(str(self.out / "tensorboard"), update_freq="epoch", write_graph=False),
+        ]
+        if c.early_stopping:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=c.early_stopping,
+                                                           mode="max" if "map" in monitor else "min"))
+        began = time.perf_counter()
+        if start < c.epochs:
+            self.trainer.fit(
+                self.dataset("train", True, start), validation_data=self.dataset("val", False),
+                epochs=c.epochs, initial_epoch=start, steps_per_epoch=self.steps, callbacks=callbacks,
+                verbose=1 if self.progress else 0,
+            )
+        if run_callback.failure:
+            raise TrainingError(f"{run_callback.failure}; stopped. The last good checkpoint is "
+                                f"{self.last.latest_checkpoint} (epoch {int(self.epoch.numpy())})")
+        seconds = time.perf_counter() - began
+        self.save_detector("final.keras")
+        metrics = self.evaluate()
+        metrics.update({"epochs": int(self.epoch.numpy()), "train_seconds": seconds,
+                        "images_per_second": (int(self.epoch.numpy()) - start) * self.steps * c.batch_size / max(seconds, 1e-9)})
+        metrics.pop("coco_summary", None)
+        self.write_json("metrics.json", metrics)
+        return metrics
+
+
+def detection_heads_names(model) -> List[str]:
+    from kprune.models.layers import detection_heads
+
+    head = detection_heads(model)[0]
+    return list(head.names) if head.names else [str(i) for i in range(head.classes)]
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) a training run; returns the final metrics."""
+    return TrainingRun(config, resume=resume, progress=progress).fit()

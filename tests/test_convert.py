@@ -176,6 +176,64 @@ def test_killed_conversion_leaves_no_shard_and_keeps_the_previous_dataset(tmp_pa
     assert manifest["splits"]["train"]["images"] == 3 and sorted(read_split(out, "train")) == ["1", "2", "5"]
 
 
+def test_killed_while_renaming_leaves_no_manifest_then_a_rerun_completes(tmp_path, monkeypatch):
+    make_coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    convert_coco(tmp_path / "coco", out)
+    real_replace = tfrecord.os.replace
+    renames = []
+
+    def dies_on_the_second_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tfrecord.os, "replace", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(tmp_path / "coco", out, classes=["cow", "giraffe", "bear"])
+    monkeypatch.setattr(tfrecord.os, "replace", real_replace)
+    # the first shard was renamed over the old one: the old manifest must not describe it
+    with pytest.raises(ValueError, match="dataset.json not found"):
+        tfrecord.read_manifest(out)
+    manifest = convert_coco(tmp_path / "coco", out, classes=["cow", "giraffe", "bear"])
+    assert manifest["classes"] == ["cow", "giraffe", "bear"] and manifest["label_offset"] == 1
+    assert read_split(out, "train")["2"].labels.tolist() == [1, 2]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+def test_labels_are_stored_one_based_as_the_object_detection_api_wants(tmp_path):
+    make_coco(tmp_path / "coco")
+    convert_coco(tmp_path / "coco", tmp_path / "out")
+    record = next(iter(tfrecord.tf.data.TFRecordDataset(str(tmp_path / "out" / "train-00000-of-00001.tfrecord"))))
+    example = tfrecord.tf.train.Example.FromString(record.numpy())
+    assert list(example.features.feature["image/object/class/label"].int64_list.value) == [1]  # horse, label 0
+    assert list(example.features.feature["image/object/class/text"].bytes_list.value) == [b"horse"]
+
+
+def test_more_bad_input(tmp_path):
+    make_coco(tmp_path / "coco")
+    with pytest.raises(ValueError, match="split 'train' has no objects of the classes sheep"):
+        convert_coco(tmp_path / "coco", tmp_path / "out", classes=["sheep"], keep_negatives=2)
+    path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    del data["annotations"][1]["bbox"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_val2017.json: annotation 21 is malformed \(missing key 'bbox'\)"):
+        coco.coco_records(tmp_path / "coco", 2017, CLASSES)
+    (tmp_path / "coco" / "train2017" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    data["annotations"][1]["bbox"] = [0, 0, 5, 5]
+    path.write_text(json.dumps(data))
+    manifest = convert_coco(tmp_path / "coco", tmp_path / "out")
+    reasons = {s["file"]: s["reason"] for s in manifest["splits"]["train"]["skipped"]}
+    assert reasons["2.png"].startswith("cannot be decoded")
+    make_kitti(tmp_path / "kitti")
+    with pytest.raises(ValueError, match="DontCare cannot be a class"):
+        kitti.kitti_records(tmp_path / "kitti", ["Car", "DontCare"], {})
+    with pytest.raises(ValueError, match="not both"):
+        kitti.kitti_records(tmp_path / "kitti", ["Car"], {}, val_fraction=0.3, train=3, val=2)
+
+
 def test_cli_coco_summary_and_one_line_errors(tmp_path):
     make_coco(tmp_path / "coco")
     runner = CliRunner()
@@ -288,6 +346,12 @@ def test_voc_difficult_objects_become_ignore_regions(tmp_path):
     assert records["val"][0].objects == [((9.0, 9.0, 40.0, 40.0), 1)]
     with pytest.raises(ValueError, match="no class named 'yeti'"):
         voc.voc_records(root, 2007, ["yeti"])
+    result = CliRunner().invoke(data_cli, ["voc", "--voc-dir", str(tmp_path / "VOCdevkit"), "--classes", "horse,cow",
+                                           "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = tfrecord.read_manifest(tmp_path / "out").data
+    assert manifest["splits"]["train"]["ignore_regions"] == 1 and manifest["splits"]["val"]["objects"] == 1
+    assert "pose" in manifest["dropped_fields"]
     (root / "ImageSets/Main/val.txt").write_text("../../x\n")
     with pytest.raises(ValueError, match="'../../x' is rejected"):
         voc.voc_records(root, 2007, ["horse"])

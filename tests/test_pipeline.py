@@ -6,7 +6,7 @@ import pytest
 
 from data_tools.convert import Record, write_dataset
 from kprune._keras import tf
-from kprune.data.pipeline import Augment, _clip_boxes, make_dataset
+from kprune.data.pipeline import Augment, _clip_boxes, make_dataset, steps_per_epoch
 from kprune.data.targets import HeadTarget, TargetEncoder
 from kprune.models.head import image_transform, preprocess_image
 
@@ -62,7 +62,7 @@ def test_evaluation_places_images_as_inference_does(dataset):
         back = transform.to_image(meta["boxes"][k, :1].numpy())
         stored = sample.boxes * np.array([sample.width, sample.height] * 2)
         np.testing.assert_allclose(back, stored, atol=1e-3)
-        assert meta["labels"][k].numpy().tolist()[:2] == [k % 2, -1]
+        assert meta["labels"][k].numpy().tolist() == [k % 2]  # padded to the most boxes of any image: 1
         assert meta["source_id"][k].numpy().decode() == sample.source_id
 
 
@@ -83,7 +83,7 @@ def test_augmentation_keeps_boxes_on_the_pixels_they_label(dataset):
             if labels[0] < 0:  # dropped: almost nothing of it may be left in the image
                 assert pixels is None or np.prod(pixels[2:] - pixels[:2]) < 0.3 * 128 * 128
                 continue
-            assert labels[1] == -1
+            assert len(labels) == 1  # padded to the most boxes of any image
             np.testing.assert_allclose(boxes[0] * 128, pixels, atol=2.0)
             checked += 1
     assert checked >= 36  # most of the 48 augmented rectangles survive
@@ -112,16 +112,21 @@ def test_hsv_jitter_changes_colour_only(dataset):
     np.testing.assert_allclose(grey.max(-1) - grey.min(-1), 0, atol=1e-5)
 
 
-def test_same_seed_same_stream_and_each_epoch_differs(dataset):
-    def epochs(seed):
-        ds = make_dataset(dataset, "train", 64, 4, training=True, seed=seed)
-        return [np.concatenate([b[0] for b in batches(ds)]) for _ in range(2)]
+def test_same_seed_same_stream_each_epoch_differs_and_resuming_replays_the_epoch(dataset):
+    steps = steps_per_epoch(dataset, "train", 4)
+    assert steps == 3  # 12 images
+
+    def epochs(seed, start=0, count=2):
+        ds = make_dataset(dataset, "train", 64, 4, training=True, seed=seed, start_epoch=start, repeat=True)
+        images = np.concatenate([b[0] for b in batches(ds, steps * count)])
+        return np.split(images, count)
 
     first, second, other = epochs(11), epochs(11), epochs(12)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], first[1])
     assert not np.array_equal(first[0], other[0])
+    np.testing.assert_array_equal(epochs(11, start=1, count=1)[0], first[1])
 
 
 def test_multiscale_batches_get_multiples_of_32_and_matching_grids(dataset):
@@ -156,5 +161,14 @@ def test_bad_arguments_are_refused(dataset):
         make_dataset(dataset, "test", 96, 2)
     with pytest.raises(ValueError, match="batch size 0"):
         make_dataset(dataset, "train", 96, 0)
+    with pytest.raises(ValueError, match="label map of 3 entries for 2 dataset classes"):
+        make_dataset(dataset, "val", 64, 2, label_map=[0, 1, 2])
     with pytest.raises(ValueError, match=r"Augment.scale = \(1.2, 0.8\)"):
         Augment(scale=(1.2, 0.8))
+
+
+def test_label_map_moves_dataset_labels_to_model_labels(dataset):
+    plain = batches(make_dataset(dataset, "val", 64, 6))[0][1]["labels"].numpy()
+    mapped = batches(make_dataset(dataset, "val", 64, 6, label_map=[7, 3]))[0][1]["labels"].numpy()
+    assert plain[:, 0].tolist() == [0, 1, 0, 1, 0, 1]
+    assert mapped[:, 0].tolist() == [7, 3, 7, 3, 7, 3]

@@ -285,3 +285,12 @@ def test_invalid_arguments(tmp_path, change, name):
         synth.generate(tmp_path / "out", **{**SMALL, **change})
     assert "must be" in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_smaller_kitti_run_removes_the_files_numbered_beyond_it(tmp_path):
+    synth.generate(tmp_path, num_train=4, num_val=2, size=64, fmt="kitti", progress=False)
+    synth.generate(tmp_path, num_train=2, num_val=1, size=64, fmt="kitti", progress=False)
+    labels = sorted(p.name for p in (tmp_path / "training" / "label_2").iterdir())
+    images = sorted(p.name for p in (tmp_path / "training" / "image_2").iterdir())
+    assert labels == ["000000.txt", "000001.txt", "000002.txt"]
+    assert images == ["000000.png", "000001.png", "000002.png"]

@@ -13,16 +13,17 @@ Each element is ``(images, targets)``: images (B, S, S, 3) float32 in [0, 1]; ta
 Without augmentation an image is placed exactly as :func:`kprune.models.head.preprocess_image` places
 it (letterbox with 0.5 grey, or plain resize), so evaluation sees what inference sees.
 
-Randomness comes from stateless ops seeded from ``tf.data.Dataset.random``: with a ``seed`` the
-whole stream (shuffle order, augmentation, multi-scale sizes) is the same on every run, and still
-different from one epoch to the next.
+Randomness comes from stateless ops whose seeds are (seed, epoch, position in the epoch): with a
+``seed`` the whole stream (shuffle order, augmentation, multi-scale sizes) is the same on every run,
+different from one epoch to the next, and a resumed run sees the same epochs as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from kprune._keras import tf
 from kprune.data.tfrecord import Manifest, parse_example, read_manifest
@@ -67,9 +68,10 @@ class Augment:
 
 
 def _uniform(seed, low, high, log=False):
+    low, high = tf.cast(low, tf.float32), tf.cast(high, tf.float32)
     if log:
-        return tf.exp(tf.random.stateless_uniform([], seed, tf.math.log(float(low)), tf.math.log(float(high))))
-    return tf.random.stateless_uniform([], seed, float(low), float(high))
+        return tf.exp(tf.random.stateless_uniform([], seed, tf.math.log(low), tf.math.log(high)))
+    return tf.random.stateless_uniform([], seed, low, high)
 
 
 def _seeds(seed, count):
@@ -204,6 +206,12 @@ def _check_size(size: int, what: str) -> int:
     return int(size)
 
 
+def steps_per_epoch(data, split: str, batch_size: int) -> int:
+    """Full batches in one pass over a split (the training pipeline drops the last partial batch)."""
+    manifest = data if isinstance(data, Manifest) else read_manifest(data)
+    return max(1, manifest.num_images(split) // batch_size)
+
+
 def make_dataset(
     data,
     split: str,
@@ -215,14 +223,22 @@ def make_dataset(
     encoder=None,
     multiscale: Optional[Tuple[int, int]] = None,
     seed: Optional[int] = None,
-    max_boxes: int = 64,
-    max_ignore: int = 32,
+    start_epoch: int = 0,
+    max_boxes: Optional[int] = None,
+    max_ignore: Optional[int] = None,
     shuffle_buffer: int = 2048,
     repeat: bool = False,
     with_meta: bool = False,
+    label_map: Optional[Sequence[int]] = None,
     num_parallel_calls: Optional[int] = None,
 ) -> tf.data.Dataset:
     """The batched input pipeline of one split of a converted dataset.
+
+    Epoch ``e`` of the stream is a fixed function of ``(seed, e)``: its shuffle order, augmentation
+    and multi-scale sizes. A run resumed at epoch ``e`` (``start_epoch=e``) therefore sees exactly
+    the data the uninterrupted run saw. For several epochs in one stream use ``repeat=True`` with
+    :func:`steps_per_epoch` batches per epoch; without ``repeat`` every iteration of the dataset
+    gives epoch ``start_epoch`` again.
 
     Args:
         data: the dataset folder (with ``dataset.json``) or its :class:`Manifest`.
@@ -230,67 +246,81 @@ def make_dataset(
         image_size: the square network input size in pixels (a multiple of 32).
         batch_size: images per batch.
         training: shuffle, augment (``augment`` or the default :class:`Augment`) and drop the last
-            incomplete batch. Evaluation (False) keeps the file order and every image.
+            incomplete batch of each epoch. Evaluation (False) keeps the file order and every image.
         augment: augmentation settings when training; ignored otherwise.
         letterbox: keep the aspect ratio and pad with grey (Darknet's letterbox), else stretch.
         encoder: a :class:`~kprune.data.targets.TargetEncoder`; its targets join each batch.
         multiscale: (smallest, largest) input size: each batch gets a random multiple of 32 in this
             range (training only).
-        seed: makes the whole stream deterministic (order, augmentation, sizes).
-        max_boxes, max_ignore: boxes and ignore regions per image after padding; extra ones are cut.
+        seed: makes the stream reproducible; without it a random seed is drawn.
+        start_epoch: the first epoch of the stream.
+        max_boxes, max_ignore: boxes and ignore regions per image after padding (default: the most
+            any image of the split has, from the manifest, so nothing is cut).
         shuffle_buffer: examples held for shuffling.
-        repeat: repeat forever (else one pass per iteration, reshuffled every pass).
-        with_meta: add ``source_id``, ``image_hw``, ``scale_xy`` and ``offset_xy`` to the targets.
+        repeat: epochs ``start_epoch``, ``start_epoch + 1``, ... one after the other, forever.
+        with_meta: add ``source_id``, ``image_hw``, ``scale_xy`` and ``offset_xy`` to the targets
+            (for evaluation: with augmentation they describe the zoom and shift, not the flip).
+        label_map: the model label of each dataset label (a model that keeps its own classes).
         num_parallel_calls: parallel decode/augment calls (default: tf.data.AUTOTUNE).
 
     Raises:
-        ValueError: a bad size, batch size or multi-scale range, or a missing split or shard.
+        ValueError: a bad size, batch size or multi-scale range, a label map of the wrong length, or a
+            missing split or shard.
     """
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     files = manifest.files(split)
     image_size = _check_size(image_size, "image size")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size}: must be >= 1")
-    if multiscale is not None:
+    sizes = None
+    if training and multiscale is not None:
         low, high = (_check_size(s, "multi-scale size") for s in multiscale)
         if low > high:
             raise ValueError(f"multi-scale range ({low}, {high}): smallest above largest")
+        sizes = tf.constant(list(range(low, high + 1, 32)), tf.int32)
     augment = (augment or Augment()) if training else None
-    deterministic = seed is not None
+    base = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
     calls = num_parallel_calls or tf.data.AUTOTUNE
+    buffer = min(shuffle_buffer, max(1, manifest.num_images(split)))
+    if label_map is not None and len(label_map) != len(manifest.classes):
+        raise ValueError(f"label map of {len(label_map)} entries for {len(manifest.classes)} dataset classes")
+    max_boxes = max_boxes or manifest.max_objects(split)
+    max_ignore = max_ignore or manifest.max_ignore(split)
 
-    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=len(files) if training and len(files) > 1 else None)
-    if training:
-        buffer = min(shuffle_buffer, max(1, manifest.num_images(split)))
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    if training and multiscale is not None:
-        sizes = tf.data.Dataset.random(seed=None if seed is None else seed + 1, rerandomize_each_iteration=True)
-        choices = high // 32 - low // 32 + 1
-        sizes = sizes.map(lambda r: 32 * (low // 32 + tf.cast(r % choices, tf.int32)))
-        # the same size for the batch_size consecutive images that form one batch
-        sizes = sizes.flat_map(lambda s: tf.data.Dataset.from_tensors(s).repeat(batch_size))
-        dataset = tf.data.Dataset.zip((dataset, seeds, sizes))
-    else:
-        dataset = tf.data.Dataset.zip((dataset, seeds))
+    def one_epoch(epoch):
+        epoch_seed = tf.cast(base, tf.int64) * 1_000_003 + epoch  # one stateless seed stream per epoch
+        records = tf.data.TFRecordDataset(files)
+        if training:
+            records = records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
-    def load(serialized, pair, size=image_size):
-        return load_example(parse_example(serialized), pair, size, letterbox, augment, max_boxes, max_ignore)
+        def load(index, serialized):
+            size = image_size
+            if sizes is not None:  # the same size for the images of one batch
+                pick = tf.random.stateless_uniform([], tf.stack([epoch_seed, -1 - index // batch_size]),
+                                                   0, len(sizes), dtype=tf.int32)
+                size = sizes[pick]
+            key = tf.stack([epoch_seed, index])
+            return load_example(parse_example(serialized), key, size, letterbox, augment, max_boxes, max_ignore)
 
-    dataset = dataset.map(load, num_parallel_calls=calls, deterministic=deterministic)
-    dataset = dataset.batch(batch_size, drop_remainder=training)
+        images = records.enumerate().map(load, num_parallel_calls=calls, deterministic=True)
+        return images.batch(batch_size, drop_remainder=training)
+
+    last = 2**62 if repeat else start_epoch + 1
+    dataset = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch)
 
     def finish(images, targets):
         if not with_meta:
             targets = {k: targets[k] for k in ("boxes", "labels", "ignore")}
+        if label_map is not None:
+            labels = targets["labels"]
+            mapped = tf.gather(tf.constant(list(label_map), tf.int32), tf.maximum(labels, 0))
+            targets["labels"] = tf.where(labels >= 0, mapped, -1)
         if encoder is not None:
             targets.update(encoder(targets["boxes"], targets["labels"], tf.shape(images)[1:3]))
         return images, targets
 
-    dataset = dataset.map(finish, num_parallel_calls=calls, deterministic=deterministic)
+    dataset = dataset.map(finish, num_parallel_calls=calls, deterministic=True)
     options = tf.data.Options()
-    options.deterministic = deterministic
+    options.deterministic = True
     options.threading.private_threadpool_size = max(1, os.cpu_count() or 1)
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

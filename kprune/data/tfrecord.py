@@ -1,7 +1,9 @@
 """The one TFRecord format of kprune: detection examples with the TensorFlow Object Detection API
 keys, sharded files, and the ``dataset.json`` manifest that training and evaluation read.
 
-Boxes are stored normalised to [0, 1] as the Object Detection API does (``.../bbox/xmin`` etc.).
+Boxes are stored normalised to [0, 1] as the Object Detection API does (``.../bbox/xmin`` etc.), and
+``.../class/label`` is 1-based as its label maps are (0 is its background): kprune's 0-based label k
+is stored as k + 1 and read back as k.
 Regions to ignore (COCO crowd, KITTI DontCare, VOC difficult) have keys of their own,
 ``image/ignore/bbox/...`` and ``image/ignore/text``, so that no reader can mistake them for objects.
 """
@@ -37,6 +39,7 @@ TEXT = "image/object/class/text"
 IGNORE_BBOX = ("image/ignore/bbox/xmin", "image/ignore/bbox/ymin", "image/ignore/bbox/xmax", "image/ignore/bbox/ymax")
 IGNORE_TEXT = "image/ignore/text"
 
+LABEL_OFFSET = 1  # stored label = label + LABEL_OFFSET (Object Detection API label maps start at 1)
 _SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
 
 
@@ -99,7 +102,7 @@ def serialize_sample(sample: Sample) -> bytes:
         SHA256: _bytes([hashlib.sha256(sample.encoded).hexdigest().encode("ascii")]),
         ENCODED: _bytes([sample.encoded]),
         IMAGE_FORMAT: _bytes([sample.image_format.encode("ascii")]),
-        LABEL: _ints(sample.labels),
+        LABEL: _ints(np.asarray(sample.labels, np.int64) + LABEL_OFFSET),
         TEXT: _bytes([t.encode("utf-8") for t in sample.texts]),
         IGNORE_TEXT: _bytes([t.encode("utf-8") for t in sample.ignore_texts]),
         **_box_features(BBOX, boxes),
@@ -125,7 +128,7 @@ def deserialize_sample(data: bytes) -> Sample:
         height=int(feature[HEIGHT].int64_list.value[0]),
         width=int(feature[WIDTH].int64_list.value[0]),
         boxes=np.stack([floats(k) for k in BBOX], axis=-1).reshape(-1, 4),
-        labels=np.asarray(feature[LABEL].int64_list.value, np.int64),
+        labels=np.asarray(feature[LABEL].int64_list.value, np.int64) - LABEL_OFFSET,
         texts=texts(TEXT),
         ignore=np.stack([floats(k) for k in IGNORE_BBOX], axis=-1).reshape(-1, 4),
         ignore_texts=texts(IGNORE_TEXT),
@@ -164,7 +167,7 @@ def parse_example(serialized):
         "filename": parsed[FILENAME],
         "source_id": parsed[SOURCE_ID],
         "boxes": tf.reshape(stack(BBOX), [-1, 4]),
-        "labels": tf.cast(tf.sparse.to_dense(parsed[LABEL]), tf.int32),
+        "labels": tf.cast(tf.sparse.to_dense(parsed[LABEL]) - LABEL_OFFSET, tf.int32),
         "ignore": tf.reshape(stack(IGNORE_BBOX), [-1, 4]),
     }
 
@@ -231,23 +234,22 @@ def _is_partial(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tfrecord.partial")
 
 
-def remove_partial_files(folder: str | os.PathLike) -> List[str]:
-    """Delete the partial shards a killed conversion left in ``folder``; returns their names."""
-    removed = sorted(p.name for p in Path(folder).iterdir() if _is_partial(p.name))
+def _remove(folder: str | os.PathLike, doomed) -> List[str]:
+    removed = sorted(p.name for p in Path(folder).iterdir() if doomed(p.name))
     for name in removed:
         (Path(folder) / name).unlink()
     return removed
+
+
+def remove_partial_files(folder: str | os.PathLike) -> List[str]:
+    """Delete the partial shards a killed conversion left in ``folder``; returns their names."""
+    return _remove(folder, _is_partial)
 
 
 def remove_stale_shards(folder: str | os.PathLike, keep: Sequence[str]) -> List[str]:
     """Delete shards (and partial shards) in ``folder`` that are not in ``keep``, such as those of an
     earlier conversion with another number of shards; returns the names removed."""
-    removed = sorted(
-        p.name for p in Path(folder).iterdir() if (_is_partial(p.name) or _SHARD.match(p.name)) and p.name not in keep
-    )
-    for name in removed:
-        (Path(folder) / name).unlink()
-    return removed
+    return _remove(folder, lambda name: (_is_partial(name) or bool(_SHARD.match(name))) and name not in keep)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,14 @@ class Manifest:
 
     def num_images(self, split: str) -> int:
         return int(self.splits[split]["images"])
+
+    def max_objects(self, split: str) -> int:
+        """The most objects of any image of the split (at least 1)."""
+        return max(1, int(self.splits[split].get("max_objects_per_image", 1)))
+
+    def max_ignore(self, split: str) -> int:
+        """The most ignore regions of any image of the split (at least 1)."""
+        return max(1, int(self.splits[split].get("max_ignore_per_image", 1)))
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
