@@ -140,3 +140,49 @@ def detect(model_path, images, out, score, iou, names, no_letterbox):
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), help="Converted dataset folder (with dataset.json).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--keras", "keras_path", type=click.Path(dir_okay=False),
+              help="For a .tflite MODEL: the .keras model it was converted from (default: same name).")
+@click.option("--detections", type=click.Path(dir_okay=False), help="Detections in the COCO results format.")
+@click.option("--ground-truth", type=click.Path(dir_okay=False), help="Ground truth in the COCO instances format.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(model_path, data, split, batch_size, keras_path, detections, ground_truth, as_json):
+    """mAP of MODEL (.keras or .tflite) on a dataset, or of COCO-format detections against ground truth.
+
+    Detections at score >= 0.001, at most 100 per image; VOC AP at IoU 0.5 (all-point and 11-point),
+    COCO mAP@[.5:.95] and AP50 from pycocotools, per-class AP and recall.
+    """
+    from kprune import evaluate as ev
+
+    if model_path:
+        if not data or detections or ground_truth:
+            raise click.UsageError("give MODEL with --data, or --detections with --ground-truth")
+        result = ev.evaluate_model(model_path, data, split, batch_size, keras_path, progress=not as_json)
+    else:
+        if not (detections and ground_truth) or data:
+            raise click.UsageError("give MODEL with --data, or --detections with --ground-truth")
+        result = ev.evaluate_files(detections, ground_truth)
+    if as_json:
+        result.pop("coco_summary", None)
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(ev.report_table(result))
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--resume", is_flag=True, help="Continue the run in the config's out folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(config_path, resume, quiet):
+    """Train a detector as CONFIG.yaml says (keys of kprune.train.TrainConfig; `base:` inherits)."""
+    from kprune.config import read_yaml
+    from kprune.retrain import run
+
+    values = read_yaml(config_path)
+    run(values, config_path, resume, quiet)

@@ -296,3 +296,137 @@ def predict_dataset(
                 detections.append(ImageDetections(image_id, transform.to_image(det_boxes), det_scores, det_labels))
             bar.update(len(kept))
     return detections, truths
+
+
+def tflite_predict(path: str, model):
+    """A ``predict`` function for :func:`predict_dataset` that runs a .tflite file with the LiteRT
+    interpreter, image by image, and returns its outputs in the order of ``model``'s outputs
+    (matched by shape; ``model`` is the Keras model the file was converted from, for the metadata).
+
+    Raises:
+        ValueError: the file cannot be loaded, or its inputs / outputs do not match ``model``.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: not a loadable TFLite model ({error})") from None
+    (source,) = interpreter.get_input_details()
+    expected_input = (1, *model.input_shape[1:])
+    if tuple(source["shape"]) != expected_input:
+        raise ValueError(f"{path}: input shape {tuple(source['shape'])}, the Keras model has {expected_input}")
+    by_shape = {tuple(d["shape"][1:]): d for d in interpreter.get_output_details()}
+    wanted = [tuple(shape[1:]) for shape in (model.output_shape if isinstance(model.output_shape, list)
+                                             else [model.output_shape])]
+    missing = [s for s in wanted if s not in by_shape]
+    if missing or len(by_shape) != len(wanted):
+        raise ValueError(f"{path}: outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
+
+    def quantize(values, detail):
+        scale, zero = detail["quantization"]
+        if scale:
+            return np.round(values / scale + zero).astype(detail["dtype"])
+        return values.astype(detail["dtype"])
+
+    def dequantize(values, detail):
+        scale, zero = detail["quantization"]
+        return (values.astype(np.float32) - zero) * scale if scale else values.astype(np.float32)
+
+    def predict(images):
+        images = np.asarray(images, np.float32)
+        outputs = [[] for _ in wanted]
+        for image in images:
+            interpreter.set_tensor(source["index"], quantize(image[None], source))
+            interpreter.invoke()
+            for k, shape in enumerate(wanted):
+                detail = by_shape[shape]
+                outputs[k].append(dequantize(interpreter.get_tensor(detail["index"]), detail))
+        return [np.concatenate(o, axis=0) for o in outputs]
+
+    return predict
+
+
+def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, keras_path: Optional[str] = None,
+                   progress: bool = False) -> dict:
+    """mAP of a ``.keras`` or ``.tflite`` model on a split of a converted dataset (see
+    :func:`evaluate_detections`). A ``.tflite`` file needs the ``.keras`` model it came from for
+    its head metadata: ``keras_path``, or the file of the same name with ``.keras``.
+
+    Raises:
+        ValueError: unknown file type, missing Keras model for a .tflite file, or classes that do not
+            fit the dataset.
+    """
+    import os
+
+    from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.models.io import load_model
+    from kprune.models.layers import detection_heads
+
+    manifest = data if isinstance(data, Manifest) else read_manifest(data)
+    predict = None
+    if path.endswith(".tflite"):
+        keras_path = keras_path or path[: -len(".tflite")] + ".keras"
+        if not os.path.isfile(keras_path):
+            raise ValueError(f"{path}: a .tflite file needs the .keras model it was converted from for its head "
+                             f"metadata; {keras_path} does not exist (give --keras)")
+        model = load_model(keras_path)
+        predict = tflite_predict(path, model)
+    elif path.endswith(".keras"):
+        model = load_model(path)
+    else:
+        raise ValueError(f"{path}: expected a .keras or .tflite model")
+    classes = detection_heads(model)[0].classes
+    if classes != len(manifest.classes):
+        raise ValueError(f"{path} has {classes} classes, the dataset {len(manifest.classes)} "
+                         f"({', '.join(manifest.classes)})")
+    detections, truths = predict_dataset(model, manifest, split, batch_size, predict=predict, progress=progress)
+    result = evaluate_detections(detections, truths, manifest.classes)
+    result["model"], result["split"] = path, split
+    return result
+
+
+def report_table(result: dict) -> str:
+    """The per-class table users compare with published ones, then the mAP lines."""
+    lines = [f"{'class':16} {'AP50':>7} {'AP50-11pt':>10} {'recall':>7} {'objects':>8} {'detections':>11}"]
+    for name, row in result["per_class"].items():
+        lines.append(f"{name:16} {row['ap']:7.4f} {row['ap_11pt']:10.4f} {row['recall']:7.4f} "
+                     f"{row['ground_truth']:8d} {row['detections']:11d}")
+    lines.append(f"mAP@0.5 (VOC all-point) {result['map50']:.4f}   11-point {result['map50_11pt']:.4f}")
+    lines.append(f"COCO mAP@[.5:.95] {result['coco_map']:.4f}   AP50 {result['coco_ap50']:.4f}   "
+                 f"AP75 {result['coco_ap75']:.4f}   ({result['images']} images)")
+    return "\n".join(lines)
+
+
+def evaluate_files(detections_path: str, ground_truth_path: str) -> dict:
+    """Score COCO-format detections against COCO-format ground truth (category ids 0..K-1).
+
+    Raises:
+        ValueError: a file is missing or not the expected JSON, or refers to unknown images.
+    """
+    import json
+    import os
+
+    def load(path, kind):
+        if not os.path.isfile(path):
+            raise ValueError(f"{kind} file {path} does not exist")
+        try:
+            return json.loads(open(path, "rb").read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+    ground_truth = load(ground_truth_path, "ground-truth")
+    results = load(detections_path, "detections")
+    if not isinstance(ground_truth, dict) or not all(k in ground_truth for k in ("images", "annotations", "categories")):
+        raise ValueError(f"{ground_truth_path}: expected a COCO instances dict (images, annotations, categories)")
+    if not isinstance(results, list):
+        raise ValueError(f"{detections_path}: expected a list of COCO results (image_id, category_id, bbox, score)")
+    truths, names = truths_from_coco(ground_truth)
+    known = {t.image_id for t in truths}
+    strangers = sorted({r["image_id"] for r in results} - known)
+    if strangers:
+        raise ValueError(f"{detections_path}: detections for images {strangers[:5]} that {ground_truth_path} lacks")
+    result = evaluate_detections(detections_from_coco(results), truths, names)
+    result["detections_file"], result["ground_truth_file"] = detections_path, ground_truth_path
+    return result

@@ -118,6 +118,10 @@ class TrainConfig:
     only the last conv of each head and keeps the model's classes (dataset classes are mapped onto
     them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
     by new ones for the dataset's classes.
+
+    Batch norm: Darknet's momentum 0.99 suits 100k-step runs; over a few hundred steps the moving
+    statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
+    statistics are recomputed exactly over ``recalibrate_bn`` training batches (0: off).
     """
 
     dataset: str = "synth"
@@ -142,6 +146,8 @@ class TrainConfig:
     loss: Dict[str, object] = field(default_factory=dict)
     seed: int = 0
     strategy: str = "default"
+    bn_momentum: Optional[float] = 0.9
+    recalibrate_bn: int = 32
     early_stopping: Optional[int] = None
     eval_every: int = 0
     steps_per_epoch: Optional[int] = None
@@ -166,6 +172,8 @@ class TrainConfig:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr = {self.lr}: must be > 0")
+        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
 
 
 def resolve_dataset(name_or_path: str) -> str:
@@ -207,7 +215,6 @@ def replace_heads(model, classes: int, names: Optional[Sequence[str]] = None):
     initialised head convs; every other layer keeps its weights)."""
     from kprune.models.layers import DetectionHead
 
-    convs = {conv.name: head for head, conv in ((h, c) for h, c in zip(head_convs(model), head_convs(model).values()))}
     heads = {layer.name: layer for layer in model.layers if isinstance(layer, DetectionHead)}
     conv_heads = {conv.name: heads[head] for head, conv in head_convs(model).items()}
 
@@ -220,7 +227,6 @@ def replace_heads(model, classes: int, names: Optional[Sequence[str]] = None):
             config["names"] = list(names) if names is not None else None
         return layer.__class__.from_config(config)
 
-    del convs
     new = keras.models.clone_model(model, clone_function=clone)
     for layer in new.layers:
         if layer.name not in conv_heads and layer.weights:
@@ -298,6 +304,29 @@ def set_trainable(model, mode: str) -> None:
         layer.trainable = mode != "head" or layer.name in convs
 
 
+def batch_norm_layers(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def recalibrate_batch_norm(model, batches) -> int:
+    """Recompute the moving mean and variance of every trainable batch norm as the plain average of
+    the batch statistics over ``batches`` (forward passes in training mode, no weight update);
+    returns the number of batches used. Frozen layers (``trainable=False``) keep their statistics."""
+    layers = batch_norm_layers(model)
+    saved = [layer.momentum for layer in layers]
+    count = 0
+    try:
+        for images in batches:
+            for layer in layers:  # moving = (k * moving + batch) / (k + 1): a running mean
+                layer.momentum = count / (count + 1.0)
+            model(images, training=True)  # eager, so each call sees the new momentum
+            count += 1
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+    return count
+
+
 def make_strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -359,8 +388,15 @@ class TrainingRun:
                 raise ValueError(f"dataset {self.data}: split {split!r} is missing or empty")
         self.strategy = make_strategy(config.strategy)
         with self.strategy.scope():
+            # the same fresh weights for the same seed; the global seed is cleared again because the
+            # pipeline seeds its own ops per epoch (and tf.data refuses tensor seeds under a global one)
+            keras.utils.set_random_seed(config.seed)
             self.detector, self.label_map = build_detector(config, self.manifest.classes)
+            tf.random.set_seed(None)
             set_trainable(self.detector, config.mode)
+            if config.bn_momentum is not None:
+                for layer in batch_norm_layers(self.detector):
+                    layer.momentum = config.bn_momentum
             self.trainer = DetectorTrainer(self.detector, self._loss())
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             schedule = WarmupCosine(
@@ -415,15 +451,13 @@ class TrainingRun:
 
         detections, truths = predict_dataset(self.detector, self.manifest, split, self.config.batch_size,
                                              letterbox=self.config.letterbox, label_map=self.label_map)
-        classes = self.manifest.classes
-        if self.label_map is not None:  # head mode: score in the model's classes, named after the dataset's
-            names = list(detection_heads_names(self.detector))
-            classes = names
-        return evaluate_detections(detections, truths, classes)
+        # head mode scores in the model's classes (the dataset's mapped onto them)
+        names = self.manifest.classes if self.label_map is None else class_names(self.detector)
+        return evaluate_detections(detections, truths, names)
 
-    def fit(self) -> dict:
+    def fit(self, callbacks: Sequence = ()) -> dict:
         """Train to ``config.epochs``, evaluate the final model, write ``final.keras`` and
-        ``metrics.json``; returns the metrics.
+        ``metrics.json``; returns the metrics. ``callbacks`` are added to Keras' list.
 
         Raises:
             TrainingError: the loss became NaN or Inf (the last good checkpoint is kept).
@@ -439,6 +473,7 @@ class TrainingRun:
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)
         callbacks = [
+            *callbacks,
             run_callback,
             keras.callbacks.CSVLogger(str(self.out / "log.csv"), append=start > 0),
             keras.callbacks.TensorBoard(str(self.out / "tensorboard"), update_freq="epoch", write_graph=False),
@@ -457,6 +492,10 @@ class TrainingRun:
             raise TrainingError(f"{run_callback.failure}; stopped. The last good checkpoint is "
                                 f"{self.last.latest_checkpoint} (epoch {int(self.epoch.numpy())})")
         seconds = time.perf_counter() - began
+        if c.recalibrate_bn and start < c.epochs:
+            batches = (images for images, _ in self.dataset("train", True, c.epochs).take(c.recalibrate_bn))
+            with self.strategy.scope():
+                recalibrate_batch_norm(self.detector, batches)
         self.save_detector("final.keras")
         metrics = self.evaluate()
         metrics.update({"epochs": int(self.epoch.numpy()), "train_seconds": seconds,
@@ -466,13 +505,14 @@ class TrainingRun:
         return metrics
 
 
-def detection_heads_names(model) -> List[str]:
+def class_names(model) -> List[str]:
+    """The class names stored in a model's head (or their indices as text)."""
     from kprune.models.layers import detection_heads
 
     head = detection_heads(model)[0]
     return list(head.names) if head.names else [str(i) for i in range(head.classes)]
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, callbacks: Sequence = ()) -> dict:
     """Run (or resume) a training run; returns the final metrics."""
-    return TrainingRun(config, resume=resume, progress=progress).fit()
+    return TrainingRun(config, resume=resume, progress=progress).fit(callbacks)

@@ -24,7 +24,7 @@ from kprune._keras import tf
 
 MANIFEST = "dataset.json"
 FORMAT = "kprune-detection-tfrecord"
-VERSION = 1
+VERSION = 2  # 2: labels stored 1-based
 
 HEIGHT = "image/height"
 WIDTH = "image/width"

@@ -99,7 +99,8 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
     Darknet file (scales, biases, rolling_mean, rolling_variance), so conversion is lossless both ways.
     ``epsilon`` is added to the standard deviation, as Darknet does.
 
-    In training mode the batch mean and (biased) variance are used and the moving statistics updated
+    In training mode the batch mean and (biased) variance are used (of the global batch under a
+    multi-replica tf.distribute strategy) and the moving statistics updated
     with ``momentum`` (Darknet: 0.99; Darknet's batch variance divides by N - 1, which only matters for
     tiny batches). A layer with ``trainable=False`` always runs in inference mode,
     as Keras 2's BatchNormalization does.
@@ -114,6 +115,20 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
         offset = self.beta - mean * scale
         return inputs * tf.cast(scale, inputs.dtype) + tf.cast(offset, inputs.dtype)
 
+    @staticmethod
+    def _batch_moments(x):
+        """Mean and biased variance over all axes but the channels; under a strategy with several
+        replicas, over the global batch (so training on N devices normalizes as on one)."""
+        axes = list(range(x.shape.rank - 1))
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return tf.nn.moments(x, axes=axes)
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        total, squares, count = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count])
+        mean = total / count
+        return mean, tf.maximum(squares / count - tf.square(mean), 0.0)
+
     def call(self, inputs, training=None):
         if training is None:
             training = keras.backend.learning_phase()
@@ -121,8 +136,7 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
             training = False
 
         def train_branch():
-            axes = list(range(inputs.shape.rank - 1))
-            mean, variance = tf.nn.moments(tf.cast(inputs, tf.float32), axes=axes)
+            mean, variance = self._batch_moments(tf.cast(inputs, tf.float32))
             decay = 1.0 - self.momentum
             self.moving_mean.assign_sub((self.moving_mean - mean) * decay)
             self.moving_variance.assign_sub((self.moving_variance - variance) * decay)

@@ -1,0 +1,233 @@
+"""Training runs on tiny synthetic data: run directory, resume after a kill, NaN stop, modes,
+schedules, configs, and mirrored training on two logical CPUs."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kprune._keras import keras, tf
+from kprune.config import build, read_yaml
+from kprune.models.io import load_model, save_model
+from kprune.models.layers import detection_heads
+from kprune.train import TrainConfig, TrainingError, TrainingRun, WarmupCosine, build_detector, replace_heads, train
+from conftest import REPO
+
+SMALL = dict(model="yolov2", input_size=64, width=0.125, batch_size=4, lr=2e-3, warmup_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from data_tools import coco, synth
+    from data_tools.convert import write_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    synth.generate(root / "raw", num_train=16, num_val=8, size=64, seed=1, progress=False)
+    records, names, _ = coco.coco_records(root / "raw", 2017, None)
+    write_dataset(records, names, root / "data", {"kind": "coco"}, {}, progress=False)
+    return str(root / "data")
+
+
+def config(data, out, **overrides):
+    return TrainConfig(dataset=data, out=str(out), **{**SMALL, **overrides})
+
+
+def weights_of(model):
+    return [w.numpy() for w in model.weights]
+
+
+def test_a_run_directory_has_everything(data, tmp_path):
+    metrics = train(config(data, tmp_path, epochs=2), progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "log.csv", "tensorboard", "checkpoints", "best.keras", "final.keras", "metrics.json",
+            "state.json"} <= names
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["epochs"] == 2 and {"map50", "map50_11pt", "coco_map", "coco_ap50", "per_class"} <= set(saved)
+    assert saved == json.loads(json.dumps(metrics)) or saved["map50"] == metrics["map50"]
+    assert read_yaml(tmp_path / "config.yaml")["epochs"] == 2
+    final = load_model(tmp_path / "final.keras")
+    assert final.input_shape == (None, 64, 64, 3) and detection_heads(final)[0].names[0] == "ellipse"
+
+
+class KillAt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt in the middle of an epoch, as a kill would stop the process."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.at, self.current = (epoch, step), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.current, batch) == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_a_kill_in_mid_epoch_ends_like_an_uninterrupted_run(data, tmp_path):
+    whole = TrainingRun(config(data, tmp_path / "whole", epochs=3), progress=False)
+    whole.fit()
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, tmp_path / "killed", epochs=3), progress=False, callbacks=[KillAt(2, 2)])
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["epoch"] == 2
+    resumed = TrainingRun(config(data, tmp_path / "killed", epochs=3), resume=True, progress=False)
+    assert int(resumed.epoch.numpy()) == 2
+    resumed.fit()
+    # same data per epoch, same optimizer state and step: equal up to float non-associativity
+    for a, b in zip(weights_of(whole.detector), weights_of(resumed.detector)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+    rows = (tmp_path / "killed" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+
+
+class PoisonAt(keras.callbacks.Callback):
+    """Makes one weight NaN at the start of an epoch, so the loss turns NaN there."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.detector.get_layer("conv_0").kernel
+            kernel.assign(tf.fill(kernel.shape, float("nan")))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 1.*\(epoch 1\)"):
+        train(config(data, tmp_path, epochs=3), progress=False, callbacks=[PoisonAt(1)])
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 1
+    best = load_model(tmp_path / "best.keras")
+    assert all(np.isfinite(w).all() for w in weights_of(best))
+    resumed = TrainingRun(config(data, tmp_path, epochs=3), resume=True, progress=False)
+    assert int(resumed.epoch.numpy()) == 1 and np.isfinite(resumed.detector.get_layer("conv_0").kernel.numpy()).all()
+
+
+def test_modes_head_full_new_head(data, tmp_path):
+    from kprune.models import zoo
+
+    source = zoo.build("yolov2", input_size=64, width=0.125, classes=6)
+    head = detection_heads(source)[0]
+    head.names = ["person", "Star", "cross", "triangle", "rectangle", "ellipse"]
+    save_model(source, tmp_path / "six.keras")
+
+    model, label_map = build_detector(config(data, tmp_path, model=None, init=str(tmp_path / "six.keras"), mode="head"),
+                                      ["ellipse", "triangle", "rectangle", "star", "cross"])
+    assert label_map == [5, 3, 4, 1, 2]  # by name, case-insensitively
+    with pytest.raises(ValueError, match="dataset class 'moon' matches no class of the model .*model classes: person"):
+        build_detector(config(data, tmp_path, model=None, init=str(tmp_path / "six.keras"), mode="head"),
+                       ["star", "moon"])
+    with pytest.raises(ValueError, match="the model has 6 classes and the dataset 5"):
+        build_detector(config(data, tmp_path, model=None, init=str(tmp_path / "six.keras")),
+                       ["a", "b", "c", "d", "e"])
+
+    run = TrainingRun(config(data, tmp_path / "head", model=None, init=str(tmp_path / "six.keras"), mode="head",
+                             epochs=1), progress=False)
+    trainable = {w.name.split("/")[0] for w in run.detector.trainable_weights}
+    assert trainable == {"conv_30"}  # yolov2's last conv only
+    before = weights_of(run.detector)
+    metrics = run.fit()
+    after = weights_of(run.detector)
+    changed = {w.name.split("/")[0] for w, a, b in zip(run.detector.weights, before, after) if not np.array_equal(a, b)}
+    assert changed == {"conv_30"}  # frozen batch norm keeps its statistics too
+    assert set(metrics["per_class"]) == set(head.names)
+
+    fresh = replace_heads(source, 5, ["a", "b", "c", "d", "e"])
+    assert fresh.output_shape == (None, 2, 2, 5 * (5 + 5)) and detection_heads(fresh)[0].classes == 5
+    for layer in source.layers:
+        if layer.weights and layer.name != "conv_30":
+            for a, b in zip(layer.get_weights(), fresh.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_warmup_then_cosine_or_step_by_hand():
+    cosine = WarmupCosine(1.0, total_steps=10, warmup_steps=2, final=0.0)
+    values = [float(cosine(step)) for step in (0, 1, 2, 6, 10)]
+    np.testing.assert_allclose(values, [0.5, 1.0, 1.0, 0.5, 0.0], atol=1e-6)
+    step = WarmupCosine(1.0, total_steps=10, warmup_steps=0, decay="step", boundaries=[4, 8], gamma=0.1)
+    np.testing.assert_allclose([float(step(s)) for s in (0, 4, 9)], [1.0, 0.1, 0.01], rtol=1e-5)
+
+
+def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 5\nlr: 0.01\naugment: {flip: 0.5, hue: 0.1}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\nlr: 0.002\naugment: {hue: 0.0}\n")
+    values = read_yaml(tmp_path / "run.yaml")
+    assert values == {"epochs": 5, "lr": 0.002, "augment": {"flip": 0.5, "hue": 0.0}}
+    assert build(TrainConfig, values, "run.yaml").lr == 0.002
+    with pytest.raises(ValueError, match="run.yaml: unknown key\\(s\\) learning_rate; known keys: dataset, model"):
+        build(TrainConfig, {"learning_rate": 1}, "run.yaml")
+    with pytest.raises(ValueError, match="mode 'partial': choose one of full, head, new-head"):
+        TrainConfig(mode="partial")
+    with pytest.raises(ValueError, match="give one of model, init or cfg"):
+        TrainConfig(model="yolov2", init="x.keras")
+    with pytest.raises(ValueError, match="no converted dataset in .*nowhere"):
+        train(TrainConfig(dataset=str(tmp_path / "nowhere")))
+
+
+def test_retrain_command_line(data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kprune.retrain", "--dataset", data, "--model", "yolov2", "--input-size", "64",
+         "--width", "0.125", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout[result.stdout.index("{"):])["epochs"] == 1
+    bad = subprocess.run([sys.executable, "-m", "kprune.retrain", "--dataset", str(tmp_path / "none")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and last.startswith("Error: dataset") and "Traceback" not in bad.stderr
+
+
+MIRRORED = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from kprune.train import TrainConfig, TrainingRun
+    losses = {}
+    for strategy in ("default", "mirrored"):
+        run = TrainingRun(TrainConfig(dataset=sys.argv[1], out=sys.argv[2] + "/" + strategy, model="yolov2",
+                                      input_size=64, width=0.125, batch_size=8, epochs=2, lr=2e-3,
+                                      strategy=strategy, seed=5), progress=False)
+        run.fit()
+        losses[strategy] = [float(r.split(",")[1]) for r in open(run.out / "log.csv").read().splitlines()[1:]]
+        losses[strategy + "_replicas"] = run.strategy.num_replicas_in_sync
+    print(json.dumps(losses))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_gives_the_loss_of_one_device(data, tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED)
+    result = subprocess.run([sys.executable, str(script), data, str(tmp_path)], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert losses["default_replicas"] == 1 and losses["mirrored_replicas"] == 2
+    # batch norm over the global batch, gradients summed over replicas of per-replica means:
+    # the same training, up to float summation order
+    np.testing.assert_allclose(losses["mirrored"], losses["default"], rtol=2e-3)
+
+
+def test_batch_norm_recalibration_averages_the_batch_statistics():
+    from kprune.models.layers import DarknetBatchNormalization
+    from kprune.train import recalibrate_batch_norm
+
+    inputs = keras.Input((4, 4, 3))
+    live = DarknetBatchNormalization(name="live")
+    frozen = DarknetBatchNormalization(name="frozen")
+    model = keras.Model(inputs, [live(inputs), frozen(inputs)])
+    frozen.trainable = False
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(k, k + 1, (2, 4, 4, 3)).astype(np.float32) for k in range(3)]
+    assert recalibrate_batch_norm(model, iter(batches)) == 3
+    np.testing.assert_allclose(live.moving_mean.numpy(), np.mean([b.mean(axis=(0, 1, 2)) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(live.moving_variance.numpy(), np.mean([b.var(axis=(0, 1, 2)) for b in batches], 0),
+                               rtol=1e-4)
+    assert live.momentum == 0.99  # restored
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), np.zeros(3))
