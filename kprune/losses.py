@@ -8,6 +8,10 @@ YOLOv2 (``region`` heads), YAD2K semantics, per image::
       + no_object_scale  * (1 - mask) * [best IoU < threshold] * [not in an ignore region] * sigmoid(to)^2
       + class_scale      * mask * |one_hot(class) - softmax(class logits)|^2
 
+(with ``class_loss="cross_entropy"`` the class term is ``class_scale * mask * CE(one_hot, logits)``
+instead, not halved: its gradient on the logits, softmax - one_hot, is the delta Darknet's region
+layer applies; YAD2K's squared error on the probabilities learns classes more slowly)
+
 where "best IoU" is the IoU of the predicted box with the true box it overlaps most (YAD2K's
 ``best_ious``; also the rescore target, held constant for the gradient). A prediction lies in an
 ignore region (crowd, DontCare, difficult) when at least half of its area is inside one; it then
@@ -47,6 +51,7 @@ class LossOptions:
     threshold: float = 0.6
     rescore: bool = True
     ignore_overlap: float = 0.5
+    class_loss: str = "mse"
 
     def __post_init__(self):
         for name in ("object_scale", "no_object_scale", "class_scale", "coordinate_scale"):
@@ -55,6 +60,8 @@ class LossOptions:
         for name in ("threshold", "ignore_overlap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss option {name} = {getattr(self, name)}: must be in [0, 1]")
+        if self.class_loss not in ("mse", "cross_entropy"):
+            raise ValueError(f"loss option class_loss = {self.class_loss!r}: choose mse (YAD2K) or cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -175,12 +182,15 @@ class YoloLoss:
             confidence = tf.sigmoid(x[..., 4])
             target = best_iou if o.rescore else 1.0
             coords = tf.reduce_sum(tf.square(matching[..., 0:4] - tf.concat([xy, twh], -1)), -1)
-            classes = tf.reduce_sum(tf.square(one_hot - tf.nn.softmax(x[..., 5:])), -1)
+            if o.class_loss == "mse":
+                classes = 0.5 * tf.reduce_sum(tf.square(one_hot - tf.nn.softmax(x[..., 5:])), -1)
+            else:
+                classes = tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=x[..., 5:])
             return {
                 "coordinates": 0.5 * o.coordinate_scale * per_image(mask * coords),
                 "objects": 0.5 * o.object_scale * per_image(mask * tf.square(target - confidence)),
                 "no_objects": 0.5 * o.no_object_scale * per_image((1 - mask) * background * tf.square(confidence)),
-                "classes": 0.5 * o.class_scale * per_image(mask * classes),
+                "classes": o.class_scale * per_image(mask * classes),
             }
         bce = tf.nn.sigmoid_cross_entropy_with_logits
         true_wh = tf.exp(matching[..., 2:4]) * anchors / input_wh

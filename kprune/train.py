@@ -304,6 +304,12 @@ def set_trainable(model, mode: str) -> None:
         layer.trainable = mode != "head" or layer.name in convs
 
 
+def variable_input_view(model):
+    """The same layers (the same weights) on an input of any size, for multi-scale training."""
+    return keras.models.clone_model(model, input_tensors=keras.Input((None, None, model.input_shape[-1])),
+                                    clone_function=lambda layer: layer)
+
+
 def batch_norm_layers(model) -> list:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
@@ -397,7 +403,9 @@ class TrainingRun:
             if config.bn_momentum is not None:
                 for layer in batch_norm_layers(self.detector):
                     layer.momentum = config.bn_momentum
-            self.trainer = DetectorTrainer(self.detector, self._loss())
+            # multi-scale batches need a model that takes any size; it shares the detector's layers
+            network = variable_input_view(self.detector) if config.multiscale else self.detector
+            self.trainer = DetectorTrainer(network, self._loss())
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),

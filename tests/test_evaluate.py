@@ -156,3 +156,32 @@ def test_targets_decoding_and_evaluation_agree_perfect_outputs_score_one(tmp_pat
     # ... and only objects that share a cell and anchor with another (YAD2K keeps one target) or that
     # NMS merges with an overlapping one of their class are missed
     assert result["map50"] >= 0.95 and result["coco_map"] >= 0.9
+
+
+def test_a_tflite_model_is_evaluated_through_litert_like_its_keras_model(tmp_path):
+    from data_tools import coco, synth
+    from data_tools.convert import write_dataset
+    from kprune._keras import tf
+    from kprune.evaluate import evaluate_model, tflite_predict
+    from kprune.models import zoo
+    from kprune.models.io import save_model
+    from conftest import randomize
+
+    synth.generate(tmp_path / "raw", num_train=1, num_val=4, size=96, seed=2, progress=False)
+    records, names, _ = coco.coco_records(tmp_path / "raw", 2017, None)
+    write_dataset(records, names, tmp_path / "data", {"kind": "coco"}, {}, progress=False)
+    model = zoo.build("yolov3-tiny", input_size=96, width=0.125, classes=5)
+    randomize(model, seed=3, scale=0.05)
+    save_model(model, tmp_path / "m.keras")
+    (tmp_path / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    images = np.random.default_rng(1).random((3, 96, 96, 3)).astype(np.float32)
+    got = tflite_predict(str(tmp_path / "m.tflite"), model)(images)
+    for a, b in zip(got, model(images)):
+        assert np.abs(a - b.numpy()).max() < 1e-4 * max(1.0, np.abs(b.numpy()).max())
+    keras_result = evaluate_model(str(tmp_path / "m.keras"), tmp_path / "data")
+    tflite_result = evaluate_model(str(tmp_path / "m.tflite"), tmp_path / "data")
+    assert tflite_result["map50"] == pytest.approx(keras_result["map50"], abs=1e-3)
+    for name, row in keras_result["per_class"].items():  # a score at the 0.001 cut may fall either way
+        assert abs(tflite_result["per_class"][name]["detections"] - row["detections"]) <= 1
+    with pytest.raises(ValueError, match="needs the .keras model it was converted from"):
+        evaluate_model(str(tmp_path / "m.tflite"), tmp_path / "data", keras_path=str(tmp_path / "x.keras"))

@@ -47,6 +47,18 @@ def test_region_loss_by_hand():
     assert terms["loss"] == pytest.approx(1.0)
 
 
+def test_region_class_cross_entropy_option_by_hand():
+    targets = targets_for([CENTRED], [[1]])
+    terms = region_loss(LossOptions(class_loss="cross_entropy"))(targets, [raw(np.zeros((2, 7)))])
+    assert float(terms["classes"]) == pytest.approx(LN2)  # -log(softmax) of two equal logits, not halved
+    output = np.zeros((2, 7))
+    output[0, 6] = 2.0  # the true class' logit
+    terms = region_loss(LossOptions(class_loss="cross_entropy", class_scale=3.0))(targets, [raw(output)])
+    assert float(terms["classes"]) == pytest.approx(3.0 * math.log(1 + math.exp(-2.0)), rel=1e-6)
+    with pytest.raises(ValueError, match="class_loss = 'focal'"):
+        LossOptions(class_loss="focal")
+
+
 def test_region_loss_rescore_uses_the_iou_of_the_shifted_prediction():
     targets = targets_for([CENTRED], [[1]])
     output = np.zeros((2, 7))

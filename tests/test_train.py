@@ -145,6 +145,15 @@ def test_modes_head_full_new_head(data, tmp_path):
                 np.testing.assert_array_equal(a, b)
 
 
+def test_multiscale_training_updates_the_fixed_size_model(data, tmp_path):
+    run = TrainingRun(config(data, tmp_path, epochs=1, multiscale=[32, 96], recalibrate_bn=0), progress=False)
+    assert run.trainer.detector is not run.detector and run.trainer.detector.input_shape == (None, None, None, 3)
+    before = run.detector.get_layer("conv_0").kernel.numpy().copy()
+    run.fit()
+    assert not np.array_equal(before, run.detector.get_layer("conv_0").kernel.numpy())
+    assert run.detector.input_shape == (None, 64, 64, 3)
+
+
 def test_warmup_then_cosine_or_step_by_hand():
     cosine = WarmupCosine(1.0, total_steps=10, warmup_steps=2, final=0.0)
     values = [float(cosine(step)) for step in (0, 1, 2, 6, 10)]
