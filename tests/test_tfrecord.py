@@ -113,8 +113,11 @@ def test_manifest_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a kprune dataset manifest"):
         tfrecord.read_manifest(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": tfrecord.FORMAT, "version": 1}))
+    with pytest.raises(ValueError, match="manifest version 1, this kprune reads version 2"):
+        tfrecord.read_manifest(tmp_path)  # version 1 stored 0-based labels: re-convert
     (tmp_path / "dataset.json").write_text(json.dumps(
-        {"format": tfrecord.FORMAT, "version": 1, "classes": ["a"], "splits": {"train": {"files": ["t.tfrecord"], "images": 1}}}))
+        {"format": tfrecord.FORMAT, "version": 2, "classes": ["a"], "splits": {"train": {"files": ["t.tfrecord"], "images": 1}}}))
     manifest = tfrecord.read_manifest(tmp_path)
     with pytest.raises(ValueError, match="no split 'val'; splits: train"):
         manifest.files("val")
