@@ -16,6 +16,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
+        except RuntimeError as exc:  # a training run that stopped (kprune.train.TrainingError)
+            if type(exc).__name__ != "TrainingError":
+                raise
+            raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
 
@@ -138,10 +142,6 @@ def detect(model_path, images, out, score, iou, names, no_letterbox):
     click.echo(f"{len(results)} detections in {len(images)} images -> {out}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command()
 @click.argument("model_path", metavar="MODEL", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), help="Converted dataset folder (with dataset.json).")
@@ -151,8 +151,9 @@ if __name__ == "__main__":
               help="For a .tflite MODEL: the .keras model it was converted from (default: same name).")
 @click.option("--detections", type=click.Path(dir_okay=False), help="Detections in the COCO results format.")
 @click.option("--ground-truth", type=click.Path(dir_okay=False), help="Ground truth in the COCO instances format.")
+@click.option("--no-letterbox", is_flag=True, help="Stretch images to the input instead of letterboxing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(model_path, data, split, batch_size, keras_path, detections, ground_truth, as_json):
+def evaluate(model_path, data, split, batch_size, keras_path, detections, ground_truth, no_letterbox, as_json):
     """mAP of MODEL (.keras or .tflite) on a dataset, or of COCO-format detections against ground truth.
 
     Detections at score >= 0.001, at most 100 per image; VOC AP at IoU 0.5 (all-point and 11-point),
@@ -163,14 +164,17 @@ def evaluate(model_path, data, split, batch_size, keras_path, detections, ground
     if model_path:
         if not data or detections or ground_truth:
             raise click.UsageError("give MODEL with --data, or --detections with --ground-truth")
-        result = ev.evaluate_model(model_path, data, split, batch_size, keras_path, progress=not as_json)
+        result = ev.evaluate_model(model_path, data, split, batch_size, keras_path, letterbox=not no_letterbox,
+                                   progress=not as_json)
     else:
         if not (detections and ground_truth) or data:
             raise click.UsageError("give MODEL with --data, or --detections with --ground-truth")
         result = ev.evaluate_files(detections, ground_truth)
     if as_json:
+        from kprune.fileio import json_safe
+
         result.pop("coco_summary", None)
-        click.echo(json.dumps(result, indent=1))
+        click.echo(json.dumps(json_safe(result), indent=1, allow_nan=False))
     else:
         click.echo(ev.report_table(result))
 
@@ -186,3 +190,7 @@ def train(config_path, resume, quiet):
 
     values = read_yaml(config_path)
     run(values, config_path, resume, quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,8 +59,3 @@ def build(cls: Type[T], values: Mapping[str, Any], source: str) -> T:
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
     return cls(**values)
-
-
-def as_dict(config) -> Dict[str, Any]:
-    """A dataclass config as plain data (for saving next to its results)."""
-    return dataclasses.asdict(config)

@@ -204,13 +204,16 @@ def evaluate_detections(
     return result
 
 
-def truths_from_coco(data: dict) -> tuple[List[ImageTruth], List[str]]:
-    """Ground truth from a COCO instances dict (crowd boxes become ignore regions of their class);
-    category ids are used as class indices."""
+def truths_from_coco(data: dict) -> tuple[List[ImageTruth], List[str], Dict[int, int]]:
+    """Ground truth from a COCO instances dict (crowd boxes become ignore regions of their class).
+
+    Returns:
+        (truths, class names, category id -> class index): the categories sorted by id are the
+        classes 0..K-1 (so kprune's own files, with ids 0..K-1, map to themselves).
+    """
     ids = sorted(c["id"] for c in data["categories"])
     names_by_id = {c["id"]: c["name"] for c in data["categories"]}
-    if ids != list(range(len(ids))):
-        raise ValueError(f"category ids {ids}: expected 0..{len(ids) - 1}, the model's class indices")
+    index = {category: k for k, category in enumerate(ids)}
     per_image: Dict[int, dict] = {im["id"]: {"im": im, "boxes": [], "labels": [], "ignore": [], "ignore_labels": []}
                                   for im in data["images"]}
     for ann in data["annotations"]:
@@ -220,26 +223,30 @@ def truths_from_coco(data: dict) -> tuple[List[ImageTruth], List[str]]:
         box = xywh_to_xyxy(np.asarray(ann["bbox"], np.float64))
         kind = "ignore" if ann.get("iscrowd", 0) else "boxes"
         entry[kind].append(box)
-        entry["ignore_labels" if kind == "ignore" else "labels"].append(ann["category_id"])
+        entry["ignore_labels" if kind == "ignore" else "labels"].append(index[ann["category_id"]])
     truths = [
         ImageTruth(e["im"]["id"], e["im"].get("height", 0), e["im"].get("width", 0),
                    np.asarray(e["boxes"], np.float64).reshape(-1, 4), np.asarray(e["labels"], np.int64),
                    np.asarray(e["ignore"], np.float64).reshape(-1, 4), np.asarray(e["ignore_labels"], np.int64))
         for e in per_image.values()
     ]
-    return truths, [names_by_id[i] for i in ids]
+    return truths, [names_by_id[i] for i in ids], index
 
 
-def detections_from_coco(results: List[dict]) -> List[ImageDetections]:
-    """Detections from a COCO results list."""
+def detections_from_coco(results: List[dict], index: Dict[int, int]) -> List[ImageDetections]:
+    """Detections from a COCO results list, as for mAP: score >= 0.001, the best 100 per image;
+    category ids mapped to class indices with ``index``."""
     grouped: Dict[int, list] = {}
     for r in results:
-        grouped.setdefault(r["image_id"], []).append(r)
-    return [
-        ImageDetections(image_id, xywh_to_xyxy(np.asarray([r["bbox"] for r in rs], np.float64)).reshape(-1, 4),
-                        np.asarray([r["score"] for r in rs], np.float64), np.asarray([r["category_id"] for r in rs]))
-        for image_id, rs in grouped.items()
-    ]
+        if r["score"] >= SCORE_THRESHOLD:
+            grouped.setdefault(r["image_id"], []).append(r)
+    detections = []
+    for image_id, rs in grouped.items():
+        rs = sorted(rs, key=lambda r: -r["score"])[:MAX_DETECTIONS]
+        detections.append(ImageDetections(
+            image_id, xywh_to_xyxy(np.asarray([r["bbox"] for r in rs], np.float64)).reshape(-1, 4),
+            np.asarray([r["score"] for r in rs], np.float64), np.asarray([index[r["category_id"]] for r in rs])))
+    return detections
 
 
 def predict_dataset(
@@ -349,10 +356,13 @@ def tflite_predict(path: str, model):
 
 
 def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, keras_path: Optional[str] = None,
-                   progress: bool = False) -> dict:
+                   letterbox: bool = True, progress: bool = False) -> dict:
     """mAP of a ``.keras`` or ``.tflite`` model on a split of a converted dataset (see
     :func:`evaluate_detections`). A ``.tflite`` file needs the ``.keras`` model it came from for
     its head metadata: ``keras_path``, or the file of the same name with ``.keras``.
+
+    Classes are matched by name when the model stores names (a model that kept other classes is
+    scored in its own classes, the dataset's mapped onto them); by index otherwise.
 
     Raises:
         ValueError: unknown file type, missing Keras model for a .tflite file, or classes that do not
@@ -361,6 +371,7 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
     import os
 
     from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.models.head import class_mapping
     from kprune.models.io import load_model
     from kprune.models.layers import detection_heads
 
@@ -377,12 +388,17 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
         model = load_model(path)
     else:
         raise ValueError(f"{path}: expected a .keras or .tflite model")
-    classes = detection_heads(model)[0].classes
-    if classes != len(manifest.classes):
-        raise ValueError(f"{path} has {classes} classes, the dataset {len(manifest.classes)} "
+    head = detection_heads(model)[0]
+    names, label_map = manifest.classes, None
+    if head.names and list(head.names) != list(manifest.classes):
+        # a model that kept other classes (head-mode retraining): score in its classes, by name
+        label_map, names = class_mapping(manifest.classes, head.names, {}), list(head.names)
+    elif head.classes != len(manifest.classes):
+        raise ValueError(f"{path} has {head.classes} unnamed classes, the dataset {len(manifest.classes)} "
                          f"({', '.join(manifest.classes)})")
-    detections, truths = predict_dataset(model, manifest, split, batch_size, predict=predict, progress=progress)
-    result = evaluate_detections(detections, truths, manifest.classes)
+    detections, truths = predict_dataset(model, manifest, split, batch_size, letterbox=letterbox, predict=predict,
+                                         label_map=label_map, progress=progress)
+    result = evaluate_detections(detections, truths, names)
     result["model"], result["split"] = path, split
     return result
 
@@ -422,11 +438,22 @@ def evaluate_files(detections_path: str, ground_truth_path: str) -> dict:
         raise ValueError(f"{ground_truth_path}: expected a COCO instances dict (images, annotations, categories)")
     if not isinstance(results, list):
         raise ValueError(f"{detections_path}: expected a list of COCO results (image_id, category_id, bbox, score)")
-    truths, names = truths_from_coco(ground_truth)
+    try:
+        truths, names, index = truths_from_coco(ground_truth)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{ground_truth_path}: malformed COCO instances ({type(error).__name__}: {error})") from None
     known = {t.image_id for t in truths}
-    strangers = sorted({r["image_id"] for r in results} - known)
-    if strangers:
-        raise ValueError(f"{detections_path}: detections for images {strangers[:5]} that {ground_truth_path} lacks")
-    result = evaluate_detections(detections_from_coco(results), truths, names)
+    try:
+        strangers = sorted({r["image_id"] for r in results} - known)
+        unknown = sorted({r["category_id"] for r in results} - set(index))
+        if strangers:
+            raise ValueError(f"{detections_path}: detections for images {strangers[:5]} that {ground_truth_path} lacks")
+        if unknown:
+            raise ValueError(f"{detections_path}: category ids {unknown[:5]} are not in {ground_truth_path}")
+        detections = detections_from_coco(results, index)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{detections_path}: malformed COCO results ({type(error).__name__}: {error}); "
+                         "expected image_id, category_id, bbox and score") from None
+    result = evaluate_detections(detections, truths, names)  # pycocotools sees the same detections
     result["detections_file"], result["ground_truth_file"] = detections_path, ground_truth_path
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
 
 
+def json_safe(payload):
+    """``payload`` with NaN and infinite floats replaced by None, so that it is valid JSON."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: json_safe(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [json_safe(value) for value in payload]
+    return payload
+
+
 def write_json_atomic(path: str | os.PathLike, payload) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically."""
-    write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
+    """Write ``payload`` as JSON to ``path`` atomically (NaN written as null)."""
+    write_bytes_atomic(path, (json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n").encode("utf-8"))

@@ -181,7 +181,8 @@ class YoloLoss:
         if head.kind == "region":
             confidence = tf.sigmoid(x[..., 4])
             target = best_iou if o.rescore else 1.0
-            coords = tf.reduce_sum(tf.square(matching[..., 0:4] - tf.concat([xy, twh], -1)), -1)
+            # the raw widths here: a clipped one would get no gradient back from beyond the clip
+            coords = tf.reduce_sum(tf.square(matching[..., 0:4] - tf.concat([xy, x[..., 2:4]], -1)), -1)
             if o.class_loss == "mse":
                 classes = 0.5 * tf.reduce_sum(tf.square(one_hot - tf.nn.softmax(x[..., 5:])), -1)
             else:

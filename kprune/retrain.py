@@ -18,7 +18,7 @@ import json
 
 import click
 
-from kprune.train import DATASETS, MODES, STRATEGIES
+from kprune.train import DATASETS, MODES, STRATEGIES, TrainingError
 
 _OPTIONS = ("dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "epochs", "batch_size",
             "lr", "strategy", "seed", "out", "multiscale")
@@ -31,7 +31,12 @@ def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
 
     if resume:
         saved = f"{values.get('out') or TrainConfig.out}/config.yaml"
-        values = {**read_yaml(saved), **{k: v for k, v in values.items() if k in ("epochs", "out")}}
+        stored = read_yaml(saved)
+        changed = sorted(k for k, v in values.items() if k not in ("epochs", "out") and stored.get(k) != v)
+        if changed:
+            raise ValueError(f"--resume continues the run as {saved} describes it; it cannot change "
+                             f"{', '.join(changed)} (only --epochs)")
+        values = {**stored, **{k: v for k, v in values.items() if k in ("epochs", "out")}}
         source = saved
     config = build(TrainConfig, values, source)
     metrics = train(config, resume=resume, progress=not quiet)
@@ -71,10 +76,13 @@ def main(config_path, resume, quiet, as_json, **options):
         values.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
                        if v is not None and k in _OPTIONS})
         metrics = run(values, config_path or "command line", resume, quiet or as_json)
-    except ValueError as error:
+    except (ValueError, TrainingError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
-        click.echo(json.dumps({k: v for k, v in metrics.items() if k != "coco_summary"}, indent=1))
+        from kprune.fileio import json_safe
+
+        payload = json_safe({k: v for k, v in metrics.items() if k != "coco_summary"})
+        click.echo(json.dumps(payload, indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

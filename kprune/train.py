@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 
 from kprune._keras import keras, tf
 from kprune.losses import LossOptions, YoloLoss, loss_terms
+from kprune.models.head import class_mapping
 
 MODES = ("full", "head", "new-head")
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -121,7 +123,8 @@ class TrainConfig:
 
     Batch norm: Darknet's momentum 0.99 suits 100k-step runs; over a few hundred steps the moving
     statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
-    statistics are recomputed exactly over ``recalibrate_bn`` training batches (0: off).
+    moving mean and variance are set to the average batch statistics of ``recalibrate_bn`` (seeded,
+    augmented) training batches at the input size (0: off).
     """
 
     dataset: str = "synth"
@@ -154,6 +157,7 @@ class TrainConfig:
     out: str = "runs/train"
 
     def __post_init__(self):
+        self._coerce()
         sources = [name for name in ("model", "init", "cfg") if getattr(self, name)]
         if len(sources) > 1:
             raise ValueError(f"give one of model, init or cfg + weights, not {' and '.join(sources)}")
@@ -174,6 +178,37 @@ class TrainConfig:
             raise ValueError(f"lr = {self.lr}: must be > 0")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
+        self._check_nested("loss", LossOptions)
+        from kprune.data.pipeline import Augment
+
+        self._check_nested("augment", Augment)
+
+    def _coerce(self):
+        """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""
+        kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
+                 "eval_every": int, "early_stopping": int, "steps_per_epoch": int,
+                 "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, bool):
+                continue
+            try:
+                converted = kind(float(value)) if kind is int else kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} = {value!r}: expected a number") from None
+            if kind is int and converted != float(value):
+                raise ValueError(f"{name} = {value!r}: expected a whole number")
+            setattr(self, name, converted)
+
+    def _check_nested(self, name: str, cls) -> None:
+        """``loss:`` and ``augment:`` hold fields of their dataclasses; anything else is refused."""
+        values = getattr(self, name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{name}: expected a mapping of {cls.__name__} fields, got {values!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
 def resolve_dataset(name_or_path: str) -> str:
@@ -232,27 +267,6 @@ def replace_heads(model, classes: int, names: Optional[Sequence[str]] = None):
         if layer.name not in conv_heads and layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     return new
-
-
-def class_mapping(dataset_classes: Sequence[str], model_names: Optional[Sequence[str]],
-                  class_map: Dict[str, str]) -> List[int]:
-    """For ``head`` mode: the model class index of every dataset class.
-
-    Raises:
-        ValueError: the model has no class names, or a dataset class has no counterpart.
-    """
-    if not model_names:
-        raise ValueError("mode head keeps the model's classes, but the model has no class names "
-                         "(convert it with --names, or use --mode new-head)")
-    lookup = {n.lower(): i for i, n in enumerate(model_names)}
-    mapping = []
-    for name in dataset_classes:
-        target = class_map.get(name, name).lower()
-        if target not in lookup:
-            raise ValueError(f"dataset class {name!r} matches no class of the model (add it to class_map, "
-                             f"e.g. {name}: {model_names[0]}); model classes: {', '.join(model_names)}")
-        mapping.append(lookup[target])
-    return mapping
 
 
 def build_detector(config: TrainConfig, classes: Sequence[str]):
@@ -333,6 +347,15 @@ def recalibrate_batch_norm(model, batches) -> int:
     return count
 
 
+def is_chief(strategy) -> bool:
+    """True except on the non-chief workers of a multi-worker strategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
+                                                      and "chief" not in resolver.cluster_spec().as_dict())
+
+
 def make_strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -342,13 +365,16 @@ def make_strategy(name: str):
 
 
 class RunCallback(keras.callbacks.Callback):
-    """Stops on a NaN / Inf loss (naming the step), saves the last and best checkpoints each epoch,
-    evaluates mAP every ``eval_every`` epochs."""
+    """Stops on a NaN / Inf loss (naming the step; that batch's update has already reached the
+    weights in memory, which are therefore not saved), saves the last and best checkpoints each
+    epoch, evaluates mAP every ``eval_every`` epochs, and stops early after ``early_stopping`` epochs
+    without improvement. Its state lives in ``state.json``, so a resumed run continues it."""
 
     def __init__(self, run, monitor: str):
         super().__init__()
         self.run, self.monitor = run, monitor
         self.best = run.state.get("best")
+        self.best_epoch = run.state.get("best_epoch", 0)
         self.failure = None
         self.epoch = 0
 
@@ -372,10 +398,15 @@ class RunCallback(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         better = value is not None and (self.best is None or (value > self.best if "map" in self.monitor else value < self.best))
         if better:
-            self.best = float(value)
+            self.best, self.best_epoch = float(value), epoch + 1
             self.run.best.save()
             self.run.save_detector("best.keras")
-        self.run.state.update({"epoch": epoch + 1, "best": self.best, "monitor": self.monitor})
+        patience = self.run.config.early_stopping
+        stopped = bool(patience) and epoch + 1 - self.best_epoch >= patience
+        if stopped:
+            self.model.stop_training = True
+        self.run.state.update({"epoch": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
+                               "monitor": self.monitor, "stopped_early": stopped})
         self.run.write_json("state.json", self.run.state)
 
 
@@ -393,6 +424,13 @@ class TrainingRun:
             if split not in self.manifest.splits or self.manifest.num_images(split) == 0:
                 raise ValueError(f"dataset {self.data}: split {split!r} is missing or empty")
         self.strategy = make_strategy(config.strategy)
+        self.replicas = self.strategy.num_replicas_in_sync
+        if config.batch_size % self.replicas:
+            raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.replicas} replicas")
+        for split in ("train", "val"):
+            if self.manifest.num_images(split) < config.batch_size and (split == "train" or self.replicas > 1):
+                raise ValueError(f"dataset {self.data}: split {split!r} has {self.manifest.num_images(split)} images, "
+                                 f"fewer than one batch of {config.batch_size}")
         with self.strategy.scope():
             # the same fresh weights for the same seed; the global seed is cleared again because the
             # pipeline seeds its own ops per epoch (and tf.data refuses tensor seeds under a global one)
@@ -406,6 +444,9 @@ class TrainingRun:
             # multi-scale batches need a model that takes any size; it shares the detector's layers
             network = variable_input_view(self.detector) if config.multiscale else self.detector
             self.trainer = DetectorTrainer(network, self._loss())
+            from kprune.data.targets import TargetEncoder
+
+            self.encoder = TargetEncoder.from_model(self.detector)
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
@@ -415,8 +456,13 @@ class TrainingRun:
             self.trainer.compile(optimizer=optimizer)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             checkpoint = tf.train.Checkpoint(detector=self.detector, optimizer=optimizer, epoch=self.epoch)
-        self.last = tf.train.CheckpointManager(checkpoint, str(self.out / "checkpoints" / "last"), max_to_keep=1)
-        self.best = tf.train.CheckpointManager(checkpoint, str(self.out / "checkpoints" / "best"), max_to_keep=1)
+        # under multi-worker training every worker saves (collective ops), but only the chief into
+        # the run directory; the others write to a scratch folder of their own
+        self.chief = is_chief(self.strategy)
+        folder = self.out if self.chief else Path(tempfile.mkdtemp(prefix="kprune-worker-"))
+        self.writes_to = folder
+        self.last = tf.train.CheckpointManager(checkpoint, str(folder / "checkpoints" / "last"), max_to_keep=1)
+        self.best = tf.train.CheckpointManager(checkpoint, str(folder / "checkpoints" / "best"), max_to_keep=1)
         self.state = {}
         if resume:
             if self.last.latest_checkpoint is None:
@@ -431,28 +477,28 @@ class TrainingRun:
             loss = YoloLoss(loss.heads, dataclasses.replace(loss.options, **self.config.loss))
         return loss
 
-    def dataset(self, split: str, training: bool, start_epoch: int = 0):
+    def dataset(self, split: str, training: bool, start_epoch: int = 0, fixed_size: bool = False):
         from kprune.data.pipeline import Augment, make_dataset
-        from kprune.data.targets import TargetEncoder
 
         c = self.config
         size = self.detector.input_shape[1]
         augment = Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.augment.items()})
         return make_dataset(
             self.manifest, split, size, c.batch_size, training=training, augment=augment, letterbox=c.letterbox,
-            encoder=TargetEncoder.from_model(self.detector), multiscale=c.multiscale if training else None,
+            encoder=self.encoder, multiscale=c.multiscale if training and not fixed_size else None,
             seed=c.seed, start_epoch=start_epoch, repeat=training, label_map=self.label_map,
+            drop_remainder=training or self.replicas > 1,  # replicas need equal, non-empty shares
         )
 
     def write_json(self, name: str, payload) -> None:
         from kprune.fileio import write_json_atomic
 
-        write_json_atomic(self.out / name, payload)
+        write_json_atomic(self.writes_to / name, payload)
 
     def save_detector(self, name: str) -> None:
         from kprune.models.io import save_model
 
-        save_model(self.detector, self.out / name)
+        save_model(self.detector, self.writes_to / name)
 
     def evaluate(self, split: str = "val") -> dict:
         from kprune.evaluate import evaluate_detections, predict_dataset
@@ -486,11 +532,8 @@ class TrainingRun:
             keras.callbacks.CSVLogger(str(self.out / "log.csv"), append=start > 0),
             keras.callbacks.TensorBoard(str(self.out / "tensorboard"), update_freq="epoch", write_graph=False),
         ]
-        if c.early_stopping:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=c.early_stopping,
-                                                           mode="max" if "map" in monitor else "min"))
         began = time.perf_counter()
-        if start < c.epochs:
+        if start < c.epochs and not self.state.get("stopped_early"):
             self.trainer.fit(
                 self.dataset("train", True, start), validation_data=self.dataset("val", False),
                 epochs=c.epochs, initial_epoch=start, steps_per_epoch=self.steps, callbacks=callbacks,
@@ -500,8 +543,9 @@ class TrainingRun:
             raise TrainingError(f"{run_callback.failure}; stopped. The last good checkpoint is "
                                 f"{self.last.latest_checkpoint} (epoch {int(self.epoch.numpy())})")
         seconds = time.perf_counter() - began
-        if c.recalibrate_bn and start < c.epochs:
-            batches = (images for images, _ in self.dataset("train", True, c.epochs).take(c.recalibrate_bn))
+        if c.recalibrate_bn:  # deterministic (seeded data of epoch `epochs`), so a resume redoes it alike
+            batches = (images for images, _ in self.dataset("train", True, c.epochs, fixed_size=True)
+                       .take(c.recalibrate_bn))
             with self.strategy.scope():
                 recalibrate_batch_norm(self.detector, batches)
         self.save_detector("final.keras")

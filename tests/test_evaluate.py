@@ -118,6 +118,28 @@ def test_cli_scores_coco_files(tmp_path):
     # b: FP (0.95) then TP (0.8) then TP (0.5): precision 0, 1/2, 2/3 at recall 0, 1/2, 1; made
     # monotone from the right, 2/3 over the whole recall range
     assert payload["per_class"]["b"]["ap"] == pytest.approx(2 / 3)
+    # standard COCO category ids (1, 18, ...) map to class indices in id order; low scores are cut
+    gt = coco_ground_truth(truths, NAMES)
+    for cat, new in zip(gt["categories"], (7, 3)):
+        for ann in gt["annotations"]:
+            if ann["category_id"] == cat["id"]:
+                ann["category_id"] = -new
+        cat["id"] = -new
+    for thing in gt["annotations"] + gt["categories"]:
+        key = "category_id" if "category_id" in thing else "id"
+        thing[key] = -thing[key]
+    (tmp_path / "gt2.json").write_text(json.dumps(gt))
+    results = [dict(r, category_id={0: 7, 1: 3}[r["category_id"]]) for r in coco_detections(detections)]
+    results.append({"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "score": 0.0005})
+    (tmp_path / "dt2.json").write_text(json.dumps(results))
+    renamed = CliRunner().invoke(main, ["evaluate", "--detections", str(tmp_path / "dt2.json"),
+                                        "--ground-truth", str(tmp_path / "gt2.json"), "--json"])
+    again = json.loads(renamed.output)
+    assert list(again["per_class"]) == ["b", "a"]  # id 3 (b) before id 7 (a)
+    assert again["map50"] == pytest.approx(payload["map50"]) and again["per_class"]["b"]["detections"] == 3
+    bad = CliRunner().invoke(main, ["evaluate", "--detections", str(tmp_path / "gt.json"),
+                                    "--ground-truth", str(tmp_path / "gt.json")])
+    assert bad.exit_code == 1 and "expected a list of COCO results" in bad.output
     table = CliRunner().invoke(main, ["evaluate", "--detections", str(tmp_path / "dt.json"),
                                       "--ground-truth", str(tmp_path / "gt.json")])
     assert "mAP@0.5 (VOC all-point)" in table.output and table.output.count("\n") >= 5

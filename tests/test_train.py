@@ -1,6 +1,7 @@
 """Training runs on tiny synthetic data: run directory, resume after a kill, NaN stop, modes,
 schedules, configs, and mirrored training on two logical CPUs."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_a_run_directory_has_everything(data, tmp_path):
     assert rows[0].startswith("epoch,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["epochs"] == 2 and {"map50", "map50_11pt", "coco_map", "coco_ap50", "per_class"} <= set(saved)
-    assert saved == json.loads(json.dumps(metrics)) or saved["map50"] == metrics["map50"]
+    assert saved["map50"] == pytest.approx(metrics["map50"]) and saved["per_class"].keys() == metrics["per_class"].keys()
     assert read_yaml(tmp_path / "config.yaml")["epochs"] == 2
     final = load_model(tmp_path / "final.keras")
     assert final.input_shape == (None, 64, 64, 3) and detection_heads(final)[0].names[0] == "ellipse"
@@ -162,6 +163,48 @@ def test_warmup_then_cosine_or_step_by_hand():
     np.testing.assert_allclose([float(step(s)) for s in (0, 4, 9)], [1.0, 0.1, 0.01], rtol=1e-5)
 
 
+def test_small_splits_odd_replica_batches_and_resume_changes_are_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="split 'train' has 16 images, fewer than one batch of 32"):
+        TrainingRun(config(data, tmp_path, batch_size=32))
+    from kprune.retrain import run
+
+    train(config(data, tmp_path / "r", epochs=1, recalibrate_bn=2), progress=False)
+    values = {"out": str(tmp_path / "r"), "lr": 0.5}
+    with pytest.raises(ValueError, match="cannot change lr"):
+        run(values, "command line", resume=True, quiet=True)
+    # resuming a finished run redoes the (seeded) recalibration: the same final model
+    first = weights_of(load_model(tmp_path / "r" / "final.keras"))
+    run({"out": str(tmp_path / "r")}, "command line", resume=True, quiet=True)
+    for a, b in zip(first, weights_of(load_model(tmp_path / "r" / "final.keras"))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_counts_from_the_saved_state_so_it_survives_a_resume():
+    from types import SimpleNamespace
+
+    from kprune.train import RunCallback
+
+    saved = []
+
+    def stub(state):
+        return SimpleNamespace(
+            config=SimpleNamespace(early_stopping=2, eval_every=0), state=state, epoch=tf.Variable(0, dtype=tf.int64),
+            last=SimpleNamespace(save=lambda: None), best=SimpleNamespace(save=lambda: saved.append("best")),
+            save_detector=lambda name: None, write_json=lambda name, payload: None)
+
+    first = stub({})
+    callback = RunCallback(first, "val_loss")
+    callback.set_model(SimpleNamespace(stop_training=False))
+    for epoch, loss in enumerate([1.0, 0.9, 0.95]):
+        callback.on_epoch_end(epoch, {"val_loss": loss})
+    assert not callback.model.stop_training and first.state["best_epoch"] == 2 and saved == ["best", "best"]
+    # killed here; the resumed run's callback starts from the saved state: one more bad epoch stops it
+    resumed = RunCallback(stub(dict(first.state)), "val_loss")
+    resumed.set_model(SimpleNamespace(stop_training=False))
+    resumed.on_epoch_end(3, {"val_loss": 0.97})
+    assert resumed.model.stop_training and resumed.run.state["stopped_early"] and resumed.run.state["epoch"] == 4
+
+
 def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
     (tmp_path / "base.yaml").write_text("epochs: 5\nlr: 0.01\naugment: {flip: 0.5, hue: 0.1}\n")
     (tmp_path / "run.yaml").write_text("base: base.yaml\nlr: 0.002\naugment: {hue: 0.0}\n")
@@ -172,6 +215,15 @@ def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
         build(TrainConfig, {"learning_rate": 1}, "run.yaml")
     with pytest.raises(ValueError, match="mode 'partial': choose one of full, head, new-head"):
         TrainConfig(mode="partial")
+    assert TrainConfig(lr="1e-3", epochs="4").lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(ValueError, match="lr = 'fast': expected a number"):
+        TrainConfig(lr="fast")
+    with pytest.raises(ValueError, match="epochs = 2.5: expected a whole number"):
+        TrainConfig(epochs=2.5)
+    with pytest.raises(ValueError, match="loss: unknown key\\(s\\) objectness_scale; known: object_scale"):
+        TrainConfig(loss={"objectness_scale": 2})
+    with pytest.raises(ValueError, match="augment: unknown key\\(s\\) mosaic"):
+        TrainConfig(augment={"mosaic": True})
     with pytest.raises(ValueError, match="give one of model, init or cfg"):
         TrainConfig(model="yolov2", init="x.keras")
     with pytest.raises(ValueError, match="no converted dataset in .*nowhere"):
@@ -192,7 +244,7 @@ def test_retrain_command_line(data, tmp_path):
 
 
 MIRRORED = textwrap.dedent("""
-    import json, sys
+    import csv, json, sys
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -200,10 +252,11 @@ MIRRORED = textwrap.dedent("""
     losses = {}
     for strategy in ("default", "mirrored"):
         run = TrainingRun(TrainConfig(dataset=sys.argv[1], out=sys.argv[2] + "/" + strategy, model="yolov2",
-                                      input_size=64, width=0.125, batch_size=8, epochs=2, lr=2e-3,
+                                      input_size=64, width=0.125, batch_size=8, epochs=1, lr=2e-3,
                                       strategy=strategy, seed=5), progress=False)
         run.fit()
-        losses[strategy] = [float(r.split(",")[1]) for r in open(run.out / "log.csv").read().splitlines()[1:]]
+        rows = list(csv.DictReader(open(run.out / "log.csv")))
+        losses[strategy] = [float(row[key]) for row in rows for key in ("loss", "val_loss")]
         losses[strategy + "_replicas"] = run.strategy.num_replicas_in_sync
     print(json.dumps(losses))
 """)
@@ -218,9 +271,14 @@ def test_mirrored_on_two_logical_cpus_gives_the_loss_of_one_device(data, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads(result.stdout.strip().splitlines()[-1])
     assert losses["default_replicas"] == 1 and losses["mirrored_replicas"] == 2
-    # batch norm over the global batch, gradients summed over replicas of per-replica means:
-    # the same training, up to float summation order
-    np.testing.assert_allclose(losses["mirrored"], losses["default"], rtol=2e-3)
+    # batch norm over the global batch, gradients summed over replicas of per-replica means: the same
+    # training up to float summation order. Adam's first steps are nearly sign(gradient), so a
+    # gradient component near zero can flip and move a weight by a whole step: the epoch's training
+    # loss (two steps) agrees within 1 %, the validation loss after it within 0.1 %
+    train_default, val_default = losses["default"]
+    train_mirrored, val_mirrored = losses["mirrored"]
+    assert train_mirrored == pytest.approx(train_default, rel=1e-2)
+    assert val_mirrored == pytest.approx(val_default, rel=1e-3)
 
 
 def test_batch_norm_recalibration_averages_the_batch_statistics():

@@ -230,6 +230,7 @@ def make_dataset(
     repeat: bool = False,
     with_meta: bool = False,
     label_map: Optional[Sequence[int]] = None,
+    drop_remainder: Optional[bool] = None,
     num_parallel_calls: Optional[int] = None,
 ) -> tf.data.Dataset:
     """The batched input pipeline of one split of a converted dataset.
@@ -261,6 +262,7 @@ def make_dataset(
         with_meta: add ``source_id``, ``image_hw``, ``scale_xy`` and ``offset_xy`` to the targets
             (for evaluation: with augmentation they describe the zoom and shift, not the flip).
         label_map: the model label of each dataset label (a model that keeps its own classes).
+        drop_remainder: drop the last incomplete batch of each epoch (default: when training).
         num_parallel_calls: parallel decode/augment calls (default: tf.data.AUTOTUNE).
 
     Raises:
@@ -303,7 +305,7 @@ def make_dataset(
             return load_example(parse_example(serialized), key, size, letterbox, augment, max_boxes, max_ignore)
 
         images = records.enumerate().map(load, num_parallel_calls=calls, deterministic=True)
-        return images.batch(batch_size, drop_remainder=training)
+        return images.batch(batch_size, drop_remainder=training if drop_remainder is None else drop_remainder)
 
     last = 2**62 if repeat else start_epoch + 1
     dataset = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch)

@@ -12,7 +12,7 @@ back to image pixels by undoing the letterbox or resize of :func:`preprocess_ima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -212,3 +212,24 @@ def detect(
             for box, score, cls in zip(pixels, kept_scores, kept_classes)
         ])
     return results
+
+
+def class_mapping(dataset_classes: Sequence[str], model_names: Optional[Sequence[str]],
+                  class_map: Dict[str, str]) -> List[int]:
+    """For ``head`` mode: the model class index of every dataset class.
+
+    Raises:
+        ValueError: the model has no class names, or a dataset class has no counterpart.
+    """
+    if not model_names:
+        raise ValueError("mode head keeps the model's classes, but the model has no class names "
+                         "(convert it with --names, or use --mode new-head)")
+    lookup = {n.lower(): i for i, n in enumerate(model_names)}
+    mapping = []
+    for name in dataset_classes:
+        target = class_map.get(name, name).lower()
+        if target not in lookup:
+            raise ValueError(f"dataset class {name!r} matches no class of the model (add it to class_map, "
+                             f"e.g. {name}: {model_names[0]}); model classes: {', '.join(model_names)}")
+        mapping.append(lookup[target])
+    return mapping

@@ -124,10 +124,11 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
         if context is None or context.num_replicas_in_sync == 1:
             return tf.nn.moments(x, axes=axes)
         count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        total, squares, count = context.all_reduce(
-            tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count])
+        total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), count])
         mean = total / count
-        return mean, tf.maximum(squares / count - tf.square(mean), 0.0)
+        # a second pass around the global mean: E[x^2] - E[x]^2 loses the small variances in float32
+        squares = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes))
+        return mean, squares / count
 
     def call(self, inputs, training=None):
         if training is None:
