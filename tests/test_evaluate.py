@@ -119,17 +119,14 @@ def test_cli_scores_coco_files(tmp_path):
     # monotone from the right, 2/3 over the whole recall range
     assert payload["per_class"]["b"]["ap"] == pytest.approx(2 / 3)
     # standard COCO category ids (1, 18, ...) map to class indices in id order; low scores are cut
+    renumber = {0: 7, 1: 3}  # a -> id 7, b -> id 3
     gt = coco_ground_truth(truths, NAMES)
-    for cat, new in zip(gt["categories"], (7, 3)):
-        for ann in gt["annotations"]:
-            if ann["category_id"] == cat["id"]:
-                ann["category_id"] = -new
-        cat["id"] = -new
-    for thing in gt["annotations"] + gt["categories"]:
-        key = "category_id" if "category_id" in thing else "id"
-        thing[key] = -thing[key]
+    for thing in gt["annotations"]:
+        thing["category_id"] = renumber[thing["category_id"]]
+    for thing in gt["categories"]:
+        thing["id"] = renumber[thing["id"]]
     (tmp_path / "gt2.json").write_text(json.dumps(gt))
-    results = [dict(r, category_id={0: 7, 1: 3}[r["category_id"]]) for r in coco_detections(detections)]
+    results = [dict(r, category_id=renumber[r["category_id"]]) for r in coco_detections(detections)]
     results.append({"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "score": 0.0005})
     (tmp_path / "dt2.json").write_text(json.dumps(results))
     renamed = CliRunner().invoke(main, ["evaluate", "--detections", str(tmp_path / "dt2.json"),
