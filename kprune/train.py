@@ -125,6 +125,9 @@ class TrainConfig:
     statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
     moving mean and variance are set to the average batch statistics of ``recalibrate_bn`` (seeded,
     augmented) training batches at the input size (0: off).
+
+    ``pretrain_epochs`` > 0 first trains the trunk as a classifier of ground-truth crops of
+    ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
     """
 
     dataset: str = "synth"
@@ -151,6 +154,8 @@ class TrainConfig:
     strategy: str = "default"
     bn_momentum: Optional[float] = 0.9
     recalibrate_bn: int = 32
+    pretrain_epochs: int = 0
+    pretrain_crop: int = 64
     early_stopping: Optional[int] = None
     eval_every: int = 0
     steps_per_epoch: Optional[int] = None
@@ -186,6 +191,7 @@ class TrainConfig:
     def _coerce(self):
         """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""
         kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
+                 "pretrain_epochs": int, "pretrain_crop": int,
                  "eval_every": int, "early_stopping": int, "steps_per_epoch": int,
                  "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
         for name, kind in kinds.items():
@@ -322,6 +328,53 @@ def variable_input_view(model):
     """The same layers (the same weights) on an input of any size, for multi-scale training."""
     return keras.models.clone_model(model, input_tensors=keras.Input((None, None, model.input_shape[-1])),
                                     clone_function=lambda layer: layer)
+
+
+def object_crops(manifest, split: str, size: int, limit: Optional[int] = None):
+    """Every ground-truth object of a split cut out and resized to ``size`` x ``size`` (RGB in [0, 1]),
+    with its label: the data of :func:`pretrain_trunk`."""
+    import cv2
+
+    from kprune.data.tfrecord import deserialize_sample
+
+    images, labels = [], []
+    for record in tf.data.TFRecordDataset(manifest.files(split)).take(limit or -1):
+        sample = deserialize_sample(record.numpy())
+        pixels = tf.io.decode_jpeg(sample.encoded, channels=3).numpy()
+        scale = np.array([sample.width, sample.height] * 2)
+        for box, label in zip(sample.boxes, sample.labels):
+            x0, y0, x1, y1 = np.round(box * scale).astype(int)
+            if x1 - x0 >= 2 and y1 - y0 >= 2:
+                images.append(cv2.resize(pixels[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA))
+                labels.append(label)
+    return np.asarray(images, np.float32) / 255.0, np.asarray(labels, np.int64)
+
+
+def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: int = 32, lr: float = 2e-3,
+                   progress: bool = False) -> dict:
+    """Train the detector's trunk (everything up to its first head conv) as a classifier of the
+    ground-truth objects, cut out and resized to ``crop`` pixels, under a global-average-pooling
+    softmax layer that is then thrown away. The analogue of Darknet's ImageNet pre-training: a thin
+    YOLOv2 learns shapes far faster this way than from detection alone.
+
+    Returns:
+        ``crops``, ``epochs``, ``accuracy`` (last epoch, on the crops), ``seconds``.
+    """
+    if crop % 32:
+        raise ValueError(f"pre-training crop {crop}: must be a multiple of 32")
+    began = time.perf_counter()
+    images, labels = object_crops(manifest, "train", crop)
+    conv = next(iter(head_convs(detector).values()))
+    trunk = keras.Model(detector.input, conv.input)
+    inputs = keras.Input((crop, crop, detector.input_shape[-1]))
+    features = keras.models.clone_model(trunk, input_tensors=inputs, clone_function=lambda layer: layer).output
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    classifier = keras.Model(inputs, keras.layers.Dense(len(manifest.classes))(pooled))
+    classifier.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       metrics=["accuracy"])
+    history = classifier.fit(images, labels, batch_size=batch_size, epochs=epochs, verbose=1 if progress else 0)
+    return {"crops": len(images), "epochs": epochs, "accuracy": float(history.history["accuracy"][-1]),
+            "seconds": time.perf_counter() - began}
 
 
 def batch_norm_layers(model) -> list:
@@ -533,6 +586,10 @@ class TrainingRun:
             keras.callbacks.TensorBoard(str(self.out / "tensorboard"), update_freq="epoch", write_graph=False),
         ]
         began = time.perf_counter()
+        if start == 0 and c.pretrain_epochs and not self.state.get("pretrained"):
+            with self.strategy.scope():
+                self.state["pretrained"] = pretrain_trunk(self.detector, self.manifest, c.pretrain_epochs,
+                                                          c.pretrain_crop, progress=self.progress)
         if start < c.epochs and not self.state.get("stopped_early"):
             self.trainer.fit(
                 self.dataset("train", True, start), validation_data=self.dataset("val", False),

@@ -155,6 +155,26 @@ def test_multiscale_training_updates_the_fixed_size_model(data, tmp_path):
     assert run.detector.input_shape == (None, 64, 64, 3)
 
 
+def test_pretraining_the_trunk_on_object_crops(data, tmp_path):
+    from kprune.data.tfrecord import read_manifest
+    from kprune.train import object_crops, pretrain_trunk
+
+    manifest = read_manifest(data)
+    images, labels = object_crops(manifest, "train", 32)
+    objects = manifest.splits["train"]["objects"]
+    assert images.shape[1:] == (32, 32, 3) and 0.9 * objects <= len(images) <= objects
+    assert 0.0 <= images.min() and images.max() <= 1.0 and set(labels) <= set(range(5))
+    run = TrainingRun(config(data, tmp_path, epochs=1, pretrain_epochs=2, pretrain_crop=32), progress=False)
+    before = run.detector.get_layer("conv_0").kernel.numpy().copy()
+    head_before = run.detector.get_layer("conv_30").kernel.numpy().copy()
+    summary = pretrain_trunk(run.detector, manifest, 1, crop=32)
+    assert summary["crops"] == len(images) and summary["epochs"] == 1
+    assert not np.array_equal(before, run.detector.get_layer("conv_0").kernel.numpy())  # the trunk trained
+    np.testing.assert_array_equal(head_before, run.detector.get_layer("conv_30").kernel.numpy())  # not the head
+    run.fit()
+    assert json.loads((tmp_path / "state.json").read_text())["pretrained"]["epochs"] == 2
+
+
 def test_warmup_then_cosine_or_step_by_hand():
     cosine = WarmupCosine(1.0, total_steps=10, warmup_steps=2, final=0.0)
     values = [float(cosine(step)) for step in (0, 1, 2, 6, 10)]
