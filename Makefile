@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install test test-fast bench demo data-synth clean
+.PHONY: install test test-fast bench demo data-synth baseline clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ SYNTH ?= data/synth
 data-synth: $(STAMP)
 	$(PY) -m data_tools synth --out $(SYNTH_RAW)
 	$(PY) -m data_tools coco --coco-dir $(SYNTH_RAW) --classes all --out $(SYNTH)
+
+# YOLOv2 (width 0.25, 224 px) trained on the synthetic data; runs/synth-baseline/metrics.json
+baseline: data-synth
+	$(PY) -m kprune.retrain --config experiments/synth_baseline.yaml --dataset $(SYNTH)
 
 demo: $(STAMP)
 	$(PY) -m kprune.demo --out runs/demo
