@@ -403,10 +403,12 @@ def recalibrate_batch_norm(model, batches) -> int:
 def is_chief(strategy) -> bool:
     """True except on the non-chief workers of a multi-worker strategy."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster or resolver.task_type is None:
         return True
-    return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
-                                                      and "chief" not in resolver.cluster_spec().as_dict())
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0  # Keras' rule without a chief task
 
 
 def make_strategy(name: str):
