@@ -126,6 +126,10 @@ class TrainConfig:
     moving mean and variance are set to the average batch statistics of ``recalibrate_bn`` (seeded,
     augmented) training batches at the input size (0: off).
 
+    ``validate_every``: the validation loss is computed every that many epochs (about 10 % of an
+    epoch's time on the synthetic data); the best checkpoint and early stopping only see those
+    epochs, unless ``eval_every`` makes them follow mAP.
+
     ``pretrain_epochs`` > 0 first trains the trunk as a classifier of ground-truth crops of
     ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
     """
@@ -158,6 +162,7 @@ class TrainConfig:
     pretrain_crop: int = 64
     early_stopping: Optional[int] = None
     eval_every: int = 0
+    validate_every: int = 1
     steps_per_epoch: Optional[int] = None
     out: str = "runs/train"
 
@@ -176,7 +181,7 @@ class TrainConfig:
             raise ValueError(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r}: choose adam or sgd")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "validate_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
@@ -192,7 +197,7 @@ class TrainConfig:
         """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""
         kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
                  "pretrain_epochs": int, "pretrain_crop": int,
-                 "eval_every": int, "early_stopping": int, "steps_per_epoch": int,
+                 "eval_every": int, "validate_every": int, "early_stopping": int, "steps_per_epoch": int,
                  "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
         for name, kind in kinds.items():
             value = getattr(self, name)
@@ -595,7 +600,8 @@ class TrainingRun:
         if start < c.epochs and not self.state.get("stopped_early"):
             self.trainer.fit(
                 self.dataset("train", True, start), validation_data=self.dataset("val", False),
-                epochs=c.epochs, initial_epoch=start, steps_per_epoch=self.steps, callbacks=callbacks,
+                validation_freq=c.validate_every, epochs=c.epochs, initial_epoch=start, steps_per_epoch=self.steps,
+                callbacks=callbacks,
                 verbose=1 if self.progress else 0,
             )
         if run_callback.failure:

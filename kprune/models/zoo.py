@@ -29,6 +29,13 @@ def cfg_path(name_or_path: str | os.PathLike) -> str:
     raise ValueError(f"{text!r} is neither a cfg file nor a zoo model; zoo models: {', '.join(available())}")
 
 
+#: cfg index of the last layer of each zoo model's classification backbone (Darknet-19 for YOLOv2,
+#: Darknet-53 for YOLOv3, the six conv + maxpool stages for the tiny models); later layers are the head
+BACKBONE_LAST_LAYER = {
+    "yolov2": 22, "yolov2-voc": 22, "yolov2-tiny": 11, "yolov2-tiny-voc": 11, "yolov3": 74, "yolov3-tiny": 11,
+}
+
+
 def build(name: str, **overrides):
     """Build a zoo model (or a cfg file) with :func:`kprune.darknet.builder.build_model` overrides."""
     from kprune.darknet.builder import build_model

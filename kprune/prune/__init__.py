@@ -1,0 +1,2 @@
+"""Pruning: unstructured magnitude pruning through tfmot (:mod:`.unstructured`) and structured
+filter removal (:mod:`.graph`, :mod:`.importance`, :mod:`.surgeon`, :mod:`.strategies`)."""
