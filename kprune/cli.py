@@ -192,5 +192,55 @@ def train(config_path, resume, quiet):
     run(values, config_path, resume, quiet)
 
 
+def _layer_ratio(ctx, param, values):
+    out = {}
+    for text in values:
+        name, sep, ratio = text.partition("=")
+        try:
+            out[name] = float(ratio)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise click.BadParameter(f"{text!r}: expected LAYER=RATIO, e.g. conv_4=0.5")
+    return out
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.option("--method", required=True, type=click.Choice(
+    ["threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters"]),
+    help="filters: remove whole filters (structured); the others zero weights inside kernels (tfmot).")
+@click.option("--ratio", type=float, help="Fraction of filters (filters) or of weights (sparsity) to remove.")
+@click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]), default="l1",
+              show_default=True, help="Filter importance (method filters).")
+@click.option("--strategy", type=click.Choice(["uniform", "independent", "global"]), default="uniform",
+              show_default=True, help="How filters are chosen across layers (method filters).")
+@click.option("--layer-ratio", multiple=True, callback=_layer_ratio, metavar="LAYER=RATIO",
+              help="Per-layer ratio for --strategy independent (LAYER may be a regular expression); repeatable.")
+@click.option("--scope", default="all", show_default=True,
+              help="all, backbone, head, or a regular expression on layer names.")
+@click.option("--include-outputs", is_flag=True, help="Also prune the output convs (sparsity methods).")
+@click.option("--round-to", type=int, default=8, show_default=True, help="Kept filters per layer: a multiple of this.")
+@click.option("--max-ratio", type=float, default=0.9, show_default=True, help="At most this fraction of a layer's filters.")
+@click.option("--data", type=click.Path(file_okay=False), help="Dataset to retrain on (with --epochs).")
+@click.option("--epochs", type=int, help="Retraining epochs (with --data).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Retraining learning rate.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Retraining batch size.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
+def prune(model_path, method, ratio, threshold, criterion, strategy, layer_ratio, scope, include_outputs, round_to,
+          max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
+    """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
+    from kprune.prune.command import dumps, prune_model, summary
+
+    report = prune_model(model_path, out, method, ratio=ratio, threshold=threshold, criterion=criterion,
+                         strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
+                         max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
+                         train_options={"lr": lr, "batch_size": batch_size}, progress=not quiet and not as_json)
+    click.echo(dumps(report) if as_json else summary(report))
+
+
 if __name__ == "__main__":
     main()

@@ -130,6 +130,9 @@ class TrainConfig:
     epoch's time on the synthetic data); the best checkpoint and early stopping only see those
     epochs, unless ``eval_every`` makes them follow mAP.
 
+    ``keep_sparsity``: the zeros of the initial model's kernels (an unstructured-pruned model) stay
+    zero: tfmot wrappers with those fixed masks are trained and stripped before every save.
+
     ``pretrain_epochs`` > 0 first trains the trunk as a classifier of ground-truth crops of
     ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
     """
@@ -160,6 +163,7 @@ class TrainConfig:
     recalibrate_bn: int = 32
     pretrain_epochs: int = 0
     pretrain_crop: int = 64
+    keep_sparsity: bool = False
     early_stopping: Optional[int] = None
     eval_every: int = 0
     validate_every: int = 1
@@ -473,7 +477,7 @@ class RunCallback(keras.callbacks.Callback):
 class TrainingRun:
     """One training run in its directory (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, prepare=None):
         from kprune.data.tfrecord import read_manifest
 
         self.config, self.progress = config, progress
@@ -497,6 +501,17 @@ class TrainingRun:
             keras.utils.set_random_seed(config.seed)
             self.detector, self.label_map = build_detector(config, self.manifest.classes)
             tf.random.set_seed(None)
+            self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
+            # tfmot pruning wrappers: kept zeros, or a sparsity schedule from ``prepare(model, steps)``
+            if config.keep_sparsity:
+                from kprune.prune.unstructured import keep_masks
+
+                self.detector = keep_masks(self.detector)
+            if prepare is not None:
+                self.detector = prepare(self.detector, self.steps)
+            from kprune.prune.unstructured import pruning_wrappers
+
+            self.pruning = bool(pruning_wrappers(self.detector))
             set_trainable(self.detector, config.mode)
             if config.bn_momentum is not None:
                 for layer in batch_norm_layers(self.detector):
@@ -507,7 +522,6 @@ class TrainingRun:
             from kprune.data.targets import TargetEncoder
 
             self.encoder = TargetEncoder.from_model(self.detector)
-            self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
                 decay=config.decay, boundaries=[e * self.steps for e in config.decay_epochs])
@@ -558,7 +572,12 @@ class TrainingRun:
     def save_detector(self, name: str) -> None:
         from kprune.models.io import save_model
 
-        save_model(self.detector, self.writes_to / name)
+        detector = self.detector
+        if self.pruning:
+            from kprune.prune.unstructured import strip
+
+            detector = strip(detector)
+        save_model(detector, self.writes_to / name)
 
     def evaluate(self, split: str = "val") -> dict:
         from kprune.evaluate import evaluate_detections, predict_dataset
@@ -586,6 +605,10 @@ class TrainingRun:
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)
+        if self.pruning:
+            import tensorflow_model_optimization as tfmot
+
+            callbacks = [*callbacks, tfmot.sparsity.keras.UpdatePruningStep()]
         callbacks = [
             *callbacks,
             run_callback,
@@ -630,6 +653,9 @@ def class_names(model) -> List[str]:
     return list(head.names) if head.names else [str(i) for i in range(head.classes)]
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, callbacks: Sequence = ()) -> dict:
-    """Run (or resume) a training run; returns the final metrics."""
-    return TrainingRun(config, resume=resume, progress=progress).fit(callbacks)
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, callbacks: Sequence = (),
+          prepare=None) -> dict:
+    """Run (or resume) a training run; returns the final metrics. ``prepare(model, steps_per_epoch)``
+    may return the detector with tfmot pruning wrappers (see :mod:`kprune.prune.unstructured`);
+    they are then trained with their schedules and stripped from every saved model."""
+    return TrainingRun(config, resume=resume, progress=progress, prepare=prepare).fit(callbacks)

@@ -318,3 +318,24 @@ def test_batch_norm_recalibration_averages_the_batch_statistics():
                                rtol=1e-4)
     assert live.momentum == 0.99  # restored
     np.testing.assert_array_equal(frozen.moving_mean.numpy(), np.zeros(3))
+
+
+def test_retraining_a_sparse_model_keeps_its_zeros(data, tmp_path):
+    from kprune.prune import unstructured as U
+    from kprune.prune.scope import layers_in_scope
+
+    model, _ = build_detector(config(data, tmp_path), ["a"] * 5)
+    names = layers_in_scope(model)
+    wrapped = U.wrap(model, {n: U.make_schedule("constant", s) for n, s in U.layer_sparsities(model, "global", 0.5, names).items()})
+    U.prune_now(wrapped)
+    sparse = U.strip(wrapped)
+    save_model(sparse, tmp_path / "sparse.keras")
+    zeros = {n: sparse.get_layer(n).kernel.numpy() == 0 for n in names}
+    train(TrainConfig(dataset=data, init=str(tmp_path / "sparse.keras"), keep_sparsity=True, epochs=2, batch_size=4,
+                      out=str(tmp_path / "run")), progress=False)
+    final = load_model(tmp_path / "run" / "final.keras")
+    assert [l.name for l in final.layers] == [l.name for l in sparse.layers]  # stripped
+    for name in names:
+        kernel = final.get_layer(name).kernel.numpy()
+        assert np.count_nonzero(kernel[zeros[name]]) == 0
+        assert np.count_nonzero(kernel[~zeros[name]] != sparse.get_layer(name).kernel.numpy()[~zeros[name]]) > 0

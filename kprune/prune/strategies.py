@@ -6,9 +6,6 @@
 - ``global``: one ranking of all units across layers; the lowest-scoring go until ``ratio`` of the
   filters in scope is removed (use the ``l1-normalized`` criterion for fair comparison).
 
-Multi-round strategies that retrain between rounds (gradual, iterative) build on these in
-:mod:`kprune.prune.schedules`.
-
 Constraints, applied to every group: never more than ``max_ratio`` of its channels, never all of
 them, and kept channels rounded up to a multiple of ``round_to`` (8 by default: odd channel counts
 waste the speed-up on vector hardware).
@@ -20,8 +17,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
-
-import numpy as np
 
 from kprune.prune.graph import ChannelGraph, Group
 from kprune.prune.importance import filter_scores, unit_score

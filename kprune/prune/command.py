@@ -1,0 +1,147 @@
+"""``kprune prune``: prune a saved model by one method, optionally retrain, save, and report.
+
+Methods:
+    ``filters``: structured (:func:`kprune.prune.structured.prune_filters`); the pruning history
+        is written next to the model as ``OUT.history.json``.
+    ``threshold``, ``percentage``, ``global``: unstructured, one shot (tfmot); retraining keeps the
+        zeros.
+    ``tfmot-constant``, ``tfmot-polynomial``: unstructured during retraining, on tfmot's constant or
+        cubic schedule reaching the target at the start of the last epoch (needs ``data`` and
+        ``epochs``).
+
+With ``data`` and ``epochs`` the pruned model is retrained (:func:`kprune.train.train`, run folder
+``OUT.run/``) and the report gets the run's mAP.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
+
+
+def _measure(model) -> dict:
+    from kprune.report.metrics import count_flops, count_params
+
+    params = count_params(model)
+    return {"params": params["params"], "nonzero_params": params["nonzero_params"], "flops": count_flops(model)}
+
+
+def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
+                threshold: Optional[float] = None, criterion: str = "l1", strategy: str = "uniform",
+                scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
+                layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
+                epochs: Optional[int] = None, train_options: Optional[dict] = None, progress: bool = True) -> dict:
+    """Prune ``model_path`` into ``out`` (a ``.keras`` file); returns the report.
+
+    The report has ``method``, ``params_before``, ``params_after``, ``flops_before``, ``flops_after``,
+    ``nonzero_params_after``, ``layers`` (per layer: name and channels or sparsity before and after)
+    and, after retraining, ``retrained`` (the run's metrics).
+
+    Raises:
+        ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
+            without data or epochs, or anything the pruning functions refuse.
+    """
+    from kprune.models.io import load_model, save_model
+    from kprune.prune import unstructured as U
+    from kprune.prune.scope import layers_in_scope
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    if not str(out).endswith(".keras"):
+        raise ValueError(f"--out {out}: must end in .keras")
+    value = threshold if method == "threshold" else ratio
+    if value is None and not (method == "filters" and strategy == "independent"):
+        raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
+    if (data is None) != (epochs is None):
+        raise ValueError("retraining needs both --data and --epochs")
+    if method.startswith("tfmot-") and data is None:
+        raise ValueError(f"method {method} prunes while training: give --data and --epochs")
+
+    model = load_model(model_path)
+    before = _measure(model)
+    report = {"method": method, "model": str(model_path)}
+    history = None
+    prepare = None
+    if method == "filters":
+        from kprune.prune.structured import prune_filters
+
+        result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+        pruned, history = result.model, result.history
+        report["layers"] = result.layers
+        report.update(criterion=criterion, strategy=strategy, protected=result.protected,
+                      unhandled=result.unhandled, capped=result.capped)
+    else:
+        names = layers_in_scope(model, scope, outputs=include_outputs)
+        before_sparsity = U.sparsity(model, names)
+        if method.startswith("tfmot-"):
+            kind = method[len("tfmot-"):]
+
+            def prepare(detector, steps):
+                end = steps * max(int(epochs) - 1, 1)
+                return U.wrap(detector, {n: U.make_schedule(kind, value, 0, end) for n in names})
+
+            pruned = model
+        else:
+            targets = U.layer_sparsities(model, method, value, names)
+            wrapped = U.wrap(model, {n: U.make_schedule("constant", s) for n, s in targets.items()})
+            U.prune_now(wrapped)
+            pruned = U.strip(wrapped)
+        report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
+
+    if data is not None:
+        from kprune.train import TrainConfig, train
+
+        with tempfile.TemporaryDirectory(prefix="kprune-prune-") as scratch:
+            start = Path(scratch) / "pruned.keras"
+            save_model(pruned, start)
+            options = {**(train_options or {}), "dataset": data, "init": str(start), "epochs": int(epochs),
+                       "out": str(out)[: -len(".keras")] + ".run",
+                       "keep_sparsity": method in ("threshold", "percentage", "global")}
+            metrics = train(TrainConfig(**options), progress=progress, prepare=prepare)
+            pruned = load_model(Path(options["out"]) / "final.keras")
+        report["retrained"] = metrics
+
+    after = _measure(pruned)
+    if method != "filters":
+        after_sparsity = U.sparsity(pruned, [row["name"] for row in report["layers"]])
+        for row in report["layers"]:
+            row["sparsity_after"] = after_sparsity[row["name"]]
+    report.update(params_before=before["params"], params_after=after["params"], flops_before=before["flops"],
+                  flops_after=after["flops"], nonzero_params_before=before["nonzero_params"],
+                  nonzero_params_after=after["nonzero_params"], out=str(out))
+    save_model(pruned, out)
+    if history is not None:
+        from kprune.fileio import write_json_atomic
+
+        write_json_atomic(str(out)[: -len(".keras")] + ".history.json", history)
+        report["history"] = str(out)[: -len(".keras")] + ".history.json"
+    return report
+
+
+def summary(report: dict) -> str:
+    """A few readable lines for the terminal."""
+    lines = [
+        f"{report['method']}: parameters {report['params_before']:,} -> {report['params_after']:,}, "
+        f"non-zero {report['nonzero_params_before']:,} -> {report['nonzero_params_after']:,}, "
+        f"FLOPs {report['flops_before'] / 1e9:.3f} -> {report['flops_after'] / 1e9:.3f} G",
+    ]
+    for row in report["layers"]:
+        if "channels_before" in row:
+            if row["channels_before"] != row["channels_after"]:
+                lines.append(f"  {row['name']:<24} {row['channels_before']:>6} -> {row['channels_after']:<6} filters")
+        else:
+            lines.append(f"  {row['name']:<24} sparsity {row['sparsity_before']:.3f} -> {row['sparsity_after']:.3f}")
+    if "retrained" in report:
+        lines.append(f"retrained: mAP@0.5 {report['retrained']['map50']:.4f}")
+    lines.append(f"saved {report['out']}" + (f" and {report['history']}" if "history" in report else ""))
+    return "\n".join(lines)
+
+
+def dumps(report: dict) -> str:
+    from kprune.fileio import json_safe
+
+    return json.dumps(json_safe(report), indent=1, allow_nan=False)

@@ -1,0 +1,95 @@
+"""`kprune prune`: the JSON contract, the history file, retraining, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kprune.cli import main
+from kprune.darknet.builder import build_model
+from kprune.models.io import load_model, save_model
+from kprune.prune.surgeon import apply_history
+from kprune.report.metrics import count_flops, count_params
+from tests.conftest import cfg_path, randomize
+
+
+def _run(*args):
+    return CliRunner().invoke(main, ["prune", *[str(a) for a in args]], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prune") / "dense.keras"
+    model = build_model(cfg_path("yolov2"), input_size=64, width=0.25, classes=5)
+    randomize(model, seed=3, scale=0.05)
+    save_model(model, path)
+    return path
+
+
+def test_filters_json_and_history(dense, tmp_path):
+    out = tmp_path / "pruned.keras"
+    result = _run(dense, "--method", "filters", "--ratio", "0.5", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    model, pruned = load_model(dense), load_model(out)
+    assert report["params_before"] == count_params(model)["params"] == 3_180_010  # summed by hand
+    assert report["params_after"] == count_params(pruned)["params"] < report["params_before"]
+    assert report["flops_before"] == count_flops(model) and report["flops_after"] == count_flops(pruned)
+    assert report["nonzero_params_after"] == count_params(pruned)["nonzero_params"]
+    layers = {row["name"]: row for row in report["layers"]}
+    assert layers["conv_0"] == {"name": "conv_0", "channels_before": 8, "channels_after": 8}  # rounded to 8
+    assert layers["conv_22"]["channels_after"] == 128 and layers["conv_30"]["channels_after"] == 50
+    history = json.loads((tmp_path / "pruned.history.json").read_text())
+    replayed = apply_history(model, history)
+    x = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(replayed(x).numpy(), pruned(x).numpy())
+
+
+def test_global_sparsity_json(dense, tmp_path):
+    result = _run(dense, "--method", "global", "--ratio", "0.6", "--out", tmp_path / "s.keras", "--json")
+    report = json.loads(result.output)
+    kernels = sum(load_model(dense).get_layer(row["name"]).kernel.shape.num_elements() for row in report["layers"])
+    zeros = report["nonzero_params_before"] - report["nonzero_params_after"]
+    assert zeros == pytest.approx(0.6 * kernels, abs=len(report["layers"]))
+    assert report["params_after"] == report["params_before"] and report["flops_after"] == report["flops_before"]
+    assert "conv_30" not in {row["name"] for row in report["layers"]}  # outputs only when asked
+    assert all(row["sparsity_before"] == 0 and row["sparsity_after"] > 0 for row in report["layers"])
+
+
+def test_errors_are_one_line(dense, tmp_path):
+    out = tmp_path / "x.keras"
+    cases = [
+        (["--method", "filters", "--out", out], "method filters needs --ratio"),
+        (["--method", "threshold", "--ratio", "0.5", "--out", out], "method threshold needs --threshold"),
+        (["--method", "filters", "--ratio", "0.5", "--data", tmp_path, "--out", out], "needs both --data and --epochs"),
+        (["--method", "tfmot-constant", "--ratio", "0.5", "--out", out], "prunes while training"),
+        (["--method", "filters", "--ratio", "1.2", "--out", out], r"ratio 1.2: must be in [0, 1)"),
+        (["--method", "filters", "--strategy", "independent", "--layer-ratio", "conv_4", "--out", out], "expected LAYER=RATIO"),
+        (["--method", "filters", "--ratio", "0.5", "--out", tmp_path / "x.h5"], "must end in .keras"),
+    ]
+    for args, message in cases:
+        result = _run(dense, *args)
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_prune_while_retraining_on_the_cubic_schedule(dense, tmp_path):
+    from data_tools import coco, synth
+    from data_tools.convert import write_dataset
+
+    synth.generate(tmp_path / "raw", num_train=16, num_val=8, size=64, seed=1, progress=False)
+    records, names, _ = coco.coco_records(tmp_path / "raw", 2017, None)
+    write_dataset(records, names, tmp_path / "data", {"kind": "coco"}, {}, progress=False)
+    out = tmp_path / "p.keras"
+    result = _run(dense, "--method", "tfmot-polynomial", "--ratio", "0.5", "--data", tmp_path / "data",
+                  "--epochs", "2", "--batch-size", "4", "--out", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0 <= report["retrained"]["map50"] <= 1 and (tmp_path / "p.run" / "metrics.json").is_file()
+    model = load_model(out)
+    for row in report["layers"]:
+        size = model.get_layer(row["name"]).kernel.shape.num_elements()
+        assert row["sparsity_after"] == pytest.approx(round(size * 0.5) / size)
