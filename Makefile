@@ -35,7 +35,7 @@ data-synth: $(STAMP)
 	$(PY) -m data_tools synth --out $(SYNTH_RAW)
 	$(PY) -m data_tools coco --coco-dir $(SYNTH_RAW) --classes all --out $(SYNTH)
 
-# YOLOv2 (width 0.25, 224 px) trained on the synthetic data; runs/synth-baseline/metrics.json
+# YOLOv2 (width 0.25, 256 px) trained on the synthetic data; runs/synth-baseline/metrics.json
 baseline: data-synth
 	$(PY) -m kprune.retrain --config experiments/synth_baseline.yaml --dataset $(SYNTH)
 
