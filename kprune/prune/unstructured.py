@@ -88,8 +88,8 @@ def make_schedule(kind: str, target: float, begin_step: int = 0, end_step: int =
         frequency -= 1
     if kind == "constant":
         return tfmot.sparsity.keras.ConstantSparsity(target, begin_step, end_step, frequency)
-    return tfmot.sparsity.keras.PolynomialDecay(initial, target, begin_step, max(end_step, begin_step + 1)
-                                                if not span else end_step, power=3, frequency=frequency)
+    end_step = max(end_step, begin_step + 1)  # tfmot's PolynomialDecay needs end > begin
+    return tfmot.sparsity.keras.PolynomialDecay(initial, target, begin_step, end_step, power=3, frequency=frequency)
 
 
 def wrap(model, schedules: Dict[str, object]):
