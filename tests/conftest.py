@@ -31,3 +31,16 @@ def randomize(model, seed: int = 0, scale: float = 0.1) -> None:
 @pytest.fixture(scope="session")
 def cfg_dir() -> Path:
     return CFG_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_data(tmp_path_factory) -> str:
+    """16 training and 8 validation synthetic images of 64 px, converted: a dataset to train on."""
+    from data_tools import coco, synth
+    from data_tools.convert import write_dataset
+
+    root = tmp_path_factory.mktemp("tiny-synth")
+    synth.generate(root / "raw", num_train=16, num_val=8, size=64, seed=1, progress=False)
+    records, names, _ = coco.coco_records(root / "raw", 2017, None)
+    write_dataset(records, names, root / "data", {"kind": "coco"}, {}, progress=False)
+    return str(root / "data")

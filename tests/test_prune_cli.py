@@ -76,15 +76,9 @@ def test_errors_are_one_line(dense, tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_while_retraining_on_the_cubic_schedule(dense, tmp_path):
-    from data_tools import coco, synth
-    from data_tools.convert import write_dataset
-
-    synth.generate(tmp_path / "raw", num_train=16, num_val=8, size=64, seed=1, progress=False)
-    records, names, _ = coco.coco_records(tmp_path / "raw", 2017, None)
-    write_dataset(records, names, tmp_path / "data", {"kind": "coco"}, {}, progress=False)
+def test_prune_while_retraining_on_the_cubic_schedule(dense, tiny_synth_data, tmp_path):
     out = tmp_path / "p.keras"
-    result = _run(dense, "--method", "tfmot-polynomial", "--ratio", "0.5", "--data", tmp_path / "data",
+    result = _run(dense, "--method", "tfmot-polynomial", "--ratio", "0.5", "--data", tiny_synth_data,
                   "--epochs", "2", "--batch-size", "4", "--out", out, "--json", "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

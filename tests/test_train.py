@@ -21,15 +21,8 @@ SMALL = dict(model="yolov2", input_size=64, width=0.125, batch_size=4, lr=2e-3, 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from data_tools import coco, synth
-    from data_tools.convert import write_dataset
-
-    root = tmp_path_factory.mktemp("train")
-    synth.generate(root / "raw", num_train=16, num_val=8, size=64, seed=1, progress=False)
-    records, names, _ = coco.coco_records(root / "raw", 2017, None)
-    write_dataset(records, names, root / "data", {"kind": "coco"}, {}, progress=False)
-    return str(root / "data")
+def data(tiny_synth_data):
+    return tiny_synth_data
 
 
 def config(data, out, **overrides):
