@@ -212,10 +212,16 @@ def _layer_ratio(ctx, param, values):
     help="filters: remove whole filters (structured); the others zero weights inside kernels (tfmot).")
 @click.option("--ratio", type=float, help="Fraction of filters (filters) or of weights (sparsity) to remove.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]), default="l1",
-              show_default=True, help="Filter importance (method filters).")
-@click.option("--strategy", type=click.Choice(["uniform", "independent", "global"]), default="uniform",
-              show_default=True, help="How filters are chosen across layers (method filters).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]),
+              help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise].")
+@click.option("--strategy", type=click.Choice(["uniform", "independent", "global", "gradual", "iterative"]),
+              default="uniform", show_default=True,
+              help="How filters are chosen across layers (method filters). gradual: --rounds rounds on the cubic "
+                   "schedule to --ratio, ranked globally, fine-tuned --epochs after each; iterative: --ratio more of "
+                   "every layer per round, fine-tuned, until mAP@0.5 drops more than --max-drop.")
+@click.option("--rounds", type=int, help="Rounds of gradual (default 4) or at most, of iterative (default 10).")
+@click.option("--max-drop", type=float,
+              help="iterative: the largest mAP@0.5 drop accepted, as a fraction (default 0.02 = 2 points).")
 @click.option("--layer-ratio", multiple=True, callback=_layer_ratio, metavar="LAYER=RATIO",
               help="Per-layer ratio for --strategy independent (LAYER may be a regular expression); repeatable.")
 @click.option("--scope", default="all", show_default=True,
@@ -224,22 +230,71 @@ def _layer_ratio(ctx, param, values):
 @click.option("--round-to", type=int, default=8, show_default=True, help="Kept filters per layer: a multiple of this.")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True, help="At most this fraction of a layer's filters.")
 @click.option("--data", type=click.Path(file_okay=False), help="Dataset to retrain on (with --epochs).")
-@click.option("--epochs", type=int, help="Retraining epochs (with --data).")
+@click.option("--epochs", type=int, help="Retraining epochs (with --data); per round for gradual and iterative.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Retraining learning rate.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Retraining batch size.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
-def prune(model_path, method, ratio, threshold, criterion, strategy, layer_ratio, scope, include_outputs, round_to,
-          max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
+def prune(model_path, method, ratio, threshold, criterion, strategy, rounds, max_drop, layer_ratio, scope,
+          include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
 
     report = prune_model(model_path, out, method, ratio=ratio, threshold=threshold, criterion=criterion,
                          strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
                          max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
-                         train_options={"lr": lr, "batch_size": batch_size}, progress=not quiet and not as_json)
+                         train_options={"lr": lr, "batch_size": batch_size}, rounds=rounds, max_drop=max_drop,
+                         progress=not quiet and not as_json)
     click.echo(dumps(report) if as_json else summary(report))
+
+
+
+def _ratios(ctx, param, value):
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated fractions, e.g. 0.1,0.3,0.5") from None
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Converted dataset folder.")
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True, callback=_ratios,
+              help="Fractions of each layer's filters to remove, comma-separated.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]), default="l1",
+              show_default=True, help="Which filters go first.")
+@click.option("--scope", default="all", show_default=True,
+              help="all, backbone, head, or a regular expression on layer names.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Kept filters: a multiple of this.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--limit", type=int, help="Evaluate only the first N images of the split (faster, noisier).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for sensitivity.json, .csv and .png [default: MODEL.sensitivity].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sensitivity(model_path, data, ratios, criterion, scope, round_to, split, limit, batch_size, out, as_json, quiet):
+    """Prune each layer of MODEL.keras alone at each ratio and report the mAP@0.5 without retraining
+    (a table, and a plot in --out)."""
+    from pathlib import Path
+
+    from kprune.fileio import json_safe, write_csv_atomic, write_json_atomic
+    from kprune.models.io import load_model
+    from kprune.prune.sensitivity import analyze, rows, table
+    from kprune.report.plots import sensitivity_plot
+
+    result = analyze(load_model(model_path), data, ratios, criterion, scope, round_to, split, batch_size, limit,
+                     progress=not quiet and not as_json)
+    folder = Path(out or str(Path(model_path).with_suffix("")) + ".sensitivity")
+    write_json_atomic(folder / "sensitivity.json", result)
+    write_csv_atomic(folder / "sensitivity.csv", rows(result))
+    sensitivity_plot(result, folder / "sensitivity.png")
+    if as_json:
+        click.echo(json.dumps(json_safe(result), indent=1))
+    else:
+        click.echo(table(result))
+        click.echo(f"saved {folder}/sensitivity.json, .csv and .png")
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def detections_from_coco(results: List[dict], index: Dict[int, int]) -> List[Ima
 def predict_dataset(
     model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
     score_threshold: float = SCORE_THRESHOLD, max_detections: int = MAX_DETECTIONS, label_map=None,
-    progress: bool = False,
+    progress: bool = False, limit: Optional[int] = None,
 ):
     """Run a model over a split of a converted dataset; detections and ground truth in image pixels.
 
@@ -266,6 +266,7 @@ def predict_dataset(
         score_threshold, max_detections: kept detections per image (0.001 and 100 for mAP).
         label_map: the model label of each dataset label (a model that keeps its own classes).
         progress: show a progress bar.
+        limit: only the first that many images of the split (all: None).
 
     Returns:
         (detections, truths): lists of :class:`ImageDetections` and :class:`ImageTruth`; image ids are
@@ -281,10 +282,15 @@ def predict_dataset(
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     size = model.input_shape[1]
     dataset = make_dataset(manifest, split, size, batch_size, letterbox=letterbox, with_meta=True, label_map=label_map)
+    total = manifest.num_images(split)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit {limit}: evaluate at least one image")
+        dataset, total = dataset.unbatch().take(limit).batch(batch_size), min(total, limit)
     if predict is None:
         predict = tf.function(lambda images: model(images, training=False))
     detections, truths = [], []
-    with tqdm(total=manifest.num_images(split), desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
         for images, meta in dataset:
             outputs = predict(images)
             outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
@@ -371,9 +377,7 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
     import os
 
     from kprune.data.tfrecord import Manifest, read_manifest
-    from kprune.models.head import class_mapping
     from kprune.models.io import load_model
-    from kprune.models.layers import detection_heads
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     predict = None
@@ -388,18 +392,37 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
         model = load_model(path)
     else:
         raise ValueError(f"{path}: expected a .keras or .tflite model")
+    result = evaluate_loaded(model, manifest, split, batch_size, letterbox, predict=predict, progress=progress,
+                             source=path)
+    result["model"] = path
+    return result
+
+
+def evaluate_loaded(model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
+                    progress: bool = False, limit: Optional[int] = None, source: Optional[str] = None) -> dict:
+    """mAP of a Keras detector already in memory (see :func:`evaluate_model`); ``limit``: only the
+    first that many images of the split; ``source``: the model's file, for messages.
+
+    Raises:
+        ValueError: classes that do not fit the dataset.
+    """
+    from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.models.head import class_mapping
+    from kprune.models.layers import detection_heads
+
+    manifest = data if isinstance(data, Manifest) else read_manifest(data)
     head = detection_heads(model)[0]
     names, label_map = manifest.classes, None
     if head.names and list(head.names) != list(manifest.classes):
         # a model that kept other classes (head-mode retraining): score in its classes, by name
         label_map, names = class_mapping(manifest.classes, head.names, {}), list(head.names)
     elif head.classes != len(manifest.classes):
-        raise ValueError(f"{path} has {head.classes} unnamed classes, the dataset {len(manifest.classes)} "
+        raise ValueError(f"{source or 'model ' + model.name} has {head.classes} unnamed classes, the dataset {len(manifest.classes)} "
                          f"({', '.join(manifest.classes)})")
     detections, truths = predict_dataset(model, manifest, split, batch_size, letterbox=letterbox, predict=predict,
-                                         label_map=label_map, progress=progress)
+                                         label_map=label_map, progress=progress, limit=limit)
     result = evaluate_detections(detections, truths, names)
-    result["model"], result["split"] = path, split
+    result["split"] = split
     return result
 
 

@@ -54,3 +54,15 @@ def json_safe(payload):
 def write_json_atomic(path: str | os.PathLike, payload) -> None:
     """Write ``payload`` as JSON to ``path`` atomically (NaN written as null)."""
     write_bytes_atomic(path, (json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def write_csv_atomic(path: str | os.PathLike, rows) -> None:
+    """Write a list of flat dicts (same keys, in the first row's order) as CSV, atomically."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))

@@ -88,3 +88,33 @@ def test_prune_while_retraining_on_the_cubic_schedule(dense, tiny_synth_data, tm
         size = model.get_layer(row["name"]).kernel.shape.num_elements()
         # tfmot keeps the few weights tied with its threshold
         assert round(size * 0.5) - 4 <= round(row["sparsity_after"] * size) <= round(size * 0.5)
+
+
+@pytest.mark.slow
+def test_gradual_and_iterative_rounds(dense, tiny_synth_data, tmp_path):
+    out = tmp_path / "g.keras"
+    result = _run(dense, "--method", "filters", "--strategy", "gradual", "--ratio", "0.5", "--rounds", "2",
+                  "--data", tiny_synth_data, "--epochs", "1", "--batch-size", "4", "--out", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["criterion"] == "l1-normalized"
+    assert [r["target"] for r in report["rounds"]] == pytest.approx([0.4375, 0.5])  # 0.5 - 0.5 / 8, then 0.5
+    assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rounds"][1]["removed"] == pytest.approx(0.5, abs=0.05)
+    for t in (1, 2):
+        assert (tmp_path / "g.run" / f"round-{t}" / "final.keras").is_file()
+    model = load_model(out)
+    assert report["params_after"] == count_params(model)["params"] == report["rounds"][1]["params"]
+    assert report["flops_after"] < 0.6 * report["flops_before"]
+    assert report["retrained"]["map50"] == report["rounds"][1]["map50"]
+    history = json.loads((tmp_path / "g.history.json").read_text())
+    assert count_params(apply_history(load_model(dense), history)) == count_params(model)
+
+    # iterative: a baseline from the dense model, then rounds until the drop (none accepted here)
+    result = _run(dense, "--method", "filters", "--strategy", "iterative", "--ratio", "0.25", "--rounds", "1",
+                  "--max-drop", "-1", "--data", tiny_synth_data, "--epochs", "1", "--batch-size", "4",
+                  "--out", tmp_path / "i.keras", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0 <= report["baseline_map50"] <= 1 and report["max_drop"] == -1
+    assert len(report["rounds"]) == 1 and "round 0 is kept" in report["stopped"]
+    assert report["params_after"] == report["params_before"] and "retrained" not in report

@@ -1,8 +1,9 @@
 """``kprune prune``: prune a saved model by one method, optionally retrain, save, and report.
 
 Methods:
-    ``filters``: structured (:func:`kprune.prune.structured.prune_filters`); the pruning history
-        is written next to the model as ``OUT.history.json``.
+    ``filters``: structured (:func:`kprune.prune.structured.prune_filters`, or in rounds with
+        fine-tuning: :mod:`kprune.prune.rounds`); the pruning history is written next to the model
+        as ``OUT.history.json``.
     ``threshold``, ``percentage``, ``global``: unstructured, one shot (tfmot); retraining keeps the
         zeros.
     ``tfmot-constant``, ``tfmot-polynomial``: unstructured during retraining, on tfmot's constant or
@@ -30,16 +31,47 @@ def _measure(model) -> dict:
     return {"params": params["params"], "nonzero_params": params["nonzero_params"], "flops": count_flops(model)}
 
 
+ROUND_STRATEGIES = ("gradual", "iterative")
+
+
+def _retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
+             keep_sparsity: bool = False, prepare=None):
+    """Train ``model`` with :func:`kprune.train.train` in ``run_dir``; returns (model, metrics)."""
+    from kprune.models.io import load_model, save_model
+    from kprune.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(prefix="kprune-prune-") as scratch:
+        start = Path(scratch) / "pruned.keras"
+        save_model(model, start)
+        options = {**(train_options or {}), "dataset": data, "init": str(start), "epochs": int(epochs),
+                   "out": str(run_dir), "keep_sparsity": keep_sparsity}
+        metrics = train(TrainConfig(**options), progress=progress, prepare=prepare)
+    return load_model(Path(run_dir) / "final.keras"), metrics
+
+
 def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
-                threshold: Optional[float] = None, criterion: str = "l1", strategy: str = "uniform",
+                threshold: Optional[float] = None, criterion: Optional[str] = None, strategy: str = "uniform",
                 scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
                 layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
-                epochs: Optional[int] = None, train_options: Optional[dict] = None, progress: bool = True) -> dict:
+                epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
+                max_drop: Optional[float] = None, progress: bool = True) -> dict:
     """Prune ``model_path`` into ``out`` (a ``.keras`` file); returns the report.
+
+    Args:
+        criterion: filter importance; None: ``l1-normalized`` for the gradual strategy, ``l1``
+            otherwise.
+        strategy: for ``filters``; ``gradual`` and ``iterative`` prune in rounds
+            (:mod:`kprune.prune.rounds`) with ``epochs`` of fine-tuning after each, in
+            ``OUT.run/round-K``. ``gradual``: ``rounds`` (4) rounds on the cubic schedule to
+            ``ratio``. ``iterative``: ``ratio`` more of every layer's filters per round, at most
+            ``rounds`` (10) rounds, stopping before the first whose mAP@0.5 drops more than
+            ``max_drop`` (0.02) below the unpruned model's.
+        data, epochs: retrain after pruning (``OUT.run/``); needed by the ``tfmot-*`` methods and
+            the round strategies.
 
     The report has ``method``, ``params_before``, ``params_after``, ``flops_before``, ``flops_after``,
     ``nonzero_params_after``, ``layers`` (per layer: name and channels or sparsity before and after)
-    and, after retraining, ``retrained`` (the run's metrics).
+    and, after retraining, ``retrained`` (the run's metrics); the round strategies add ``rounds``.
 
     Raises:
         ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
@@ -60,13 +92,26 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         raise ValueError("retraining needs both --data and --epochs")
     if method.startswith("tfmot-") and data is None:
         raise ValueError(f"method {method} prunes while training: give --data and --epochs")
+    in_rounds = method == "filters" and strategy in ROUND_STRATEGIES
+    if in_rounds and data is None:
+        raise ValueError(f"strategy {strategy} fine-tunes after every round: give --data and --epochs")
+    if (rounds is not None or max_drop is not None) and not in_rounds:
+        raise ValueError("--rounds and --max-drop belong to the gradual and iterative strategies")
+    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
+    stem = str(out)[: -len(".keras")]
 
     model = load_model(model_path)
     before = _measure(model)
     report = {"method": method, "model": str(model_path)}
     history = None
     prepare = None
-    if method == "filters":
+    if in_rounds:
+        report.update(criterion=criterion, strategy=strategy)
+        pruned, history = _prune_in_rounds(model, model_path, stem, report, ratio, criterion, strategy, scope,
+                                           round_to, max_ratio, data, epochs, train_options, rounds, max_drop,
+                                           progress)
+        data = None  # fine-tuned already
+    elif method == "filters":
         from kprune.prune.structured import prune_filters
 
         result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
@@ -93,17 +138,9 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
 
     if data is not None:
-        from kprune.train import TrainConfig, train
-
-        with tempfile.TemporaryDirectory(prefix="kprune-prune-") as scratch:
-            start = Path(scratch) / "pruned.keras"
-            save_model(pruned, start)
-            options = {**(train_options or {}), "dataset": data, "init": str(start), "epochs": int(epochs),
-                       "out": str(out)[: -len(".keras")] + ".run",
-                       "keep_sparsity": method in ("threshold", "percentage", "global")}
-            metrics = train(TrainConfig(**options), progress=progress, prepare=prepare)
-            pruned = load_model(Path(options["out"]) / "final.keras")
-        report["retrained"] = metrics
+        pruned, report["retrained"] = _retrain(pruned, stem + ".run", data, epochs, train_options, progress,
+                                               keep_sparsity=method in ("threshold", "percentage", "global"),
+                                               prepare=prepare)
 
     after = _measure(pruned)
     if method != "filters":
@@ -117,9 +154,38 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
     if history is not None:
         from kprune.fileio import write_json_atomic
 
-        write_json_atomic(str(out)[: -len(".keras")] + ".history.json", history)
-        report["history"] = str(out)[: -len(".keras")] + ".history.json"
+        write_json_atomic(stem + ".history.json", history)
+        report["history"] = stem + ".history.json"
     return report
+
+
+def _prune_in_rounds(model, model_path, stem, report, ratio, criterion, strategy, scope, round_to, max_ratio,
+                     data, epochs, train_options, rounds, max_drop, progress):
+    """The gradual and iterative strategies; fills ``report`` and returns (model, history)."""
+    import sys
+
+    from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
+
+    if strategy == "gradual":
+        targets, inner, baseline = cubic_targets(ratio, rounds or 4), "global", None
+    else:
+        from kprune.evaluate import evaluate_model
+
+        targets, inner = linear_targets(ratio, rounds or 10), "uniform"
+        max_drop = 0.02 if max_drop is None else max_drop
+        baseline = evaluate_model(str(model_path), data)["map50"]
+        report.update(baseline_map50=baseline, max_drop=max_drop)
+
+    def finetune(pruned, t):
+        return _retrain(pruned, f"{stem}.run/round-{t}", data, epochs, train_options, progress)
+
+    log = (lambda line: print(line, file=sys.stderr)) if progress else None
+    result = prune_in_rounds(model, targets, finetune, criterion, inner, scope, round_to, max_ratio,
+                             baseline_map=baseline, max_drop=max_drop, log=log)
+    report.update(rounds=result.rounds, stopped=result.stopped, layers=result.layers)
+    if result.metrics:
+        report["retrained"] = result.metrics
+    return result.model, result.history
 
 
 def summary(report: dict) -> str:
@@ -135,6 +201,11 @@ def summary(report: dict) -> str:
                 lines.append(f"  {row['name']:<24} {row['channels_before']:>6} -> {row['channels_after']:<6} filters")
         else:
             lines.append(f"  {row['name']:<24} sparsity {row['sparsity_before']:.3f} -> {row['sparsity_after']:.3f}")
+    for r in report.get("rounds", []):
+        lines.append(f"round {r['round']}: {r['removed']:.1%} of the filters removed (target {r['target']:.1%}), "
+                     f"FLOPs {r['flops'] / 1e9:.3f} G, mAP@0.5 {r['map50']:.4f}")
+    if report.get("stopped"):
+        lines.append(report["stopped"])
     if "retrained" in report:
         lines.append(f"retrained: mAP@0.5 {report['retrained']['map50']:.4f}")
     lines.append(f"saved {report['out']}" + (f" and {report['history']}" if "history" in report else ""))

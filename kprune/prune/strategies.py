@@ -33,12 +33,26 @@ class FilterPlan:
     capped: List[str] = field(default_factory=list)  # groups held back by max_ratio or to keep a channel
 
 
-def _group_limits(group: Group, n_remove: int, round_to: int, max_ratio: float) -> int:
+def group_size(group: Group) -> int:
+    """Units of a group, prunable or protected."""
+    return len(group.units) + group.protected_units
+
+
+def _cap(group: Group, max_ratio: float, original: Optional[Dict[str, int]]) -> int:
+    """The most units ``max_ratio`` lets go from the group, counted against its size in the
+    original model when it was pruned before (``original``: group name -> units)."""
+    total = group_size(group)
+    first = (original or {}).get(group.name, total)
+    return max(0, total - int(math.ceil((1.0 - max_ratio) * first - 1e-9)))
+
+
+def _group_limits(group: Group, n_remove: int, round_to: int, max_ratio: float,
+                  original: Optional[Dict[str, int]] = None) -> int:
     """The number of units the constraints allow to remove, at most ``n_remove``."""
-    total = len(group.units) + group.protected_units
+    total = group_size(group)
     widths = {u.width for u in group.units}
     step = round_to // math.gcd(round_to, widths.pop()) if len(widths) == 1 and round_to > 1 else max(round_to, 1)
-    n = min(n_remove, len(group.units), int(math.floor(max_ratio * total + 1e-9)))
+    n = min(n_remove, len(group.units), _cap(group, max_ratio, original))
     kept = total - n
     if kept < total:
         kept = min(total, max(step, int(math.ceil(kept / step)) * step))
@@ -57,7 +71,8 @@ def _validate(ratio: float, round_to: int, max_ratio: float) -> None:
 
 def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str = "l1", strategy: str = "uniform",
                  layers: Optional[List[str]] = None, round_to: int = 8, max_ratio: float = 0.9,
-                 ratios: Optional[Dict[str, float]] = None) -> FilterPlan:
+                 ratios: Optional[Dict[str, float]] = None,
+                 original: Optional[Dict[str, int]] = None) -> FilterPlan:
     """Choose the units to remove.
 
     Args:
@@ -65,6 +80,8 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
             pruned only if all its producers are in scope. None: all.
         ratio: fraction of filters to remove (per group for ``uniform``, overall for ``global``).
         ratios: for ``independent``, layer name or regular expression -> ratio.
+        original: for a model pruned before, the units of each group in the original model
+            (:func:`group_sizes` of it), so that ``max_ratio`` caps the total over all prunings.
 
     Raises:
         ValueError: bad ratio, strategy or criterion, or ``independent`` without ``ratios``.
@@ -72,14 +89,13 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     _validate(ratio, round_to, max_ratio)
-    scope = set(layers) if layers is not None else None
-    groups = [g for g in graph.groups() if g.units and (scope is None or all(p in scope for p in g.producers))]
+    groups = prunable_groups(graph, layers)
     scores = filter_scores(model, [p for g in groups for p in g.producers], criterion)
     ranked = {id(g): sorted(g.units, key=lambda u: unit_score(u, scores)) for g in groups}
 
     wanted: Dict[int, int] = {}
     if strategy == "uniform":
-        wanted = {id(g): int(round(ratio * (len(g.units) + g.protected_units))) for g in groups}
+        wanted = {id(g): int(round(ratio * group_size(g))) for g in groups}
     elif strategy == "independent":
         if not ratios:
             raise ValueError("strategy independent needs per-layer ratios (layer name or pattern -> ratio)")
@@ -88,15 +104,14 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
         for g in groups:
             value = next((float(v) for p, v in ratios.items()
                           if any(p == name or re.fullmatch(p, name) for name in g.producers)), 0.0)
-            wanted[id(g)] = int(round(value * (len(g.units) + g.protected_units)))
+            wanted[id(g)] = int(round(value * group_size(g)))
     else:
-        wanted = _global_counts(groups, ranked, scores, ratio, round_to, max_ratio)
+        wanted = _global_counts(groups, ranked, scores, ratio, round_to, max_ratio, original)
 
     plan = FilterPlan(removed=[])
     for g in groups:
-        n = _group_limits(g, wanted[id(g)], round_to, max_ratio)
-        total = len(g.units) + g.protected_units
-        if wanted[id(g)] > min(len(g.units), math.floor(max_ratio * total + 1e-9), total - 1):
+        n = _group_limits(g, wanted[id(g)], round_to, max_ratio, original)
+        if wanted[id(g)] > min(len(g.units), _cap(g, max_ratio, original), group_size(g) - 1):
             plan.capped.append(g.name)
         plan.removed.extend(u.root for u in ranked[id(g)][:n])
     keep = graph.keep_masks(plan.removed)
@@ -105,11 +120,27 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
     return plan
 
 
-def _global_counts(groups, ranked, scores, ratio, round_to, max_ratio) -> Dict[int, int]:
+def prunable_groups(graph: ChannelGraph, layers: Optional[List[str]] = None) -> List[Group]:
+    """The groups with prunable units whose producers are all in ``layers`` (None: all)."""
+    scope = set(layers) if layers is not None else None
+    return [g for g in graph.groups() if g.units and (scope is None or all(p in scope for p in g.producers))]
+
+
+def group_sizes(graph: ChannelGraph, layers: Optional[List[str]] = None) -> Dict[str, int]:
+    """Group name -> units, for the prunable groups in scope."""
+    return {g.name: group_size(g) for g in prunable_groups(graph, layers)}
+
+
+def prunable_channels(graph: ChannelGraph, layers: Optional[List[str]] = None) -> int:
+    """Channels of the prunable groups in scope: what a global ``ratio`` is a fraction of."""
+    return sum(group_size(g) * max(u.width for u in g.units) for g in prunable_groups(graph, layers))
+
+
+def _global_counts(groups, ranked, scores, ratio, round_to, max_ratio, original) -> Dict[int, int]:
     """Per group, how many of its lowest units fall under the global threshold that removes
     (after the constraints) the fraction of channels closest to ``ratio``."""
     everything = sorted((unit_score(u, scores), id(g)) for g in groups for u in ranked[id(g)])
-    sizes = {id(g): (len(g.units) + g.protected_units) * max(u.width for u in g.units) for g in groups}
+    sizes = {id(g): group_size(g) * max(u.width for u in g.units) for g in groups}
     width = {id(g): max(u.width for u in g.units) for g in groups}
     by_id = {id(g): g for g in groups}
     total = sum(sizes.values())
@@ -122,7 +153,8 @@ def _global_counts(groups, ranked, scores, ratio, round_to, max_ratio) -> Dict[i
 
     def achieved(k: int) -> float:
         c = counts(k)
-        return sum(_group_limits(by_id[key], n, round_to, max_ratio) * width[key] for key, n in c.items()) / total
+        return sum(_group_limits(by_id[key], n, round_to, max_ratio, original) * width[key]
+                   for key, n in c.items()) / total
 
     lo, hi = 0, len(everything)
     while lo < hi:  # the smallest k that reaches the ratio (achieved() never decreases with k)

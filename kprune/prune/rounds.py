@@ -1,0 +1,139 @@
+"""Structured pruning in rounds, with fine-tuning after each round.
+
+- **Gradual global**: round t of n removes filters until a fraction
+  ``s_t = s_f + (s_i - s_f) * (1 - t / n) ** 3`` of the original filters in scope is gone (the cubic
+  schedule of Zhu & Gupta, applied to whole filters), ranked globally by the ``l1-normalized``
+  criterion so that layers compare fairly. Early rounds remove much, the last ones little, while
+  the network has the most to recover from.
+- **Iterative**: round t removes ``t * step`` of the original filters; the rounds stop at the first
+  one whose mAP@0.5 after fine-tuning is more than ``max_drop`` below the baseline, and the model of
+  the round before is the result.
+
+Every round prunes the current (already pruned, fine-tuned) model; ``max_ratio`` still caps each
+layer against its original width, and the history refers to the original model throughout.
+The fine-tuning is a function given by the caller (``kprune prune`` trains with
+:func:`kprune.train.train`), so the rounds can be tested without a dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from kprune.prune.graph import ChannelGraph
+from kprune.prune.scope import layers_in_scope
+from kprune.prune.strategies import group_sizes, prunable_channels
+from kprune.prune.structured import prune_filters
+from kprune.prune.surgeon import History
+
+# fine-tune a pruned model after round ``t`` (1-based); returns the model and its metrics (``map50``)
+Finetune = Callable[[object, int], Tuple[object, dict]]
+
+MAX_ROUND_RATIO = 0.99
+
+
+def cubic_targets(final: float, rounds: int, initial: float = 0.0) -> List[float]:
+    """The fraction of filters removed after each of ``rounds`` rounds on the cubic schedule.
+
+    Raises:
+        ValueError: ``rounds`` < 1, or fractions outside [0, 1) or decreasing.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds}: must be >= 1")
+    if not 0.0 <= initial <= final < 1.0:
+        raise ValueError(f"cubic schedule from {initial} to {final}: need 0 <= initial <= final < 1")
+    return [final + (initial - final) * (1.0 - t / rounds) ** 3 for t in range(1, rounds + 1)]
+
+
+def linear_targets(step: float, rounds: int) -> List[float]:
+    """``step, 2 step, ...`` for at most ``rounds`` rounds, below 1 (the iterative strategy).
+
+    Raises:
+        ValueError: ``step`` outside (0, 1) or ``rounds`` < 1.
+    """
+    if not 0.0 < step < 1.0:
+        raise ValueError(f"step {step}: the fraction removed per round must be in (0, 1)")
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds}: must be >= 1")
+    return [step * t for t in range(1, rounds + 1) if step * t < 1.0 - 1e-9]
+
+
+@dataclass
+class RoundsResult:
+    """The final model, its history (original-model indices) and one record per round."""
+
+    model: object
+    history: History
+    rounds: List[dict] = field(default_factory=list)
+    stopped: str = ""  # why the rounds ended early, if they did
+    metrics: dict = field(default_factory=dict)  # the fine-tuning metrics of the returned model
+    layers: List[dict] = field(default_factory=list)  # per producer: channels in the original and final model
+
+
+def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criterion: str = "l1-normalized",
+                    strategy: str = "global", scope: str = "all", round_to: int = 8, max_ratio: float = 0.9,
+                    baseline_map: Optional[float] = None, max_drop: Optional[float] = None,
+                    log: Optional[Callable[[str], None]] = None) -> RoundsResult:
+    """Prune ``model`` (left unchanged) in rounds to the given fractions of its filters.
+
+    Args:
+        targets: after round t, this fraction of the original filters in scope is removed
+            (:func:`cubic_targets` or :func:`linear_targets`); non-decreasing, in [0, 1).
+        finetune: called after every round's surgery.
+        criterion, strategy (``uniform`` or ``global``), scope, round_to, max_ratio: as in
+            :func:`kprune.prune.structured.prune_filters`.
+        baseline_map, max_drop: stop at the first round whose mAP@0.5 (``finetune``'s ``map50``)
+            is more than ``max_drop`` below ``baseline_map``, and return the round before.
+        log: receives one line per round.
+
+    Returns:
+        :class:`RoundsResult`; each round has ``round``, ``target``, ``ratio`` (the fraction of the
+        current model's filters removed in the round), ``removed`` (of the original filters, as
+        achieved after rounding and caps), ``params``, ``flops``, ``capped``, ``map50`` and
+        ``metrics`` (all of ``finetune``'s).
+
+    Raises:
+        ValueError: bad targets or strategy, or ``max_drop`` without ``baseline_map``.
+    """
+    from kprune.report.metrics import count_flops, count_params
+
+    if strategy not in ("uniform", "global"):
+        raise ValueError(f"strategy {strategy!r} in rounds: choose uniform or global")
+    if not targets or any(not 0.0 <= t < 1.0 for t in targets) or list(targets) != sorted(targets):
+        raise ValueError(f"round targets {list(targets)}: need a non-decreasing list of fractions in [0, 1)")
+    if (max_drop is None) != (baseline_map is None):
+        raise ValueError("stopping on an mAP drop needs both max_drop and baseline_map")
+
+    graph = ChannelGraph(model)
+    layers = layers_in_scope(model, scope)
+    original, total = group_sizes(graph, layers), prunable_channels(graph, layers)
+    widths = {name: len(ids) for name, ids in graph.producers.items()}
+    result = RoundsResult(model, {})
+    for t, target in enumerate(targets, start=1):
+        current = prunable_channels(ChannelGraph(result.model), layers)
+        ratio = min(max(0.0, 1.0 - (1.0 - target) * total / current), MAX_ROUND_RATIO) if current else 0.0
+        pruned = prune_filters(result.model, ratio, criterion, strategy, scope, round_to, max_ratio,
+                               history=result.history, original=original)
+        tuned, metrics = finetune(pruned.model, t)
+        record = {"round": t, "target": target, "ratio": ratio,
+                  "removed": 1.0 - prunable_channels(ChannelGraph(tuned), layers) / total,
+                  "params": count_params(tuned)["params"], "flops": count_flops(tuned),
+                  "capped": pruned.capped, "map50": metrics.get("map50"), "metrics": metrics}
+        result.rounds.append(record)
+        if log:
+            log(f"round {t}/{len(targets)}: {record['removed']:.1%} of the filters removed (target {target:.1%}), "
+                f"{record['flops'] / 1e9:.3f} GFLOPs, mAP@0.5 {_fmt(record['map50'])}")
+        if max_drop is not None and (record["map50"] is None or baseline_map - record["map50"] > max_drop):
+            result.stopped = (f"round {t}: mAP@0.5 {_fmt(record['map50'])} is more than {max_drop} below the "
+                              f"baseline {baseline_map:.4f}; the model of round {t - 1} is kept")
+            if log:
+                log(result.stopped)
+            break
+        result.model, result.history, result.metrics = tuned, pruned.history, metrics
+    kept = {name: len(ids) for name, ids in ChannelGraph(result.model).producers.items()}
+    result.layers = [{"name": name, "channels_before": n, "channels_after": kept[name]} for name, n in widths.items()]
+    return result
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
