@@ -250,6 +250,32 @@ def prune(model_path, method, ratio, threshold, criterion, strategy, rounds, max
 
 
 
+@main.command()
+@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["tflite", "saved_model"]), default="tflite", show_default=True)
+@click.option("--quant", type=click.Choice(["none", "fp16", "dynamic", "int8"]), default="none", show_default=True,
+              help="TFLite quantization; int8 is full-integer, calibrated on --data.")
+@click.option("--data", type=click.Path(file_okay=False),
+              help="Converted dataset: calibration images (train) and check images (val).")
+@click.option("--io", type=click.Choice(["float", "int8", "uint8"]), default="float", show_default=True,
+              help="Input/output type of an int8 model (integer io: the app applies the printed scale).")
+@click.option("--sparse", is_flag=True, help="Store pruned zeros in TFLite's sparse format.")
+@click.option("--calibration", type=int, default=100, show_default=True, help="Calibration images for int8.")
+@click.option("--out", required=True, type=click.Path(), help="OUT.tflite, or a folder for saved_model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export(model_path, fmt, quant, data, io, sparse, calibration, out, as_json):
+    """Export MODEL.keras for deployment and check the result against Keras on real images.
+
+    The export ends at the raw head outputs: decoding and NMS run on the phone side (the anchors
+    are in the report); `kprune evaluate OUT.tflite` scores it exactly as an app would run it.
+    """
+    from kprune.export.command import export_model, summary
+    from kprune.fileio import json_safe
+
+    report = export_model(model_path, out, fmt, quant, data, io, sparse, calibration)
+    click.echo(json.dumps(json_safe(report), indent=1) if as_json else summary(report))
+
+
 def _ratios(ctx, param, value):
     try:
         return [float(v) for v in value.split(",") if v.strip()]

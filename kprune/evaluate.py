@@ -313,52 +313,20 @@ def predict_dataset(
 
 def tflite_predict(path: str, model):
     """A ``predict`` function for :func:`predict_dataset` that runs a .tflite file with the LiteRT
-    interpreter, image by image, and returns its outputs in the order of ``model``'s outputs
-    (matched by shape; ``model`` is the Keras model the file was converted from, for the metadata).
+    interpreter, image by image (:class:`kprune.models.litert.TFLiteRunner`); ``model`` is the Keras
+    model the file was converted from, for the metadata.
 
     Raises:
         ValueError: the file cannot be loaded, or its inputs / outputs do not match ``model``.
     """
-    from ai_edge_litert.interpreter import Interpreter
+    from kprune.models.litert import TFLiteRunner
 
+    with open(path, "rb") as handle:
+        content = handle.read()
     try:
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as error:
-        raise ValueError(f"{path}: not a loadable TFLite model ({error})") from None
-    (source,) = interpreter.get_input_details()
-    expected_input = (1, *model.input_shape[1:])
-    if tuple(source["shape"]) != expected_input:
-        raise ValueError(f"{path}: input shape {tuple(source['shape'])}, the Keras model has {expected_input}")
-    by_shape = {tuple(d["shape"][1:]): d for d in interpreter.get_output_details()}
-    wanted = [tuple(shape[1:]) for shape in (model.output_shape if isinstance(model.output_shape, list)
-                                             else [model.output_shape])]
-    missing = [s for s in wanted if s not in by_shape]
-    if missing or len(by_shape) != len(wanted):
-        raise ValueError(f"{path}: outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
-
-    def quantize(values, detail):
-        scale, zero = detail["quantization"]
-        if scale:
-            return np.round(values / scale + zero).astype(detail["dtype"])
-        return values.astype(detail["dtype"])
-
-    def dequantize(values, detail):
-        scale, zero = detail["quantization"]
-        return (values.astype(np.float32) - zero) * scale if scale else values.astype(np.float32)
-
-    def predict(images):
-        images = np.asarray(images, np.float32)
-        outputs = [[] for _ in wanted]
-        for image in images:
-            interpreter.set_tensor(source["index"], quantize(image[None], source))
-            interpreter.invoke()
-            for k, shape in enumerate(wanted):
-                detail = by_shape[shape]
-                outputs[k].append(dequantize(interpreter.get_tensor(detail["index"]), detail))
-        return [np.concatenate(o, axis=0) for o in outputs]
-
-    return predict
+        return TFLiteRunner(content, model)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, keras_path: Optional[str] = None,

@@ -53,3 +53,100 @@ def test_tflite_matches_keras(name):
     for e in expected:
         diff = np.max(np.abs(got[e.shape] - e))
         assert diff < 1e-4 * max(1.0, np.max(np.abs(e))), diff
+
+
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "tiny.keras"
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    randomize(model, seed=2, scale=0.05)
+    save_model(model, path)
+    return path
+
+
+def _export(*args):
+    from click.testing import CliRunner
+
+    from kprune.cli import main
+
+    return CliRunner().invoke(main, ["export", *[str(a) for a in args]])
+
+
+def test_export_modes_against_keras(tiny_keras, tiny_synth_data, tmp_path):
+    import json
+
+    reports = {}
+    for quant in ("none", "fp16", "dynamic", "int8"):
+        out = tmp_path / f"{quant}.tflite"
+        result = _export(tiny_keras, "--quant", quant, "--data", tiny_synth_data, "--out", out, "--json")
+        assert result.exit_code == 0, result.output
+        reports[quant] = report = json.loads(result.output)
+        assert report["bytes"] == out.stat().st_size and report["check"]["images"] == 8
+        assert report["check"]["on"] == "val images"
+    scale = reports["none"]["check"]["max_abs_output"]
+    assert reports["none"]["check"]["max_abs_diff"] < 1e-5 * scale
+    assert reports["fp16"]["check"]["max_abs_diff"] < 2e-3 * scale
+    # 8-bit weights (and activations): within a few quantization steps of the output range
+    assert reports["dynamic"]["check"]["max_abs_diff"] < 0.05 * scale
+    assert reports["int8"]["check"]["max_abs_diff"] < 0.1 * scale and reports["int8"]["calibration_images"] == 16
+    # float32 weights, then 2 bytes, then 1 byte per weight (the flatbuffer adds a little)
+    assert reports["fp16"]["bytes"] == pytest.approx(reports["none"]["bytes"] / 2, rel=0.1)
+    assert reports["int8"]["bytes"] == pytest.approx(reports["none"]["bytes"] / 4, rel=0.2)
+    assert reports["int8"]["heads"][0]["classes"] == 5 and len(reports["int8"]["heads"][0]["anchors"]) == 5
+
+
+def test_int8_with_integer_io(tiny_keras, tiny_synth_data, tmp_path):
+    import json
+
+    from kprune.evaluate import evaluate_model
+
+    out = tmp_path / "u8.tflite"
+    result = _export(tiny_keras, "--quant", "int8", "--io", "uint8", "--data", tiny_synth_data, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    # calibration images span [0, 1]: one uint8 step is 1/255 with zero point 0
+    assert report["io_quantization"]["input"] == {"dtype": "uint8", "scale": pytest.approx(1 / 255), "zero_point": 0}
+    assert report["io_quantization"]["output_0"]["dtype"] == "uint8"
+    scores = evaluate_model(str(out), tiny_synth_data, keras_path=str(tiny_keras))
+    assert 0.0 <= scores["map50"] <= 1.0 and scores["model"] == str(out)
+
+
+def test_sparse_tflite_is_smaller(tmp_path):
+    from kprune.export.tflite import convert
+
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    rng = np.random.default_rng(0)
+    weights = []
+    for w in model.get_weights():
+        if w.ndim == 4:
+            w = rng.normal(0, 0.05, w.shape).astype(np.float32)
+            w[np.abs(w) < np.quantile(np.abs(w), 0.8)] = 0  # 80 % zeros
+        weights.append(w)
+    model.set_weights(weights)
+    dense, sparse = convert(model), convert(model, sparse=True)
+    assert len(sparse) < 0.45 * len(dense)
+
+
+def test_saved_model_export(tiny_keras, tmp_path):
+    import json
+
+    out = tmp_path / "sm"
+    for _ in range(2):  # the second export replaces the first
+        result = _export(tiny_keras, "--format", "saved_model", "--out", out, "--json")
+        assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["check"]["max_abs_diff"] < 1e-5 and report["check"]["on"] == "random images"
+    assert (out / "saved_model.pb").is_file() and not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".old-*"))
+
+
+def test_export_errors_are_one_line(tiny_keras, tmp_path):
+    cases = [
+        (["--quant", "int8", "--out", tmp_path / "a.tflite"], "give --data"),
+        (["--out", tmp_path / "a.bin"], "must end in .tflite"),
+        (["--format", "saved_model", "--quant", "fp16", "--out", tmp_path / "s"], "apply to TFLite"),
+        (["--quant", "fp16", "--io", "int8", "--out", tmp_path / "a.tflite"], "needs full-integer"),
+    ]
+    for args, message in cases:
+        result = _export(tiny_keras, *args)
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+    assert not list(tmp_path.iterdir())

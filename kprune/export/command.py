@@ -1,0 +1,132 @@
+"""``kprune export``: a ``.keras`` detector to a TFLite file or a SavedModel, checked against Keras."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from io import StringIO
+from typing import Optional
+
+import numpy as np
+
+FORMATS = ("tflite", "saved_model")
+CHECK_IMAGES = 8
+
+
+def _check_images(model, data, count: int) -> tuple:
+    """Images to compare the export with Keras on: the dataset's validation images, or seeded
+    random ones without a dataset."""
+    from kprune.export.tflite import calibration_images
+
+    size = model.input_shape[1]
+    if data is not None:
+        from kprune.data.tfrecord import read_manifest
+
+        manifest = read_manifest(data)
+        split = "val" if manifest.num_images("val") else "train"
+        return calibration_images(manifest, count, split, size), f"{split} images"
+    return np.random.default_rng(0).random((count, size, size, 3), dtype=np.float32), "random images"
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Move the folder ``tmp`` to ``path``; an existing ``path`` is removed only after."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(path)))
+        os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old)
+
+
+def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
+                 io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
+    """Export ``model_path`` to ``out`` and compare the result with the Keras model.
+
+    Args:
+        format: ``tflite`` (a ``.tflite`` file) or ``saved_model`` (a folder).
+        quant, io, sparse: see :mod:`kprune.export.tflite` (TFLite only).
+        data: a converted dataset: calibration images (``train`` split, ``calibration`` of them,
+            needed by ``int8``) and check images (``val``); without it the check uses random images.
+
+    Returns:
+        The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``bytes``, ``keras_bytes``,
+        ``check`` (``max_abs_diff``, ``mean_abs_diff``, ``max_abs_output``, ``images``, ``on``),
+        for TFLite ``io_quantization`` (dtype, scale, zero point of the input and outputs), and the
+        ``heads`` (anchors, classes, names) the phone side decodes with.
+
+    Raises:
+        ValueError: unknown format, options that do not fit the format, int8 without data, an
+            output name that does not fit the format, or a conversion that fails.
+    """
+    from kprune.export.tflite import calibration_images, compare, convert
+    from kprune.fileio import write_bytes_atomic
+    from kprune.models.io import load_model
+    from kprune.models.layers import detection_heads
+
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == "tflite" and not str(out).endswith(".tflite"):
+        raise ValueError(f"--out {out}: a TFLite export must end in .tflite")
+    if format == "saved_model" and (quant != "none" or io != "float" or sparse):
+        raise ValueError("--quant, --io and --sparse apply to TFLite; a SavedModel keeps the float model")
+    if quant == "int8" and data is None:
+        raise ValueError("int8 quantization is calibrated on real images: give --data DATASET_DIR")
+    model = load_model(model_path)
+    images, on = _check_images(model, data, CHECK_IMAGES)
+    report = {"model": str(model_path), "format": format, "quant": quant, "io": io, "sparse": sparse,
+              "out": str(out), "keras_bytes": os.path.getsize(model_path),
+              "heads": [{"kind": h.kind, "anchors": h.head_anchors, "classes": h.classes, "names": h.names}
+                        for h in detection_heads(model)]}
+    if format == "tflite":
+        from kprune.models.litert import TFLiteRunner
+
+        calibration_set = None
+        if quant == "int8":
+            calibration_set = calibration_images(data, calibration, "train", model.input_shape[1])
+            report["calibration_images"] = int(len(calibration_set))
+        content = convert(model, quant, calibration_set, io, sparse)
+        runner = TFLiteRunner(content, model)
+        report["check"] = {**compare(runner, model, images), "on": on}
+        report["io_quantization"] = runner.io_quantization()
+        write_bytes_atomic(out, content)
+        report["bytes"] = len(content)
+    else:
+        from kprune._keras import tf
+
+        folder = os.path.dirname(os.path.abspath(out))
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=folder)
+        try:
+            with contextlib.redirect_stdout(StringIO()):  # Keras prints a signature listing
+                model.export(tmp)
+            loaded = tf.saved_model.load(tmp)  # kept alive: .serve refers to its variables
+            expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
+            got = [o.numpy() for o in tf.nest.flatten(loaded.serve(tf.constant(images)))]
+            diffs = [np.abs(g - e) for g, e in zip(got, expected)]
+            report["check"] = {"images": len(images), "on": on, "max_abs_diff": float(max(d.max() for d in diffs)),
+                               "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
+                               "max_abs_output": float(max(np.abs(e).max() for e in expected))}
+            _replace_dir(tmp, str(out))
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+        report["bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
+    return report
+
+
+def summary(report: dict) -> str:
+    """A few readable lines for the terminal."""
+    check = report["check"]
+    kind = report["format"] + ("" if report["format"] != "tflite" else f" ({report['quant']}, io {report['io']}"
+                                                                        f"{', sparse' if report['sparse'] else ''})")
+    lines = [f"exported {report['model']} -> {report['out']}: {kind}, {report['bytes'] / 1e6:.2f} MB "
+             f"(.keras {report['keras_bytes'] / 1e6:.2f} MB)",
+             f"check on {check['images']} {check['on']}: largest difference from Keras {check['max_abs_diff']:.4g} "
+             f"(mean {check['mean_abs_diff']:.3g}; outputs up to {check['max_abs_output']:.3g})"]
+    for name, q in report.get("io_quantization", {}).items():
+        if q["scale"]:
+            lines.append(f"{name}: {q['dtype']}, real = (q - {q['zero_point']}) * {q['scale']:.6g}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""TFLite conversion, calibration on real images, and the check against Keras.
+
+What the phone gets: the network up to its raw head outputs (the ``(grid, grid, anchors * (5 +
+classes))`` tensors). Decoding (sigmoid / exp against the anchors) and NMS stay on the phone side,
+as in Darknet's own apps: they are a few lines there, and keeping them out keeps every op of the
+graph in TFLite's int8 kernel set. The anchors and class names are in the report and in the
+``.keras`` file; ``kprune evaluate MODEL.tflite`` decodes exactly as the phone should.
+
+Quantization (``quant``):
+    ``none``: float32. ``fp16``: float16 weights (half the size, float compute).
+    ``dynamic``: int8 weights, float activations. ``int8``: full-integer, weights and activations,
+    calibrated on ``calibration`` images (the pipeline's evaluation-mode images of the dataset);
+    ``io`` sets the input and output type (``float`` keeps float32 at the edges, with
+    quantize/dequantize ops inside; ``int8`` / ``uint8`` need the app to apply the scale and zero
+    point in the report).
+``sparse``: pruned zeros are stored in TFLite's sparse tensor format where that makes the file
+smaller (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+QUANT_MODES = ("none", "fp16", "dynamic", "int8")
+IO_TYPES = ("float", "int8", "uint8")
+
+
+def calibration_images(data, count: int = 100, split: str = "train", size: Optional[int] = None,
+                       letterbox: bool = True) -> np.ndarray:
+    """The first ``count`` images of a split as the model sees them at inference (no augmentation),
+    float32 in [0, 1], shape ``(n, size, size, 3)``.
+
+    Raises:
+        ValueError: ``count`` < 1, or the split has no images.
+    """
+    from kprune.data.pipeline import make_dataset
+    from kprune.data.tfrecord import Manifest, read_manifest
+
+    if count < 1:
+        raise ValueError(f"calibration images {count}: need at least 1")
+    manifest = data if isinstance(data, Manifest) else read_manifest(data)
+    if split not in manifest.splits or manifest.num_images(split) == 0:
+        raise ValueError(f"dataset {manifest.root}: split {split!r} has no images to calibrate on")
+    dataset = make_dataset(manifest, split, size, batch_size=16, letterbox=letterbox, with_meta=True)
+    batches, total = [], 0
+    for images, _ in dataset:
+        batches.append(images.numpy())
+        total += len(batches[-1])
+        if total >= count:
+            break
+    return np.concatenate(batches)[:count]
+
+
+def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None, io: str = "float",
+            sparse: bool = False) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer.
+
+    Raises:
+        ValueError: an unknown mode or io type, ``int8`` without calibration images, an integer
+            ``io`` without ``int8``, or a model the converter refuses (its message included).
+    """
+    from kprune._keras import tf
+
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quantization {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+    if io not in IO_TYPES:
+        raise ValueError(f"io type {io!r}: choose one of {', '.join(IO_TYPES)}")
+    if io != "float" and quant != "int8":
+        raise ValueError(f"io {io} needs full-integer quantization (--quant int8)")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
+    if quant in ("fp16", "dynamic", "int8"):
+        optimizations.insert(0, tf.lite.Optimize.DEFAULT)
+    converter.optimizations = optimizations
+    if quant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quant == "int8":
+        if calibration is None or len(calibration) == 0:
+            raise ValueError("int8 quantization needs calibration images (--data)")
+
+        def representative() -> Iterable[List[np.ndarray]]:
+            for image in calibration:
+                yield [image[None].astype(np.float32)]
+
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io != "float":
+            converter.inference_input_type = converter.inference_output_type = {"int8": tf.int8,
+                                                                                 "uint8": tf.uint8}[io]
+    try:
+        return converter.convert()
+    except Exception as error:  # the converter raises many types; keep its message, drop its traceback
+        raise ValueError(f"TFLite conversion of {model.name} ({quant}) failed: {str(error).strip()[-400:]}") from None
+
+
+def compare(runner, model, images: np.ndarray) -> dict:
+    """The TFLite model (a :class:`kprune.models.litert.TFLiteRunner`) against Keras on ``images``: ``max_abs_diff`` and ``mean_abs_diff`` of the raw
+    outputs, and ``max_abs_output`` (their scale)."""
+    from kprune._keras import tf
+
+    expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
+    got = runner(images)
+    diffs = [np.abs(g - e) for g, e in zip(got, expected)]
+    return {"images": int(len(images)), "max_abs_diff": float(max(d.max() for d in diffs)),
+            "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
+            "max_abs_output": float(max(np.abs(e).max() for e in expected))}
