@@ -29,6 +29,7 @@ from kprune._keras import keras, tf
 from kprune.darknet.builder import build_model
 from kprune.darknet.weights import load_weights, save_weights
 from kprune.fileio import write_bytes_atomic
+from kprune.report.latency import latency_stats
 from kprune.report.metrics import count_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,16 +161,6 @@ def darknet_load(args: argparse.Namespace) -> Dict:
     }
 
 
-def _latency_stats(seconds: np.ndarray) -> Dict:
-    ms = seconds * 1e3
-    return {
-        "mean_ms": float(ms.mean()),
-        "median_ms": float(np.median(ms)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "min_ms": float(ms.min()),
-    }
-
-
 def _interleaved_latency(passes: Dict[str, Callable], runs: int, result: Dict) -> Dict[str, Dict]:
     """Time ``runs`` rounds of every pass, alternating them so that outside load hits all alike;
     adds ``<variant>_{mean,median,p90,min}_ms`` to ``result`` and returns the statistics."""
@@ -177,7 +168,7 @@ def _interleaved_latency(passes: Dict[str, Callable], runs: int, result: Dict) -
     for _ in range(runs):
         for variant, run in passes.items():
             seconds[variant].append(_timed(run)[1])
-    stats = {variant: _latency_stats(np.array(times)) for variant, times in seconds.items()}
+    stats = {variant: latency_stats(np.array(times)) for variant, times in seconds.items()}
     for variant, values in stats.items():
         result.update({f"{variant}_{key}": value for key, value in values.items()})
     return stats

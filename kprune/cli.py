@@ -276,6 +276,21 @@ def export(model_path, fmt, quant, data, io, sparse, calibration, out, as_json):
     click.echo(json.dumps(json_safe(report), indent=1) if as_json else summary(report))
 
 
+@main.command()
+@click.argument("models", metavar="MODEL.keras...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), help="Converted dataset: adds mAP@0.5 and COCO mAP (val).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per latency, after 3 warm-up runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def report(models, data, runs, as_json):
+    """Parameters, FLOPs, file sizes (also gzip / bzip2 / xz), Keras and TFLite latency at 1 and 2
+    threads, and mAP of each MODEL."""
+    from kprune.fileio import json_safe
+    from kprune.report.command import report_models, table
+
+    rows = report_models(models, data, runs, progress=not as_json)
+    click.echo(json.dumps(json_safe(rows), indent=1) if as_json else table(rows))
+
+
 def _ratios(ctx, param, value):
     try:
         return [float(v) for v in value.split(",") if v.strip()]

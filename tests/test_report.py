@@ -1,0 +1,63 @@
+"""Reports: compressed sizes of known bytes, latency statistics, and `kprune report`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kprune.cli import main
+from kprune.darknet.builder import build_model
+from kprune.models.io import save_model
+from kprune.report.command import table
+from kprune.report.latency import latency_stats, time_calls
+from kprune.report.metrics import compressed_sizes, count_params, file_sizes
+from tests.conftest import cfg_path, randomize
+
+
+def test_sizes_of_known_files(tmp_path):
+    path = tmp_path / "known.bin"
+    path.write_bytes(b"kprune" * 1000)
+    # gzip -9 (no timestamp), bzip2 -9 and xz -6 of 6000 bytes repeating a 6-byte word
+    assert file_sizes(path) == {"bytes": 6000, "gzip": 51, "bzip2": 55, "xz": 104}
+    noise = np.random.default_rng(0).bytes(100_000)
+    sizes = compressed_sizes(noise)
+    assert sizes["bytes"] == 100_000 and all(sizes[k] > 100_000 for k in ("gzip", "bzip2", "xz"))  # incompressible
+    with pytest.raises(ValueError, match="not a file"):
+        file_sizes(tmp_path)
+
+
+def test_latency_statistics():
+    stats = latency_stats([0.004, 0.001, 0.003, 0.002])
+    # p90 by linear interpolation between the 3rd and 4th of 1, 2, 3, 4 ms: 3 + 0.7
+    assert stats == pytest.approx({"mean_ms": 2.5, "median_ms": 2.5, "p90_ms": 3.7, "min_ms": 1.0})
+    calls = []
+    result = time_calls(lambda: calls.append(1), runs=20, warmup=3)
+    assert len(calls) == 23 and result["runs"] == 20 and result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
+    with pytest.raises(ValueError, match="runs 0"):
+        time_calls(lambda: None, runs=0)
+
+
+def test_report_command(tmp_path, tiny_synth_data):
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    randomize(model, seed=4, scale=0.05)
+    kernel = model.get_layer("conv_12").kernel
+    kernel.assign(np.zeros(kernel.shape, np.float32))  # zeros: fewer non-zero parameters, better compression
+    path = tmp_path / "tiny.keras"
+    save_model(model, path)
+    result = CliRunner().invoke(main, ["report", str(path), "--data", tiny_synth_data, "--runs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    counts = count_params(model)
+    assert row["params"] == counts["params"] and row["nonzero_params"] == counts["nonzero_params"]
+    assert row["params"] - row["nonzero_params"] >= kernel.shape.num_elements()
+    assert row["keras_size"]["bytes"] == os.path.getsize(path)
+    assert row["keras_size"]["xz"] < row["keras_size"]["bytes"] and row["tflite"].startswith("float32")
+    assert set(row["latency"]) == {"keras_1t", "keras_2t", "tflite_1t", "tflite_2t"}
+    assert all(v["runs"] == 3 and 0 < v["min_ms"] <= v["median_ms"] for v in row["latency"].values())
+    assert 0 <= row["map50"] <= 1 and 0 <= row["coco_map"] <= 1
+    lines = table([row]).splitlines()
+    assert lines[0].split(" | ")[-3:] == ["tflite 2t ms", "mAP@0.5", "COCO mAP |"]
+    cells = lines[2].split(" | ")
+    assert cells[0] == "| tiny.keras" and cells[1] == f"{row['params']:,}" and cells[-2] == f"{row['map50']:.4f}"
