@@ -291,6 +291,24 @@ def report(models, data, runs, as_json):
     click.echo(json.dumps(json_safe(rows), indent=1) if as_json else table(rows))
 
 
+@main.command()
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def experiment(config_path, quiet):
+    """Run a pruning sweep (baseline, then prune -> evaluate -> retrain -> evaluate -> export ->
+    measure for every method x ratio) and write report.md, results.csv/json and plots. Cells already
+    done are skipped when the same config is run again."""
+    from kprune.experiment import Experiment, load_config
+
+    config = load_config(config_path)
+    log = (lambda line: click.echo(line, err=True))
+    results = Experiment(config, progress=not quiet, log=log).run()
+    from kprune.report.experiment import headline_table
+
+    click.echo(headline_table(results["flat"]))
+    click.echo(f"report: {config.out}/report.md")
+
+
 def _ratios(ctx, param, value):
     try:
         return [float(v) for v in value.split(",") if v.strip()]

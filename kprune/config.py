@@ -59,3 +59,10 @@ def build(cls: Type[T], values: Mapping[str, Any], source: str) -> T:
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
     return cls(**values)
+
+
+def dump_yaml(values: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a resolved config as YAML (keys in their order), atomically."""
+    from kprune.fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, yaml.safe_dump(dict(values), sort_keys=False).encode())

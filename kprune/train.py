@@ -595,13 +595,11 @@ class TrainingRun:
         Raises:
             TrainingError: the loss became NaN or Inf (the last good checkpoint is kept).
         """
-        import yaml
-
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        from kprune.fileio import write_bytes_atomic
+        from kprune.config import dump_yaml
 
-        write_bytes_atomic(self.out / "config.yaml", yaml.safe_dump(dataclasses.asdict(c), sort_keys=False).encode())
+        dump_yaml(dataclasses.asdict(c), self.out / "config.yaml")
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)

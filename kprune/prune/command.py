@@ -34,7 +34,7 @@ def _measure(model) -> dict:
 ROUND_STRATEGIES = ("gradual", "iterative")
 
 
-def _retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
+def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
              keep_sparsity: bool = False, prepare=None):
     """Train ``model`` with :func:`kprune.train.train` in ``run_dir``; returns (model, metrics)."""
     from kprune.models.io import load_model, save_model
@@ -138,7 +138,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
 
     if data is not None:
-        pruned, report["retrained"] = _retrain(pruned, stem + ".run", data, epochs, train_options, progress,
+        pruned, report["retrained"] = retrain(pruned, stem + ".run", data, epochs, train_options, progress,
                                                keep_sparsity=method in ("threshold", "percentage", "global"),
                                                prepare=prepare)
 
@@ -177,7 +177,7 @@ def _prune_in_rounds(model, model_path, stem, report, ratio, criterion, strategy
         report.update(baseline_map50=baseline, max_drop=max_drop)
 
     def finetune(pruned, t):
-        return _retrain(pruned, f"{stem}.run/round-{t}", data, epochs, train_options, progress)
+        return retrain(pruned, f"{stem}.run/round-{t}", data, epochs, train_options, progress)
 
     log = (lambda line: print(line, file=sys.stderr)) if progress else None
     result = prune_in_rounds(model, targets, finetune, criterion, inner, scope, round_to, max_ratio,

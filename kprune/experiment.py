@@ -1,0 +1,247 @@
+"""``kprune experiment CONFIG.yaml``: a pruning sweep, from the baseline to the report.
+
+A config (a small diff from a base, see :mod:`kprune.config`) names a dataset, a baseline (trained
+by a training config, or an existing ``.keras`` model) and a sweep: for each method x ratio, a
+*cell* runs prune -> evaluate without retraining -> retrain -> evaluate -> export -> measure.
+Every cell writes ``cells/<label>/result.json`` last, so a rerun of the same config skips the
+cells already done (and the baseline, once trained). The run folder then gets ``results.json``,
+``results.csv``, ``report.md`` and the plots (:mod:`kprune.report.plots`).
+
+Config keys (see :class:`ExperimentConfig`)::
+
+    name: demo
+    dataset: synth                       # or a converted dataset folder
+    baseline: {model: path.keras}        # or {train: {...a training config...}}
+    sweep:
+      - {method: filters, strategy: uniform, criterion: l1, ratios: [0.3, 0.5]}
+      - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
+      - {method: global, ratios: [0.5, 0.8]}      # unstructured
+    retrain: {epochs: 4, lr: 0.001, batch_size: 8}
+    export: [none, int8]                 # TFLite quantizations of the baseline and every cell
+    latency_runs: 20
+    latency_threads: [1, 2]
+    samples: 2                           # validation images drawn before / after pruning
+    out: runs/demo
+
+Methods whose pruning already trains (``tfmot-*``, the ``gradual`` and ``iterative`` strategies)
+have no "without retraining" figure; their fine-tuning uses the ``retrain`` settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from kprune.prune.command import METHODS
+
+SWEEP_KEYS = ("method", "ratios", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
+              "round_to", "include_outputs")
+TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
+
+
+@dataclass
+class ExperimentConfig:
+    """A sweep; saved as ``experiment.yaml`` in the run folder."""
+
+    name: str = "experiment"
+    dataset: str = "synth"
+    baseline: Dict[str, object] = field(default_factory=dict)
+    sweep: List[Dict[str, object]] = field(default_factory=list)
+    retrain: Dict[str, object] = field(default_factory=lambda: {"epochs": 4})
+    export: List[str] = field(default_factory=lambda: ["none", "int8"])
+    latency_runs: int = 20
+    latency_threads: List[int] = field(default_factory=lambda: [1, 2])
+    samples: int = 2
+    out: str = "runs/experiment"
+
+    def __post_init__(self):
+        from kprune.export.tflite import QUANT_MODES
+
+        if set(self.baseline) not in ({"model"}, {"train"}):
+            raise ValueError("experiment baseline: give either {model: MODEL.keras} or {train: {...training config}}")
+        if not self.sweep:
+            raise ValueError("experiment sweep: list at least one method")
+        for k, entry in enumerate(self.sweep):
+            unknown = sorted(set(entry) - set(SWEEP_KEYS))
+            if unknown:
+                raise ValueError(f"sweep entry {k}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
+            if entry.get("method") not in METHODS:
+                raise ValueError(f"sweep entry {k}: method {entry.get('method')!r}; choose one of {', '.join(METHODS)}")
+            if not entry.get("ratios") and entry.get("method") != "threshold":
+                raise ValueError(f"sweep entry {k}: give ratios: [...]")
+        bad = [q for q in self.export if q not in QUANT_MODES]
+        if bad:
+            raise ValueError(f"experiment export {bad}: choose from {', '.join(QUANT_MODES)}")
+        if "none" not in self.export:
+            self.export = ["none", *self.export]  # latency and the int8 comparison need the float file
+        if 2 not in self.latency_threads:
+            raise ValueError(f"latency_threads {self.latency_threads}: must include 2 (the report compares at 2)")
+        if self.latency_runs < 1:
+            raise ValueError(f"latency_runs {self.latency_runs}: need at least 1")
+
+
+def load_config(path: str) -> ExperimentConfig:
+    """Read and validate an experiment config (``base:`` inheritance, unknown keys refused)."""
+    from kprune.config import build, read_yaml
+
+    return build(ExperimentConfig, read_yaml(path), str(path))
+
+
+def cells(config: ExperimentConfig) -> List[dict]:
+    """The sweep expanded: one dict per (entry, ratio) with a unique ``label``."""
+    out = []
+    for entry in config.sweep:
+        base = {k: v for k, v in entry.items() if k != "ratios"}
+        name = entry.get("label") or "-".join(
+            str(v) for v in (entry["method"], entry.get("strategy"), entry.get("criterion"), entry.get("scope")) if v)
+        for ratio in entry.get("ratios") or [None]:
+            value = entry.get("threshold") if ratio is None else ratio
+            out.append({**base, "ratio": ratio, "family": name, "label": f"{name}-{value}"})
+    labels = [c["label"] for c in out]
+    duplicated = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicated:
+        raise ValueError(f"experiment sweep: cells {duplicated} appear twice (give entries a label)")
+    return out
+
+
+def _done(path: Path) -> Optional[dict]:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Experiment:
+    """One sweep in its run folder; :meth:`run` does whatever is not done yet."""
+
+    def __init__(self, config: ExperimentConfig, progress: bool = True, log=print):
+        from kprune.train import resolve_dataset
+
+        self.config, self.progress, self.log = config, progress, log
+        self.out = Path(config.out)
+        self.data = resolve_dataset(config.dataset)
+        self.cells = cells(config)
+
+    def _train_options(self) -> dict:
+        options = dict(self.config.retrain)
+        options.pop("epochs", None)
+        return options
+
+    def baseline(self) -> dict:
+        """Train or take the baseline model, then evaluate, export and measure it (once)."""
+        folder = self.out / "baseline"
+        done = _done(folder / "result.json")
+        if done:
+            return done
+        from kprune.models.io import load_model, save_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model_path = folder / "model.keras"
+        if "model" in self.config.baseline:
+            save_model(load_model(str(self.config.baseline["model"])), model_path)
+            trained = None
+        else:
+            from kprune.config import build
+            from kprune.train import TrainConfig, train
+
+            values = {**self.config.baseline["train"], "dataset": self.data, "out": str(folder / "run")}
+            self.log(f"[{self.config.name}] training the baseline in {folder / 'run'}")
+            trained = train(build(TrainConfig, values, "experiment baseline.train"), progress=self.progress)
+            save_model(load_model(str(folder / "run" / "final.keras")), model_path)
+        result = {"label": "baseline", "family": "baseline", "ratio": 0.0, "trained": trained}
+        result.update(self._finish(folder, model_path))
+        return self._write(folder, result)
+
+    def cell(self, cell: dict) -> dict:
+        """Run one cell (or return its stored result)."""
+        from kprune.evaluate import evaluate_loaded
+        from kprune.models.io import load_model
+        from kprune.prune.command import prune_model, retrain
+
+        folder = self.out / "cells" / cell["label"]
+        done = _done(folder / "result.json")
+        if done:
+            return done
+        folder.mkdir(parents=True, exist_ok=True)
+        epochs = int(self.config.retrain.get("epochs", 0))
+        trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
+        options = {k: cell[k] for k in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
+                                        "round_to", "include_outputs") if k in cell}
+        pruned_path = folder / "pruned.keras"
+        start = time.perf_counter()
+        self.log(f"[{self.config.name}] {cell['label']}: pruning")
+        report = prune_model(str(self.out / "baseline" / "model.keras"), str(pruned_path), cell["method"],
+                             ratio=cell["ratio"], data=self.data if trains_itself else None,
+                             epochs=max(epochs, 1) if trains_itself else None, train_options=self._train_options(),
+                             progress=self.progress, **options)
+        result = {"label": cell["label"], "family": cell["family"], "ratio": cell["ratio"], "method": cell["method"],
+                  "strategy": cell.get("strategy"), "prune_seconds": time.perf_counter() - start,
+                  "layers": report["layers"], "rounds": report.get("rounds")}
+        model_path = pruned_path
+        if trains_itself:
+            result["map50_pruned"] = None
+        else:
+            result["map50_pruned"] = evaluate_loaded(load_model(str(pruned_path)), self.data)["map50"]
+            if epochs > 0:
+                self.log(f"[{self.config.name}] {cell['label']}: retraining {epochs} epochs")
+                model, _ = retrain(load_model(str(pruned_path)), str(folder / "run"), self.data, epochs,
+                                   self._train_options(), self.progress,
+                                   keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
+                from kprune.models.io import save_model
+
+                model_path = folder / "retrained.keras"
+                save_model(model, model_path)
+        result["retrained"] = trains_itself or epochs > 0
+        result.update(self._finish(folder, model_path))
+        return self._write(folder, result)
+
+    def _finish(self, folder: Path, model_path: Path) -> dict:
+        """Evaluate, export (every quantization) and measure a cell's final model."""
+        from kprune.evaluate import evaluate_model
+        from kprune.export.command import export_model
+        from kprune.report.command import measure_model
+
+        final = folder / "final.keras"
+        if model_path != final:
+            os.replace(model_path, final) if model_path.name == "retrained.keras" else _copy(model_path, final)
+        scores = evaluate_model(str(final), self.data)
+        result = {"model": str(final), "map50": scores["map50"], "coco_map": scores["coco_map"], "export": {}}
+        for quant in self.config.export:
+            out = folder / ("final.tflite" if quant == "none" else f"final-{quant}.tflite")
+            exported = export_model(str(final), str(out), "tflite", quant, self.data if quant == "int8" else None)
+            entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
+            entry["map50"] = evaluate_model(str(out), self.data, keras_path=str(final))["map50"]
+            result["export"][quant] = entry
+        result["measure"] = measure_model(str(final), None, self.config.latency_runs, self.config.latency_threads)
+        return result
+
+    def _write(self, folder: Path, result: dict) -> dict:
+        from kprune.fileio import write_json_atomic
+
+        write_json_atomic(folder / "result.json", result)
+        return result
+
+    def run(self) -> dict:
+        """Baseline, every cell, then results, plots and report; returns the results."""
+        from kprune.config import dump_yaml
+        from kprune.report.experiment import write_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+        baseline = self.baseline()
+        rows = [baseline]
+        for cell in self.cells:
+            rows.append(self.cell(cell))
+        return write_report(self.out, self.config, rows, self.data, self.config.samples)
+
+
+def _copy(source: Path, target: Path) -> None:
+    import shutil
+
+    from kprune.fileio import atomic_path
+
+    with atomic_path(target, suffix=".keras") as tmp:
+        shutil.copyfile(source, tmp)

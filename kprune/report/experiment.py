@@ -1,0 +1,181 @@
+"""The results of an experiment sweep: ``results.json``, ``results.csv``, plots and ``report.md``.
+
+Every figure in the report comes from the cells' ``result.json`` files; nothing is re-measured here
+except the sample detections drawn for the plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+PLOTS = {
+    "map_vs_params": "map_vs_params.png",
+    "map_vs_flops": "map_vs_flops.png",
+    "latency_vs_flops": "latency_vs_flops.png",
+    "kept_filters": "kept_filters.png",
+    "samples": "samples.png",
+}
+
+
+def flat_rows(rows: List[dict]) -> List[dict]:
+    """One flat record per model (baseline first), the columns of ``results.csv``."""
+    base = rows[0]
+    out = []
+    for r in rows:
+        m = r["measure"]
+        row = {
+            "label": r["label"], "family": r["family"], "ratio": r["ratio"],
+            "params": m["params"], "nonzero_params": m["nonzero_params"], "flops": m["flops"],
+            "flops_removed": 1.0 - m["flops"] / base["measure"]["flops"],
+            "nonzero_removed": 1.0 - m["nonzero_params"] / base["measure"]["nonzero_params"],
+            "map50_pruned": r.get("map50_pruned"), "map50": r["map50"], "coco_map": r["coco_map"],
+            "map50_change": r["map50"] - base["map50"],
+            "keras_mb": m["keras_size"]["bytes"] / 1e6, "keras_xz_mb": m["keras_size"]["xz"] / 1e6,
+            "tflite_mb": m["tflite_size"]["bytes"] / 1e6,
+        }
+        for key, value in m["latency"].items():
+            row[f"{key}_ms"] = value["median_ms"]
+        for quant, entry in r["export"].items():
+            row[f"{quant}_tflite_mb"] = entry["bytes"] / 1e6
+            row[f"{quant}_map50"] = entry["map50"]
+        row["speedup_tflite_2t"] = base["measure"]["latency"]["tflite_2t"]["median_ms"] / row["tflite_2t_ms"]
+        out.append(row)
+    return out
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def headline_table(flat: List[dict]) -> str:
+    """The table users compare: size, FLOPs, accuracy before / after retraining, int8, latency."""
+    head = ["model", "params", "non-zero", "GFLOPs", "FLOPs removed", "mAP@0.5 pruned", "mAP@0.5 retrained",
+            "change", "int8 mAP@0.5", "TFLite 2t ms", "speed-up", "int8 MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in flat:
+        lines.append("| " + " | ".join([
+            r["label"], _fmt(r["params"]), _fmt(r["nonzero_params"]), f"{r['flops'] / 1e9:.3f}",
+            f"{100 * r['flops_removed']:.1f} %", _fmt(r["map50_pruned"]), _fmt(r["map50"]),
+            f"{100 * r['map50_change']:+.1f} pts", _fmt(r.get("int8_map50")), f"{r['tflite_2t_ms']:.1f}",
+            f"{r['speedup_tflite_2t']:.2f}x", _fmt(r.get("int8_tflite_mb"), 2)]) + " |")
+    return "\n".join(lines)
+
+
+def findings(flat: List[dict]) -> List[str]:
+    """Plain statements about the sweep: the best model with at least half the FLOPs removed, the
+    int8 cost, and the measured speed-up."""
+    base, cells = flat[0], flat[1:]
+    lines = []
+    halved = [r for r in cells if r["flops_removed"] >= 0.5]
+    if halved:
+        best = max(halved, key=lambda r: r["map50"])
+        lines.append(f"Best model with at least 50 % of the FLOPs removed: **{best['label']}**, "
+                     f"{100 * best['flops_removed']:.1f} % removed, mAP@0.5 {best['map50']:.4f} against "
+                     f"{base['map50']:.4f} for the baseline ({100 * best['map50_change']:+.1f} points; the goal is "
+                     f"within 2 points: {'met' if best['map50_change'] >= -0.02 else 'not met'}). "
+                     f"TFLite at 2 threads: {best['tflite_2t_ms']:.1f} ms against {base['tflite_2t_ms']:.1f} ms "
+                     f"({best['speedup_tflite_2t']:.2f}x).")
+    else:
+        lines.append("No cell removed 50 % of the FLOPs.")
+    if "int8_map50" in base:
+        worst = min(flat, key=lambda r: r["int8_map50"] - r["none_map50"])
+        lines.append(f"int8 against float TFLite: the baseline changes by "
+                     f"{100 * (base['int8_map50'] - base['none_map50']):+.1f} points of mAP@0.5; the largest change "
+                     f"is {100 * (worst['int8_map50'] - worst['none_map50']):+.1f} points ({worst['label']}; the goal "
+                     f"is within 1 point).")
+    return lines
+
+
+def sample_detections(rows: List[dict], data, count: int, path) -> Optional[str]:
+    """Detections of the baseline and of the structured cell with the most FLOPs removed on the
+    first ``count`` validation images, side by side."""
+    if count < 1:
+        return None
+    from kprune.export.tflite import calibration_images
+    from kprune.models.head import detect
+    from kprune.models.inference import draw_detections
+    from kprune.models.io import load_model
+    from kprune.report.plots import image_grid
+
+    base = rows[0]
+    candidates = [r for r in rows[1:] if r.get("method") == "filters"] or rows[1:]
+    after = min(candidates, key=lambda r: r["measure"]["flops"]) if candidates else None
+    chosen = [base] + ([after] if after else [])
+    models = [load_model(r["model"]) for r in chosen]
+    size = models[0].input_shape[1]
+    images = (calibration_images(data, count, "val", size) * 255).round().astype(np.uint8)
+    drawn, titles = [], []
+    for image in images:
+        for row, model in zip(chosen, models):
+            (dets,) = detect(model, [image], score_threshold=0.3)
+            drawn.append(draw_detections(image, dets))
+            titles.append(f"{row['label']}: {len(dets)} detections")
+    return image_grid(drawn, titles, len(chosen), path)
+
+
+def write_report(out: Path, config, rows: List[dict], data, samples: int) -> dict:
+    """Write results.json, results.csv, the plots and report.md into ``out``; returns the results."""
+    import yaml
+
+    from kprune.fileio import write_bytes_atomic, write_csv_atomic, write_json_atomic
+    from kprune.report import plots
+
+    out = Path(out)
+    flat = flat_rows(rows)
+    results = {"name": config.name, "rows": rows, "flat": flat}
+    write_json_atomic(out / "results.json", results)
+    write_csv_atomic(out / "results.csv", flat)
+    plots.accuracy_plot(flat, "params", "parameters (millions)", out / PLOTS["map_vs_params"], scale=1e6)
+    plots.accuracy_plot(flat, "flops", "GFLOPs per image", out / PLOTS["map_vs_flops"], scale=1e9)
+    plots.latency_plot(flat, out / PLOTS["latency_vs_flops"])
+    plots.kept_filters_plot(rows, out / PLOTS["kept_filters"])
+    sample_path = sample_detections(rows, data, samples, out / PLOTS["samples"])
+
+    base = flat[0]
+    quant_lines = ["| model | " + " | ".join(f"{q} MB | {q} mAP@0.5" for q in rows[0]["export"]) + " |",
+                   "|---|" + "---|---|" * len(rows[0]["export"])]
+    for r in flat:
+        quant_lines.append(f"| {r['label']} | " + " | ".join(
+            f"{r[f'{q}_tflite_mb']:.2f} | {r[f'{q}_map50']:.4f}" for q in rows[0]["export"]) + " |")
+    latency_keys = [k for k in base if k.endswith("t_ms")]
+    latency_lines = ["| model | GFLOPs | " + " | ".join(k[:-3].replace("_", " ") + " ms" for k in latency_keys) + " |",
+                     "|---|---|" + "---|" * len(latency_keys)]
+    for r in flat:
+        latency_lines.append(f"| {r['label']} | {r['flops'] / 1e9:.3f} | "
+                             + " | ".join(f"{r[k]:.1f}" for k in latency_keys) + " |")
+    size_lines = ["| model | .keras MB | .keras xz MB | non-zero removed |", "|---|---|---|---|"]
+    for r in flat:
+        size_lines.append(f"| {r['label']} | {r['keras_mb']:.2f} | {r['keras_xz_mb']:.2f} | "
+                          f"{100 * r['nonzero_removed']:.1f} % |")
+    text = [
+        f"# {config.name}", "",
+        f"Dataset `{data}`; {len(rows) - 1} pruned models against the baseline; mAP@0.5 is VOC all-point at IoU "
+        f"0.5 on the validation split, latency is batch 1, median of {config.latency_runs} runs after warm-up.", "",
+        "## Results", "", headline_table(flat), "",
+        "## Findings", "", *[f"- {line}" for line in findings(flat)], "",
+        "## Accuracy against size", "", f"![mAP against parameters]({PLOTS['map_vs_params']})",
+        f"![mAP against FLOPs]({PLOTS['map_vs_flops']})", "",
+        "## Kept filters per layer", "", f"![kept filters]({PLOTS['kept_filters']})", "",
+        "## Quantization (TFLite)", "", *quant_lines, "",
+        "## Latency", "", *latency_lines, "", f"![latency against FLOPs]({PLOTS['latency_vs_flops']})", "",
+        "## Sizes", "", *size_lines, "",
+    ]
+    if sample_path:
+        text += ["## Sample detections", "", f"![sample detections]({PLOTS['samples']})", ""]
+    text += ["## Configuration", "", "```yaml", yaml.safe_dump(_config_dict(config), sort_keys=False).strip(),
+             "```", ""]
+    write_bytes_atomic(out / "report.md", "\n".join(text).encode("utf-8"))
+    return results
+
+
+def _config_dict(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
