@@ -39,8 +39,9 @@ data-synth: $(STAMP)
 baseline: data-synth
 	$(PY) -m kprune.retrain --config experiments/synth_baseline.yaml --dataset $(SYNTH)
 
-demo: $(STAMP)
-	$(PY) -m kprune.demo --out runs/demo
+# synthetic data -> baseline -> pruning sweep -> retraining -> int8 export -> runs/demo/report.md
+demo: data-synth
+	$(VENV)/bin/kprune experiment experiments/demo.yaml
 
 clean:
 	rm -rf runs build dist *.egg-info .pytest_cache bench-results.json bench-results.md

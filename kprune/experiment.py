@@ -11,7 +11,7 @@ Config keys (see :class:`ExperimentConfig`)::
 
     name: demo
     dataset: synth                       # or a converted dataset folder
-    baseline: {model: path.keras}        # or {train: {...a training config...}}
+    baseline: {model: path.keras}        # or {train: {...}}, or {config: train.yaml, train: {...changes}}
     sweep:
       - {method: filters, strategy: uniform, criterion: l1, ratios: [0.3, 0.5]}
       - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
@@ -23,7 +23,8 @@ Config keys (see :class:`ExperimentConfig`)::
     samples: 2                           # validation images drawn before / after pruning
     out: runs/demo
 
-Methods whose pruning already trains (``tfmot-*``, the ``gradual`` and ``iterative`` strategies)
+Retraining uses the baseline's training settings (loss, augmentation, batch size, batch-norm
+handling) with the ``retrain`` keys on top. Methods whose pruning already trains (``tfmot-*``, the ``gradual`` and ``iterative`` strategies)
 have no "without retraining" figure; their fine-tuning uses the ``retrain`` settings.
 """
 
@@ -61,8 +62,9 @@ class ExperimentConfig:
     def __post_init__(self):
         from kprune.export.tflite import QUANT_MODES
 
-        if set(self.baseline) not in ({"model"}, {"train"}):
-            raise ValueError("experiment baseline: give either {model: MODEL.keras} or {train: {...training config}}")
+        if set(self.baseline) not in ({"model"}, {"train"}, {"config"}, {"config", "train"}):
+            raise ValueError("experiment baseline: give either {model: MODEL.keras} or a training config "
+                             "({train: {...}} and / or {config: TRAIN.yaml})")
         if not self.sweep:
             raise ValueError("experiment sweep: list at least one method")
         for k, entry in enumerate(self.sweep):
@@ -88,7 +90,11 @@ def load_config(path: str) -> ExperimentConfig:
     """Read and validate an experiment config (``base:`` inheritance, unknown keys refused)."""
     from kprune.config import build, read_yaml
 
-    return build(ExperimentConfig, read_yaml(path), str(path))
+    values = read_yaml(path)
+    config = values.get("baseline", {}).get("config") if isinstance(values.get("baseline"), dict) else None
+    if config and not os.path.isabs(config):  # relative to the experiment file, like ``base:``
+        values["baseline"] = {**values["baseline"], "config": os.path.join(os.path.dirname(str(path)), config)}
+    return build(ExperimentConfig, values, str(path))
 
 
 def cells(config: ExperimentConfig) -> List[dict]:
@@ -125,9 +131,21 @@ class Experiment:
         self.data = resolve_dataset(config.dataset)
         self.cells = cells(config)
 
+    def _baseline_training(self) -> dict:
+        """The baseline's training config values (empty for a given model)."""
+        from kprune.config import read_yaml
+
+        values = dict(read_yaml(self.config.baseline["config"])) if "config" in self.config.baseline else {}
+        values.update(self.config.baseline.get("train") or {})
+        return values
+
     def _train_options(self) -> dict:
-        options = dict(self.config.retrain)
-        options.pop("epochs", None)
+        """Retraining settings: the baseline's, without what makes a new model or run, then ``retrain``."""
+        skip = {"dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "class_map", "epochs",
+                "out", "pretrain_epochs", "pretrain_crop", "lr", "warmup_epochs", "decay_epochs", "early_stopping",
+                "eval_every", "steps_per_epoch"}
+        options = {k: v for k, v in self._baseline_training().items() if k not in skip}
+        options.update({k: v for k, v in self.config.retrain.items() if k != "epochs"})
         return options
 
     def baseline(self) -> dict:
@@ -147,7 +165,7 @@ class Experiment:
             from kprune.config import build
             from kprune.train import TrainConfig, train
 
-            values = {**self.config.baseline["train"], "dataset": self.data, "out": str(folder / "run")}
+            values = {**self._baseline_training(), "dataset": self.data, "out": str(folder / "run")}
             self.log(f"[{self.config.name}] training the baseline in {folder / 'run'}")
             trained = train(build(TrainConfig, values, "experiment baseline.train"), progress=self.progress)
             save_model(load_model(str(folder / "run" / "final.keras")), model_path)
