@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install test test-fast bench demo data-synth baseline clean
+.PHONY: install test test-fast bench demo data-synth baseline prune-yolov2-coco5 prune-yolov2-kitti clean
 
 install: $(STAMP)
 
@@ -42,6 +42,30 @@ baseline: data-synth
 # synthetic data -> baseline -> pruning sweep -> retraining -> int8 export -> runs/demo/report.md
 demo: data-synth
 	$(VENV)/bin/kprune experiment experiments/demo.yaml
+
+# The real experiments: Darknet's COCO weights, COCO 2017 or KITTI in their official layouts.
+COCO_DIR ?= data/coco
+KITTI_DIR ?= data/kitti-object
+YOLOV2_WEIGHTS := weights/yolov2.weights
+
+$(YOLOV2_WEIGHTS):
+	@echo "error: $@ is missing: YOLOv2's COCO weights in Darknet format (about 204 MB) come from" >&2
+	@echo "  https://pjreddie.com/media/files/yolov2.weights  -- e.g. mkdir -p weights && curl -L -o $@ <that URL>" >&2
+	@exit 1
+
+data/coco5/dataset.json: | $(STAMP)
+	$(PY) -m data_tools coco --coco-dir $(COCO_DIR) --out data/coco5
+
+data/kitti/dataset.json: | $(STAMP)
+	$(PY) -m data_tools kitti --kitti-dir $(KITTI_DIR) --out data/kitti
+
+# L1 filter pruning of YOLOv2 on horse, bear, zebra, cow, giraffe -> runs/yolov2-coco5/report.md
+prune-yolov2-coco5: $(STAMP) $(YOLOV2_WEIGHTS) data/coco5/dataset.json
+	$(VENV)/bin/kprune experiment experiments/yolov2_coco5.yaml
+
+# the three retraining modes on KITTI, then iterative pruning -> runs/yolov2-kitti/report.md
+prune-yolov2-kitti: $(STAMP) $(YOLOV2_WEIGHTS) data/kitti/dataset.json
+	$(VENV)/bin/kprune experiment experiments/yolov2_kitti.yaml
 
 clean:
 	rm -rf runs build dist *.egg-info .pytest_cache bench-results.json bench-results.md

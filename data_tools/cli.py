@@ -29,6 +29,29 @@ def _user_errors(command):
     return wrapper
 
 
+# Where the official data comes from and how its folder must look, for the missing-folder message.
+SOURCES = {
+    "coco": ("COCO_DIR/annotations/instances_{train,val}2017.json with the images in COCO_DIR/train2017/ and "
+             "COCO_DIR/val2017/", "https://cocodataset.org/#download (2017 Train images, 2017 Val images, "
+                                 "2017 Train/Val annotations)"),
+    "kitti": ("KITTI_DIR/training/image_2/*.png and KITTI_DIR/training/label_2/*.txt",
+              "https://www.cvlibs.net/datasets/kitti/eval_object.php?obj_benchmark=2d (left color images and "
+              "training labels of the object data set)"),
+    "voc": ("VOCdevkit/VOC2007/ with Annotations/, JPEGImages/ and ImageSets/Main/",
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/ (training/validation data)"),
+}
+
+
+def _require_dir(path: str, kind: str) -> None:
+    """A missing dataset folder: say what layout is expected and where the data comes from."""
+    import os
+
+    if not os.path.isdir(path):
+        layout, url = SOURCES[kind]
+        raise click.ClickException(f"{kind} folder {path!r} not found. Expected {layout}; the official data comes "
+                                   f"from {url}.")
+
+
 def _write(records, classes, out, source, options, dropped_fields, annotation_bytes, quiet, extra=None):
     from data_tools.convert import summary, write_dataset
 
@@ -58,7 +81,7 @@ def main():
 
 
 @main.command()
-@click.option("--coco-dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--coco-dir", required=True, type=click.Path(file_okay=False),
               help="Folder with annotations/instances_{train,val}YEAR.json and trainYEAR/, valYEAR/.")
 @click.option("--year", default=2017, show_default=True, type=int)
 @_classes(defaults.COCO5, "category names ('all': every category, in id order)")
@@ -69,6 +92,7 @@ def main():
 @_user_errors
 def coco(coco_dir, year, classes, keep_negatives, out, quiet):
     """COCO instances (official layout) -> a class subset. Crowd boxes become ignore regions."""
+    _require_dir(coco_dir, "coco")
     from data_tools import coco as coco_mod
     from data_tools.convert import parse_classes
 
@@ -79,7 +103,7 @@ def coco(coco_dir, year, classes, keep_negatives, out, quiet):
 
 
 @main.command()
-@click.option("--kitti-dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--kitti-dir", required=True, type=click.Path(file_okay=False),
               help="Folder with training/image_2 and training/label_2.")
 @_classes(defaults.KITTI, "KITTI types")
 @click.option("--map", "mapping", multiple=True, metavar="TYPE=CLASS",
@@ -95,6 +119,7 @@ def coco(coco_dir, year, classes, keep_negatives, out, quiet):
 def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, out, quiet):
     """KITTI object detection (official layout) -> a deterministic train/val split. DontCare boxes
     become ignore regions."""
+    _require_dir(kitti_dir, "kitti")
     from data_tools import kitti as kitti_mod
     from data_tools.convert import parse_classes
 
@@ -112,7 +137,7 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
 
 
 @main.command()
-@click.option("--voc-dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--voc-dir", required=True, type=click.Path(file_okay=False),
               help="VOCdevkit (with VOC2007/ inside) or the VOC2007 folder itself.")
 @click.option("--year", default=2007, show_default=True, type=int)
 @_classes(defaults.VOC, "VOC class names")
@@ -121,6 +146,7 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
 @_user_errors
 def voc(voc_dir, year, classes, out, quiet):
     """PASCAL VOC (train.txt / val.txt of ImageSets/Main). Difficult objects become ignore regions."""
+    _require_dir(voc_dir, "voc")
     from data_tools import voc as voc_mod
     from data_tools.convert import parse_classes
 

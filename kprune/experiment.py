@@ -11,11 +11,14 @@ Config keys (see :class:`ExperimentConfig`)::
 
     name: demo
     dataset: synth                       # or a converted dataset folder
-    baseline: {model: path.keras}        # or {train: {...}}, or {config: train.yaml, train: {...changes}}
+    baseline: {model: path.keras}        # or {train: {...}}, or {config: train.yaml, train: {...changes}};
+                                         # model and config together: the model, retrained with the config's settings
+    compare:                             # other trainings reported beside the baseline, not pruned
+      head: {config: train.yaml, train: {mode: head}}
     sweep:
       - {method: filters, strategy: uniform, criterion: l1, ratios: [0.3, 0.5]}
       - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
-      - {method: global, ratios: [0.5, 0.8]}      # unstructured
+      - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
     latency_runs: 20
@@ -40,8 +43,9 @@ from typing import Dict, List, Optional
 from kprune.prune.command import METHODS
 
 SWEEP_KEYS = ("method", "ratios", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
-              "round_to", "include_outputs")
+              "round_to", "include_outputs", "epochs")
 TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
+TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ExperimentConfig:
     name: str = "experiment"
     dataset: str = "synth"
     baseline: Dict[str, object] = field(default_factory=dict)
+    compare: Dict[str, Dict[str, object]] = field(default_factory=dict)
     sweep: List[Dict[str, object]] = field(default_factory=list)
     retrain: Dict[str, object] = field(default_factory=lambda: {"epochs": 4})
     export: List[str] = field(default_factory=lambda: ["none", "int8"])
@@ -62,9 +67,14 @@ class ExperimentConfig:
     def __post_init__(self):
         from kprune.export.tflite import QUANT_MODES
 
-        if set(self.baseline) not in ({"model"}, {"train"}, {"config"}, {"config", "train"}):
+        if set(self.baseline) - {"model"} not in (set(), *TRAINING_SPECS) or not self.baseline:
             raise ValueError("experiment baseline: give either {model: MODEL.keras} or a training config "
-                             "({train: {...}} and / or {config: TRAIN.yaml})")
+                             "({train: {...}} and / or {config: TRAIN.yaml}), or both: the model, and the "
+                             "training settings retraining should use")
+        for label, spec in self.compare.items():
+            if not isinstance(spec, dict) or set(spec) not in TRAINING_SPECS:
+                raise ValueError(f"experiment compare {label!r}: give a training config "
+                                 "({train: {...}} and / or {config: TRAIN.yaml})")
         if not self.sweep:
             raise ValueError("experiment sweep: list at least one method")
         for k, entry in enumerate(self.sweep):
@@ -91,9 +101,17 @@ def load_config(path: str) -> ExperimentConfig:
     from kprune.config import build, read_yaml
 
     values = read_yaml(path)
-    config = values.get("baseline", {}).get("config") if isinstance(values.get("baseline"), dict) else None
-    if config and not os.path.isabs(config):  # relative to the experiment file, like ``base:``
-        values["baseline"] = {**values["baseline"], "config": os.path.join(os.path.dirname(str(path)), config)}
+    folder = os.path.dirname(str(path))
+
+    def relative(spec):  # a training config named relative to the experiment file, like ``base:``
+        if isinstance(spec, dict) and isinstance(spec.get("config"), str) and not os.path.isabs(spec["config"]):
+            return {**spec, "config": os.path.join(folder, spec["config"])}
+        return spec
+
+    if "baseline" in values:
+        values["baseline"] = relative(values["baseline"])
+    if isinstance(values.get("compare"), dict):
+        values["compare"] = {label: relative(spec) for label, spec in values["compare"].items()}
     return build(ExperimentConfig, values, str(path))
 
 
@@ -114,6 +132,16 @@ def cells(config: ExperimentConfig) -> List[dict]:
     return out
 
 
+def training_values(spec: dict) -> dict:
+    """The training config values of a baseline or ``compare`` spec: ``config`` (read with its
+    ``base:`` chain) with ``train`` on top; empty for ``{model: ...}``."""
+    from kprune.config import read_yaml
+
+    values = dict(read_yaml(spec["config"])) if "config" in spec else {}
+    values.update(spec.get("train") or {})
+    return values
+
+
 def _done(path: Path) -> Optional[dict]:
     import json
 
@@ -131,20 +159,36 @@ class Experiment:
         self.data = resolve_dataset(config.dataset)
         self.cells = cells(config)
 
-    def _baseline_training(self) -> dict:
-        """The baseline's training config values (empty for a given model)."""
-        from kprune.config import read_yaml
+    def _train(self, spec: dict, run_dir: Path, what: str) -> dict:
+        from kprune.config import build
+        from kprune.train import TrainConfig, train
 
-        values = dict(read_yaml(self.config.baseline["config"])) if "config" in self.config.baseline else {}
-        values.update(self.config.baseline.get("train") or {})
-        return values
+        values = {**training_values(spec), "dataset": self.data, "out": str(run_dir)}
+        self.log(f"[{self.config.name}] training {what} in {run_dir}")
+        return train(build(TrainConfig, values, f"experiment {what}"), progress=self.progress)
+
+    def compared(self, label: str) -> dict:
+        """Train and evaluate one ``compare`` entry (or return its stored result)."""
+        folder = self.out / "compare" / label
+        done = _done(folder / "result.json")
+        if done:
+            return done
+        spec = self.config.compare[label]
+        values = training_values(spec)
+        metrics = self._train(spec, folder / "run", label)
+        result = {"label": label, "mode": values.get("mode", "full"), "epochs": metrics.get("epochs"),
+                  "train_seconds": metrics.get("train_seconds"), "map50": metrics["map50"],
+                  "map50_11pt": metrics.get("map50_11pt"), "coco_map": metrics["coco_map"],
+                  "model": str(folder / "run" / "final.keras")}
+        folder.mkdir(parents=True, exist_ok=True)
+        return self._write(folder, result)
 
     def _train_options(self) -> dict:
         """Retraining settings: the baseline's, without what makes a new model or run, then ``retrain``."""
         skip = {"dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "class_map", "epochs",
                 "out", "pretrain_epochs", "pretrain_crop", "lr", "warmup_epochs", "decay_epochs", "early_stopping",
                 "eval_every", "steps_per_epoch"}
-        options = {k: v for k, v in self._baseline_training().items() if k not in skip}
+        options = {k: v for k, v in training_values(self.config.baseline).items() if k not in skip}
         options.update({k: v for k, v in self.config.retrain.items() if k != "epochs"})
         return options
 
@@ -162,12 +206,7 @@ class Experiment:
             save_model(load_model(str(self.config.baseline["model"])), model_path)
             trained = None
         else:
-            from kprune.config import build
-            from kprune.train import TrainConfig, train
-
-            values = {**self._baseline_training(), "dataset": self.data, "out": str(folder / "run")}
-            self.log(f"[{self.config.name}] training the baseline in {folder / 'run'}")
-            trained = train(build(TrainConfig, values, "experiment baseline.train"), progress=self.progress)
+            trained = self._train(self.config.baseline, folder / "run", "baseline")
             save_model(load_model(str(folder / "run" / "final.keras")), model_path)
         result = {"label": "baseline", "family": "baseline", "ratio": 0.0, "trained": trained}
         result.update(self._finish(folder, model_path))
@@ -184,7 +223,7 @@ class Experiment:
         if done:
             return done
         folder.mkdir(parents=True, exist_ok=True)
-        epochs = int(self.config.retrain.get("epochs", 0))
+        epochs = int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
         trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
         options = {k: cell[k] for k in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
                                         "round_to", "include_outputs") if k in cell}
@@ -249,11 +288,12 @@ class Experiment:
 
         self.out.mkdir(parents=True, exist_ok=True)
         dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+        compared = [self.compared(label) for label in self.config.compare]
         baseline = self.baseline()
         rows = [baseline]
         for cell in self.cells:
             rows.append(self.cell(cell))
-        return write_report(self.out, self.config, rows, self.data, self.config.samples)
+        return write_report(self.out, self.config, rows, self.data, self.config.samples, compared)
 
 
 def _copy(source: Path, target: Path) -> None:

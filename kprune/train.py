@@ -119,7 +119,9 @@ class TrainConfig:
     model) or ``cfg`` + ``weights`` (Darknet files). ``mode``: ``full`` trains everything, ``head``
     only the last conv of each head and keeps the model's classes (dataset classes are mapped onto
     them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
-    by new ones for the dataset's classes.
+    by new ones for the dataset's classes. ``full`` with a ``class_map`` also keeps the model's
+    classes (everything trains). ``names``: a class names file for a ``cfg`` + ``weights`` model
+    (Darknet's .names; ``kprune/models/cfg/coco.names`` for the COCO weights).
 
     Batch norm: Darknet's momentum 0.99 suits 100k-step runs; over a few hundred steps the moving
     statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
@@ -142,6 +144,7 @@ class TrainConfig:
     init: Optional[str] = None
     cfg: Optional[str] = None
     weights: Optional[str] = None
+    names: Optional[str] = None
     input_size: Optional[int] = None
     width: float = 1.0
     mode: str = "full"
@@ -179,6 +182,8 @@ class TrainConfig:
             self.model = "yolov2"
         if bool(self.cfg) != bool(self.weights):
             raise ValueError("cfg and weights go together")
+        if self.names and not self.cfg:
+            raise ValueError("names: only for a cfg + weights model (zoo and .keras models carry their names)")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.strategy not in STRATEGIES:
@@ -313,16 +318,20 @@ def build_detector(config: TrainConfig, classes: Sequence[str]):
             raise ValueError(f"{config.init} takes {model.input_shape[1]} px inputs; input_size {size} "
                              "needs the model rebuilt from its cfg")
     else:
-        model = build_model(config.cfg, **({"input_size": size} if size else {}))
+        from kprune.models.inference import read_names
+
+        names = read_names(config.names) if config.names else None
+        model = build_model(config.cfg, names=names, **({"input_size": size} if size else {}))
         load_weights(model, config.weights)
     head = detection_heads(model)[0]
     if config.mode == "new-head":
         model = replace_heads(model, len(classes), classes)
-    elif config.mode == "head":
+    elif config.mode == "head" or config.class_map:  # the model's classes kept, the dataset's mapped onto them
         return model, class_mapping(classes, head.names, config.class_map)
     elif head.classes != len(classes):
         raise ValueError(f"the model has {head.classes} classes and the dataset {len(classes)} "
-                         f"({', '.join(classes)}): use --mode new-head (new last conv) or --mode head")
+                         f"({', '.join(classes)}): use --mode new-head (new last conv), --mode head, or a "
+                         "class_map to keep the model's classes")
     return model, None
 
 

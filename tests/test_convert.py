@@ -383,3 +383,13 @@ def test_synthetic_data_goes_through_the_real_converters(tmp_path, fmt):
     if fmt == "coco":
         assert manifest.classes == list(synth.CLASSES) and splits["train"]["images"] == 8
         assert splits["train"]["objects_per_class"] == made["splits"]["train"]["per_class"]
+
+
+@pytest.mark.parametrize("kind, expected", [("coco", "annotations/instances_{train,val}2017.json"),
+                                            ("kitti", "training/label_2"), ("voc", "ImageSets/Main")])
+def test_missing_dataset_folder_names_layout_and_source(tmp_path, kind, expected):
+    missing = str(tmp_path / "nowhere")
+    result = CliRunner().invoke(data_cli, [kind, f"--{kind}-dir", missing, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"{kind} folder '{missing}' not found" in result.output and expected in result.output
+    assert "http" in result.output and not (tmp_path / "out").exists()

@@ -1,13 +1,16 @@
 """A sweep end to end in small: baseline, structured and unstructured cells, report, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from kprune.cli import main
-from kprune.experiment import ExperimentConfig, cells, load_config
+from kprune.experiment import ExperimentConfig, cells, load_config, training_values
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _config(tmp_path, data, **changes):
@@ -17,7 +20,7 @@ def _config(tmp_path, data, **changes):
         "baseline": {"train": {"model": "yolov2-tiny", "input_size": 64, "width": 0.25, "epochs": 1,
                                "batch_size": 4, "lr": 0.001, "recalibrate_bn": 2}},
         "sweep": [{"method": "filters", "strategy": "uniform", "criterion": "l1", "ratios": [0.5]},
-                  {"method": "global", "ratios": [0.6]}],
+                  {"method": "global", "ratios": [0.6], "epochs": 0}],  # no retraining for this one
         "retrain": {"epochs": 1, "batch_size": 4, "recalibrate_bn": 2},
         "export": ["int8"],
         "latency_runs": 2,
@@ -48,9 +51,35 @@ def test_config_checks(tmp_path):
         cells(ExperimentConfig(baseline={"model": "m.keras"}, sweep=[{"method": "global", "ratios": [0.5, 0.5]}]))
 
 
+def test_shipped_experiments_load():
+    """Every config in experiments/ validates, with the cells and training modes it documents."""
+    from kprune.config import build
+    from kprune.train import TrainConfig
+
+    expected = {"demo": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov2_kitti": 3, "gradual_global": 9,
+                "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2}
+    found = {}
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        if "sweep" not in yaml.safe_load(path.read_text()):
+            continue
+        config = load_config(str(path))
+        found[path.stem] = len(cells(config))
+        trained = set(config.baseline) - {"model"}  # a baseline model may come with its training settings
+        specs = {"baseline": config.baseline, **config.compare} if trained else config.compare
+        modes = {}
+        for label, spec in specs.items():
+            values = training_values(spec)
+            modes[label] = build(TrainConfig, {**values, "dataset": "unused"}, f"{path.name} {label}").mode
+        if path.stem == "yolov2_kitti":
+            assert modes == {"baseline": "new-head", "head": "head", "full": "full"}
+    assert found == expected
+
+
 @pytest.mark.slow
 def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
-    path = _config(tmp_path, tiny_synth_data)
+    other = {"model": "yolov2-tiny", "input_size": 64, "width": 0.25, "epochs": 1, "batch_size": 4, "lr": 0.003,
+             "recalibrate_bn": 2}
+    path = _config(tmp_path, tiny_synth_data, compare={"higher-lr": {"train": other}})
     result = CliRunner().invoke(main, ["experiment", str(path), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
@@ -60,18 +89,34 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     base, filters, sparse = flat["baseline"], flat["filters-uniform-l1-0.5"], flat["global-0.6"]
     assert filters["flops_removed"] > 0.5 and filters["params"] < base["params"]  # 8 -> 8 in conv_0: not 75 %
     assert sparse["flops_removed"] == 0 and sparse["params"] == base["params"]
+    assert sparse["map50"] == sparse["map50_pruned"] and results["rows"][2]["retrained"] is False
     assert sparse["nonzero_removed"] == pytest.approx(0.6 * 0.97, abs=0.05)  # kernels are ~97 % of the weights
     for r in flat.values():
         assert 0 <= r["map50"] <= 1 and 0 <= r["int8_map50"] <= 1 and r["tflite_2t_ms"] > 0
         assert r["int8_tflite_mb"] < 0.4 * r["none_tflite_mb"]
     report = (run / "report.md").read_text()
-    for section in ("## Results", "## Findings", "## Accuracy against size", "## Kept filters per layer",
+    (compared,) = results["compare"]
+    assert compared["label"] == "higher-lr" and compared["mode"] == "full" and compared["epochs"] == 1
+    assert 0 <= compared["map50"] <= 1
+    for section in ("## Results", "## Findings", "## Retraining compared", "## Accuracy against size", "## Kept filters per layer",
                     "## Quantization (TFLite)", "## Latency", "## Sizes", "## Sample detections", "## Configuration"):
         assert section in report, section
-    table = report.split("## Results")[1].split("## Findings")[0].strip().splitlines()
-    assert len(table) == 5 and all(cell.strip() for line in table[2:] for cell in line.strip("|").split("|"))
+    sections = {part.split("\n", 1)[0]: part for part in report.split("\n## ")[1:]}
+    for name, rows, text_columns in (("Results", 3, 1), ("Retraining compared", 1, 2), ("Quantization (TFLite)", 3, 1),
+                                     ("Latency", 3, 1), ("Sizes", 3, 1)):
+        table = [line for line in sections[name].splitlines() if line.startswith("|")][2:]
+        assert len(table) == rows, name
+        for line in table:  # every cell past the label holds a number (or the dash of "not measured")
+            cells_ = [c.strip() for c in line.strip("|").split("|")][text_columns:]
+            assert all(any(ch.isdigit() for ch in c) or c == "–" for c in cells_), line
+            assert sum(c == "–" for c in cells_) <= 1, line  # only "mAP pruned" of the baseline
+    assert "goal is within 1 point: " in sections["Findings"]
     for name in ("map_vs_params", "map_vs_flops", "latency_vs_flops", "kept_filters", "samples"):
         assert (run / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    import cv2
+
+    # one sample image: the baseline and the most pruned structured model side by side (3.2 x 3.4 in at 120 dpi)
+    assert cv2.imread(str(run / "samples.png")).shape == (408, 768, 3)
     assert (run / "results.csv").read_text().count("\n") == 4
     # a rerun finds every cell done: same results, no new training
     stamp = (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns

@@ -107,6 +107,12 @@ def test_int8_with_integer_io(tiny_keras, tiny_synth_data, tmp_path):
     # calibration images span [0, 1]: one uint8 step is 1/255 with zero point 0
     assert report["io_quantization"]["input"] == {"dtype": "uint8", "scale": pytest.approx(1 / 255), "zero_point": 0}
     assert report["io_quantization"]["output_0"]["dtype"] == "uint8"
+    from kprune.export.command import summary
+
+    lines = summary(report).splitlines()
+    w, h = report["heads"][0]["anchors"][0]
+    assert lines[2].startswith(f"region head: 5 classes, anchors (w x h, grid cells) {w:g}x{h:g}, ")
+    assert lines[3] == "input: uint8, real = (q - 0) * 0.00392157"
     scores = evaluate_model(str(out), tiny_synth_data, keras_path=str(tiny_keras))
     assert 0.0 <= scores["map50"] <= 1.0 and scores["model"] == str(out)
 

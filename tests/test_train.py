@@ -119,6 +119,10 @@ def test_modes_head_full_new_head(data, tmp_path):
     with pytest.raises(ValueError, match="the model has 6 classes and the dataset 5"):
         build_detector(config(data, tmp_path, model=None, init=str(tmp_path / "six.keras")),
                        ["a", "b", "c", "d", "e"])
+    # full with a class_map keeps the model's classes too (KITTI Pedestrian -> person)
+    _, label_map = build_detector(config(data, tmp_path, model=None, init=str(tmp_path / "six.keras"),
+                                         class_map={"Pedestrian": "person"}), ["Pedestrian", "cross"])
+    assert label_map == [0, 2]
 
     run = TrainingRun(config(data, tmp_path / "head", model=None, init=str(tmp_path / "six.keras"), mode="head",
                              epochs=1), progress=False)
@@ -228,6 +232,8 @@ def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
         build(TrainConfig, {"learning_rate": 1}, "run.yaml")
     with pytest.raises(ValueError, match="mode 'partial': choose one of full, head, new-head"):
         TrainConfig(mode="partial")
+    with pytest.raises(ValueError, match="names: only for a cfg"):
+        TrainConfig(model="yolov2", names="coco.names")
     assert TrainConfig(lr="1e-3", epochs="4").lr == 0.001  # YAML 1.1 reads 1e-3 as a string
     with pytest.raises(ValueError, match="lr = 'fast': expected a number"):
         TrainConfig(lr="fast")

@@ -126,6 +126,10 @@ def summary(report: dict) -> str:
              f"(.keras {report['keras_bytes'] / 1e6:.2f} MB)",
              f"check on {check['images']} {check['on']}: largest difference from Keras {check['max_abs_diff']:.4g} "
              f"(mean {check['mean_abs_diff']:.3g}; outputs up to {check['max_abs_output']:.3g})"]
+    for head in report.get("heads", []):
+        unit = "grid cells" if head["kind"] == "region" else "input pixels"
+        anchors = ", ".join(f"{w:g}x{h:g}" for w, h in head["anchors"])
+        lines.append(f"{head['kind']} head: {head['classes']} classes, anchors (w x h, {unit}) {anchors}")
     for name, q in report.get("io_quantization", {}).items():
         if q["scale"]:
             lines.append(f"{name}: {q['dtype']}, real = (q - {q['zero_point']}) * {q['scale']:.6g}")

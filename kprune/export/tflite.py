@@ -19,6 +19,8 @@ smaller (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
@@ -90,7 +92,11 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
             converter.inference_input_type = converter.inference_output_type = {"int8": tf.int8,
                                                                                  "uint8": tf.uint8}[io]
     try:
-        return converter.convert()
+        with warnings.catch_warnings():
+            # float io with int8 inside: the converter warns that the input has no statistics, which
+            # is exactly the case (the quantize op at the input uses the calibrated range)
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+            return converter.convert()
     except Exception as error:  # the converter raises many types; keep its message, drop its traceback
         raise ValueError(f"TFLite conversion of {model.name} ({quant}) failed: {str(error).strip()[-400:]}") from None
 

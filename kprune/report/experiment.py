@@ -33,7 +33,8 @@ def flat_rows(rows: List[dict]) -> List[dict]:
             "nonzero_removed": 1.0 - m["nonzero_params"] / base["measure"]["nonzero_params"],
             "map50_pruned": r.get("map50_pruned"), "map50": r["map50"], "coco_map": r["coco_map"],
             "map50_change": r["map50"] - base["map50"],
-            "keras_mb": m["keras_size"]["bytes"] / 1e6, "keras_xz_mb": m["keras_size"]["xz"] / 1e6,
+            "keras_mb": m["keras_size"]["bytes"] / 1e6, "keras_gzip_mb": m["keras_size"]["gzip"] / 1e6,
+            "keras_bzip2_mb": m["keras_size"]["bzip2"] / 1e6, "keras_xz_mb": m["keras_size"]["xz"] / 1e6,
             "tflite_mb": m["tflite_size"]["bytes"] / 1e6,
         }
         for key, value in m["latency"].items():
@@ -82,14 +83,17 @@ def findings(flat: List[dict]) -> List[str]:
                      f"within 2 points: {'met' if best['map50_change'] >= -0.02 else 'not met'}). "
                      f"TFLite at 2 threads: {best['tflite_2t_ms']:.1f} ms against {base['tflite_2t_ms']:.1f} ms "
                      f"({best['speedup_tflite_2t']:.2f}x).")
-    else:
-        lines.append("No cell removed 50 % of the FLOPs.")
+    elif cells:
+        most = max(cells, key=lambda r: r["flops_removed"])
+        lines.append(f"No cell removed 50 % of the FLOPs; the most was {most['label']}: "
+                     f"{100 * most['flops_removed']:.1f} %, mAP@0.5 {most['map50']:.4f} "
+                     f"({100 * most['map50_change']:+.1f} points).")
     if "int8_map50" in base:
         worst = min(flat, key=lambda r: r["int8_map50"] - r["none_map50"])
         lines.append(f"int8 against float TFLite: the baseline changes by "
                      f"{100 * (base['int8_map50'] - base['none_map50']):+.1f} points of mAP@0.5; the largest change "
                      f"is {100 * (worst['int8_map50'] - worst['none_map50']):+.1f} points ({worst['label']}; the goal "
-                     f"is within 1 point).")
+                     f"is within 1 point: {'met' if worst['int8_map50'] - worst['none_map50'] >= -0.01 else 'not met'}).")
     return lines
 
 
@@ -120,8 +124,21 @@ def sample_detections(rows: List[dict], data, count: int, path) -> Optional[str]
     return image_grid(drawn, titles, len(chosen), path)
 
 
-def write_report(out: Path, config, rows: List[dict], data, samples: int) -> dict:
-    """Write results.json, results.csv, the plots and report.md into ``out``; returns the results."""
+def compared_table(compared: List[dict]) -> str:
+    """The ``compare`` trainings (e.g. the retraining modes): mode, epochs, time and accuracy."""
+    lines = ["| training | mode | epochs | minutes | mAP@0.5 | mAP@0.5 11-point | COCO mAP |", "|---|---|---|---|---|---|---|"]
+    for r in compared:
+        minutes = None if r.get("train_seconds") is None else r["train_seconds"] / 60
+        lines.append(f"| {r['label']} | {r['mode']} | {_fmt(r.get('epochs'))} | {_fmt(minutes, 1)} | "
+                     f"{_fmt(r['map50'])} | {_fmt(r.get('map50_11pt'))} | {_fmt(r['coco_map'])} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, config, rows: List[dict], data, samples: int, compared: Optional[List[dict]] = None) -> dict:
+    """Write results.json, results.csv, the plots and report.md into ``out``; returns the results.
+
+    ``compared``: results of the trainings run beside the baseline (``compare`` in the config).
+    """
     import yaml
 
     from kprune.fileio import write_bytes_atomic, write_csv_atomic, write_json_atomic
@@ -129,7 +146,7 @@ def write_report(out: Path, config, rows: List[dict], data, samples: int) -> dic
 
     out = Path(out)
     flat = flat_rows(rows)
-    results = {"name": config.name, "rows": rows, "flat": flat}
+    results = {"name": config.name, "rows": rows, "flat": flat, "compare": compared or []}
     write_json_atomic(out / "results.json", results)
     write_csv_atomic(out / "results.csv", flat)
     plots.accuracy_plot(flat, "params", "parameters (millions)", out / PLOTS["map_vs_params"], scale=1e6)
@@ -150,16 +167,19 @@ def write_report(out: Path, config, rows: List[dict], data, samples: int) -> dic
     for r in flat:
         latency_lines.append(f"| {r['label']} | {r['flops'] / 1e9:.3f} | "
                              + " | ".join(f"{r[k]:.1f}" for k in latency_keys) + " |")
-    size_lines = ["| model | .keras MB | .keras xz MB | non-zero removed |", "|---|---|---|---|"]
+    size_lines = ["| model | non-zero removed | .keras MB | gzip MB | bzip2 MB | xz MB | TFLite MB |",
+                  "|---|---|---|---|---|---|---|"]
     for r in flat:
-        size_lines.append(f"| {r['label']} | {r['keras_mb']:.2f} | {r['keras_xz_mb']:.2f} | "
-                          f"{100 * r['nonzero_removed']:.1f} % |")
+        size_lines.append(f"| {r['label']} | {100 * r['nonzero_removed']:.1f} % | {r['keras_mb']:.2f} | "
+                          f"{r['keras_gzip_mb']:.2f} | {r['keras_bzip2_mb']:.2f} | {r['keras_xz_mb']:.2f} | "
+                          f"{r['tflite_mb']:.2f} |")
     text = [
         f"# {config.name}", "",
         f"Dataset `{data}`; {len(rows) - 1} pruned models against the baseline; mAP@0.5 is VOC all-point at IoU "
         f"0.5 on the validation split, latency is batch 1, median of {config.latency_runs} runs after warm-up.", "",
         "## Results", "", headline_table(flat), "",
         "## Findings", "", *[f"- {line}" for line in findings(flat)], "",
+        *(["## Retraining compared", "", compared_table(compared), ""] if compared else []),
         "## Accuracy against size", "", f"![mAP against parameters]({PLOTS['map_vs_params']})",
         f"![mAP against FLOPs]({PLOTS['map_vs_flops']})", "",
         "## Kept filters per layer", "", f"![kept filters]({PLOTS['kept_filters']})", "",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 
-def _figure(width: float = 7.0, height: float = 4.5):
+def _figure(width: float = 7.0, height: float = 4.5, rows: int = 1, columns: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, plt.subplots(figsize=(width, height), constrained_layout=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height), constrained_layout=True, squeeze=False)
+    return plt, (fig, axes if rows * columns > 1 else axes[0, 0])
 
 
 def _save(plt, fig, path: str | os.PathLike) -> str:
@@ -107,7 +108,7 @@ def kept_filters_plot(rows, path) -> str:
 def image_grid(images, titles, columns: int, path) -> str:
     """Images (RGB uint8) in a grid with a title each."""
     rows = (len(images) + columns - 1) // columns
-    plt, (fig, axes) = _figure(3.2 * columns, 3.4 * rows)
+    plt, (fig, axes) = _figure(3.2 * columns, 3.4 * rows, rows, columns)
     axes = list(getattr(axes, "flat", [axes]))
     for ax, image, title in zip(axes, images, titles):
         ax.imshow(image)
