@@ -29,7 +29,7 @@ from kprune._keras import keras, tf
 from kprune.darknet.builder import build_model
 from kprune.darknet.weights import load_weights, save_weights
 from kprune.fileio import write_bytes_atomic
-from kprune.report.latency import latency_stats
+from kprune.report.latency import interleaved
 from kprune.report.metrics import count_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,13 +164,9 @@ def darknet_load(args: argparse.Namespace) -> Dict:
 def _interleaved_latency(passes: Dict[str, Callable], runs: int, result: Dict) -> Dict[str, Dict]:
     """Time ``runs`` rounds of every pass, alternating them so that outside load hits all alike;
     adds ``<variant>_{mean,median,p90,min}_ms`` to ``result`` and returns the statistics."""
-    seconds = {variant: [] for variant in passes}
-    for _ in range(runs):
-        for variant, run in passes.items():
-            seconds[variant].append(_timed(run)[1])
-    stats = {variant: latency_stats(np.array(times)) for variant, times in seconds.items()}
+    stats = interleaved(passes, runs, warmup=0)  # the sections warm their passes up themselves
     for variant, values in stats.items():
-        result.update({f"{variant}_{key}": value for key, value in values.items()})
+        result.update({f"{variant}_{key}": value for key, value in values.items() if key != "runs"})
     return stats
 
 

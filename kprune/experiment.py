@@ -2,7 +2,8 @@
 
 A config (a small diff from a base, see :mod:`kprune.config`) names a dataset, a baseline (trained
 by a training config, or an existing ``.keras`` model) and a sweep: for each method x ratio, a
-*cell* runs prune -> evaluate without retraining -> retrain -> evaluate -> export -> measure.
+*cell* runs prune -> evaluate without retraining -> retrain -> evaluate -> export -> measure; at the
+end every model is timed, side by side.
 Every cell writes ``cells/<label>/result.json`` last, so a rerun of the same config skips the
 cells already done (and the baseline, once trained). The run folder then gets ``results.json``,
 ``results.csv``, ``report.md`` and the plots (:mod:`kprune.report.plots`).
@@ -272,8 +273,24 @@ class Experiment:
             entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
             entry["map50"] = evaluate_model(str(out), self.data, keras_path=str(final))["map50"]
             result["export"][quant] = entry
-        result["measure"] = measure_model(str(final), None, self.config.latency_runs, self.config.latency_threads)
+        result["measure"] = measure_model(str(final), None, threads=())  # latency: side by side, see latency()
         return result
+
+    def latency(self, rows: List[dict]) -> None:
+        """Time every model of the sweep side by side — Keras and the float TFLite file, at each
+        thread count, runs interleaved across the models — and put the figures into the rows.
+        Measured anew on every run of the experiment, so that all models share the same conditions."""
+        from kprune.models.io import load_model
+        from kprune.report.latency import keras_latencies, tflite_latencies
+
+        self.log(f"[{self.config.name}] timing {len(rows)} models side by side")
+        paths = [r["model"] for r in rows]
+        flatbuffers = {p: (Path(p).with_suffix(".tflite").read_bytes(), load_model(p)) for p in paths}
+        keras = {n: keras_latencies(paths, n, self.config.latency_runs) for n in self.config.latency_threads}
+        tflite = {n: tflite_latencies(flatbuffers, n, self.config.latency_runs) for n in self.config.latency_threads}
+        for r in rows:
+            r["measure"]["latency"] = {**{f"keras_{n}t": keras[n][r["model"]] for n in keras},
+                                       **{f"tflite_{n}t": tflite[n][r["model"]] for n in tflite}}
 
     def _write(self, folder: Path, result: dict) -> dict:
         from kprune.fileio import write_json_atomic
@@ -293,6 +310,7 @@ class Experiment:
         rows = [baseline]
         for cell in self.cells:
             rows.append(self.cell(cell))
+        self.latency(rows)
         return write_report(self.out, self.config, rows, self.data, self.config.samples, compared)
 
 

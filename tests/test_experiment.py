@@ -91,6 +91,9 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     assert sparse["flops_removed"] == 0 and sparse["params"] == base["params"]
     assert sparse["map50"] == sparse["map50_pruned"] and results["rows"][2]["retrained"] is False
     assert sparse["nonzero_removed"] == pytest.approx(0.6 * 0.97, abs=0.05)  # kernels are ~97 % of the weights
+    for row in results["rows"]:  # timed side by side at the end: every model, the same runs
+        assert sorted(row["measure"]["latency"]) == ["keras_2t", "tflite_2t"]
+        assert {v["runs"] for v in row["measure"]["latency"].values()} == {2}
     for r in flat.values():
         assert 0 <= r["map50"] <= 1 and 0 <= r["int8_map50"] <= 1 and r["tflite_2t_ms"] > 0
         assert r["int8_tflite_mb"] < 0.4 * r["none_tflite_mb"]

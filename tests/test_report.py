@@ -11,7 +11,7 @@ from kprune.cli import main
 from kprune.darknet.builder import build_model
 from kprune.models.io import save_model
 from kprune.report.command import table
-from kprune.report.latency import latency_stats, time_calls
+from kprune.report.latency import interleaved, latency_stats, time_calls
 from kprune.report.metrics import compressed_sizes, count_params, file_sizes
 from tests.conftest import cfg_path, randomize
 
@@ -37,6 +37,10 @@ def test_latency_statistics():
     assert len(calls) == 23 and result["runs"] == 20 and result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
     with pytest.raises(ValueError, match="runs 0"):
         time_calls(lambda: None, runs=0)
+    # side by side: the warm-up of each pass, then one call of every pass per round
+    order = []
+    stats = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=3, warmup=1)
+    assert "".join(order) == "ab" + "ab" * 3 and stats["a"]["runs"] == stats["b"]["runs"] == 3
 
 
 def test_report_command(tmp_path, tiny_synth_data):

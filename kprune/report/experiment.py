@@ -176,7 +176,8 @@ def write_report(out: Path, config, rows: List[dict], data, samples: int, compar
     text = [
         f"# {config.name}", "",
         f"Dataset `{data}`; {len(rows) - 1} pruned models against the baseline; mAP@0.5 is VOC all-point at IoU "
-        f"0.5 on the validation split, latency is batch 1, median of {config.latency_runs} runs after warm-up.", "",
+        f"0.5 on the validation split, latency is batch 1, median of {config.latency_runs} runs after warm-up, the models "
+        f"timed side by side (runs interleaved).", "",
         "## Results", "", headline_table(flat), "",
         "## Findings", "", *[f"- {line}" for line in findings(flat)], "",
         *(["## Retraining compared", "", compared_table(compared), ""] if compared else []),

@@ -3,7 +3,9 @@
 TensorFlow fixes its thread pools when it starts, so a Keras latency at a given thread count is
 measured in a fresh Python process (``python -m kprune.report.latency``); the LiteRT interpreter
 takes its thread count per instance and runs in this process. Every figure is taken after warm-up
-runs (tracing, allocator and kernel caches), over at least ``runs`` timed runs.
+runs (tracing, allocator and kernel caches), over at least ``runs`` timed runs. Models compared
+with each other are timed *interleaved* (one run of each in turn), so that load from outside —
+on a shared host the speed can halve for seconds — hits them all alike.
 """
 
 from __future__ import annotations
@@ -31,16 +33,25 @@ def latency_stats(seconds) -> Dict[str, float]:
 
 def time_calls(fn: Callable[[], object], runs: int = RUNS, warmup: int = WARMUP) -> Dict[str, float]:
     """Statistics of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    return interleaved({"fn": fn}, runs, warmup)["fn"]
+
+
+def interleaved(passes: Dict[str, Callable[[], object]], runs: int = RUNS,
+                warmup: int = WARMUP) -> Dict[str, Dict[str, float]]:
+    """Statistics of every pass over ``runs`` rounds that each time one call of every pass in
+    turn, after ``warmup`` untimed calls of each."""
     if runs < 1:
         raise ValueError(f"runs {runs}: need at least 1")
-    for _ in range(warmup):
-        fn()
-    seconds = []
+    for run in passes.values():
+        for _ in range(warmup):
+            run()
+    seconds = {name: [] for name in passes}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return {**latency_stats(seconds), "runs": runs}
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {**latency_stats(times), "runs": runs} for name, times in seconds.items()}
 
 
 def _image(size: int) -> np.ndarray:
@@ -50,11 +61,19 @@ def _image(size: int) -> np.ndarray:
 def tflite_latency(content: bytes, model, threads: int, runs: int = RUNS, warmup: int = WARMUP) -> Dict[str, float]:
     """Batch-1 latency of a TFLite flatbuffer in the LiteRT interpreter with ``threads`` threads
     (``model``: the Keras model it came from, for the shapes)."""
+    return tflite_latencies({"model": (content, model)}, threads, runs, warmup)["model"]
+
+
+def tflite_latencies(flatbuffers: Dict[str, tuple], threads: int, runs: int = RUNS,
+                     warmup: int = WARMUP) -> Dict[str, Dict[str, float]]:
+    """Interleaved batch-1 latencies of several TFLite flatbuffers (name -> (content, Keras model))."""
     from kprune.models.litert import TFLiteRunner
 
-    runner = TFLiteRunner(content, model, threads=threads)
-    image = _image(model.input_shape[1])
-    return time_calls(lambda: runner.invoke(image), runs, warmup)
+    passes = {}
+    for name, (content, model) in flatbuffers.items():
+        runner, image = TFLiteRunner(content, model, threads=threads), _image(model.input_shape[1])
+        passes[name] = lambda runner=runner, image=image: runner.invoke(image)
+    return interleaved(passes, runs, warmup)
 
 
 def keras_latency(model_path: str, threads: int, runs: int = RUNS, warmup: int = WARMUP) -> Dict[str, float]:
@@ -64,38 +83,53 @@ def keras_latency(model_path: str, threads: int, runs: int = RUNS, warmup: int =
     Raises:
         RuntimeError: the measuring process failed (its last error line included).
     """
-    command = [sys.executable, "-m", "kprune.report.latency", os.fspath(model_path), "--threads", str(threads),
+    return keras_latencies([model_path], threads, runs, warmup)[os.fspath(model_path)]
+
+
+def keras_latencies(model_paths, threads: int, runs: int = RUNS, warmup: int = WARMUP) -> Dict[str, Dict[str, float]]:
+    """Interleaved batch-1 latencies of several ``.keras`` models (path -> statistics), all in one
+    fresh process whose TensorFlow uses ``threads`` threads.
+
+    Raises:
+        RuntimeError: the measuring process failed (its last error line included).
+    """
+    paths = [os.fspath(p) for p in model_paths]
+    command = [sys.executable, "-m", "kprune.report.latency", *paths, "--threads", str(threads),
                "--runs", str(runs), "--warmup", str(warmup)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"latency of {model_path} at {threads} threads failed: {lines[-1] if lines else '?'}")
+        raise RuntimeError(f"latency of {', '.join(paths)} at {threads} threads failed: {lines[-1] if lines else '?'}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _measure_here(model_path: str, threads: int, runs: int, warmup: int) -> Dict[str, float]:
+def _measure_here(model_paths, threads: int, runs: int, warmup: int) -> Dict[str, Dict[str, float]]:
     from kprune._keras import tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     from kprune.models.io import load_model
 
-    model = load_model(model_path)
-    image = tf.constant(_image(model.input_shape[1]))
-    forward = tf.function(lambda x: model(x, training=False))
-    # .numpy() of the outputs makes sure the pass has finished before the clock stops
-    return time_calls(lambda: [o.numpy() for o in tf.nest.flatten(forward(image))], runs, warmup)
+    passes = {}
+    for path in model_paths:
+        model = load_model(path)
+        image = tf.constant(_image(model.input_shape[1]))
+        forward = tf.function(lambda x, model=model: model(x, training=False))
+        # .numpy() of the outputs makes sure the pass has finished before the clock stops
+        passes[path] = lambda forward=forward, image=image: [o.numpy() for o in tf.nest.flatten(forward(image))]
+    return interleaved(passes, runs, warmup)
 
 
 def main(argv: Optional[list] = None) -> None:
-    parser = argparse.ArgumentParser(description="Batch-1 Keras latency of a .keras model (prints JSON).")
-    parser.add_argument("model")
+    parser = argparse.ArgumentParser(description="Batch-1 Keras latency of .keras models, interleaved "
+                                                 "(prints JSON: path -> statistics).")
+    parser.add_argument("models", nargs="+")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
     args = parser.parse_args(argv)
-    print(json.dumps(_measure_here(args.model, args.threads, args.runs, args.warmup)))
+    print(json.dumps(_measure_here(args.models, args.threads, args.runs, args.warmup)))
 
 
 if __name__ == "__main__":
