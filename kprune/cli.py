@@ -180,6 +180,31 @@ def evaluate(model_path, data, split, batch_size, keras_path, detections, ground
 
 
 @main.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Converted dataset folder.")
+@click.option("--model", "model_name", default="yolov2", show_default=True,
+              help="Zoo model name or Darknet cfg: gives the head kind and the number of anchors.")
+@click.option("--size", required=True, type=int, help="Network input size (YOLOv2 anchors are in its grid cells).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--no-letterbox", is_flag=True, help="Images are stretched to the input instead of letterboxed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def anchors(data, model_name, size, split, no_letterbox, as_json):
+    """Fit anchors to a dataset's boxes (YOLOv2's dimension clusters) and print them as a cfg line.
+
+    In a training config, `anchors: kmeans` does the same for the model being trained.
+    """
+    from kprune.data.anchors import fit_anchors, format_anchors
+    from kprune.models import zoo
+
+    fitted = fit_anchors(zoo.build(model_name, input_size=size), data, split, letterbox=not no_letterbox)
+    if as_json:
+        click.echo(json.dumps(fitted))
+        return
+    click.echo(f"anchors = {format_anchors(fitted['anchors'][0])}")
+    click.echo(f"mean IoU of the {split} boxes with their best anchor: {fitted['mean_iou_before']:.3f} with "
+               f"{model_name}'s anchors, {fitted['mean_iou']:.3f} with these")
+
+
+@main.command()
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue the run in the config's out folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -137,6 +137,11 @@ class TrainConfig:
 
     ``pretrain_epochs`` > 0 first trains the trunk as a classifier of ground-truth crops of
     ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
+
+    ``anchors``: ``kmeans`` fits the heads' anchors to the training boxes (YOLOv2's dimension
+    clusters, :mod:`kprune.data.anchors`), or a list of (w, h) pairs in the head's units (grid cells
+    for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained from scratch
+    (``model``, or mode ``new-head``).
     """
 
     dataset: str = "synth"
@@ -171,6 +176,7 @@ class TrainConfig:
     eval_every: int = 0
     validate_every: int = 1
     steps_per_epoch: Optional[int] = None
+    anchors: Union[None, str, List[List[float]]] = None
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -197,6 +203,7 @@ class TrainConfig:
             raise ValueError(f"lr = {self.lr}: must be > 0")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
+        self._check_anchors()
         self._check_nested("loss", LossOptions)
         from kprune.data.pipeline import Augment
 
@@ -219,6 +226,24 @@ class TrainConfig:
             if kind is int and converted != float(value):
                 raise ValueError(f"{name} = {value!r}: expected a whole number")
             setattr(self, name, converted)
+
+    def _check_anchors(self) -> None:
+        if self.anchors is None:
+            return
+        if isinstance(self.anchors, str):
+            if self.anchors != "kmeans":
+                raise ValueError(f"anchors = {self.anchors!r}: expected kmeans or a list of [w, h] pairs")
+        else:
+            try:
+                pairs = [[float(v) for v in pair] for pair in self.anchors]
+            except (TypeError, ValueError):
+                pairs = None
+            if not pairs or any(len(p) != 2 or min(p) <= 0 for p in pairs):
+                raise ValueError(f"anchors = {self.anchors!r}: expected kmeans or a list of positive [w, h] pairs")
+            self.anchors = pairs
+        if self.mode == "head" or (not self.model and self.mode != "new-head"):
+            raise ValueError(f"anchors = {self.anchors!r}: only for a head trained from scratch (model: NAME, "
+                             "or mode: new-head); a trained head predicts relative to its own anchors")
 
     def _check_nested(self, name: str, cls) -> None:
         """``loss:`` and ``augment:`` hold fields of their dataclasses; anything else is refused."""
@@ -333,6 +358,31 @@ def build_detector(config: TrainConfig, classes: Sequence[str]):
                          f"({', '.join(classes)}): use --mode new-head (new last conv), --mode head, or a "
                          "class_map to keep the model's classes")
     return model, None
+
+
+def set_anchors(model, config: TrainConfig, manifest) -> Optional[dict]:
+    """Give the model's heads the anchors of ``config.anchors`` (nothing when it is None).
+
+    Returns:
+        None, or ``{"anchors": per head, "mean_iou": ..., "mean_iou_before": ...}`` (the mean best
+        IoU of the training boxes with the new and the old anchors; None for given anchors).
+
+    Raises:
+        ValueError: given anchors whose count differs from the head's.
+    """
+    from kprune.data import anchors as dimension_clusters
+    from kprune.models.layers import detection_heads
+
+    if config.anchors is None:
+        return None
+    if config.anchors == "kmeans":
+        return dimension_clusters.fit_anchors(model, manifest, letterbox=config.letterbox, seed=config.seed)
+    for head in detection_heads(model):
+        if len(config.anchors) != len(head.anchors):
+            raise ValueError(f"anchors: {len(config.anchors)} pairs given, but head {head.name} has "
+                             f"{len(head.anchors)} anchors (its last conv's channels depend on the count)")
+        head.anchors = [list(pair) for pair in config.anchors]
+    return {"anchors": [config.anchors] * len(detection_heads(model)), "mean_iou": None, "mean_iou_before": None}
 
 
 def set_trainable(model, mode: str) -> None:
@@ -510,6 +560,7 @@ class TrainingRun:
             keras.utils.set_random_seed(config.seed)
             self.detector, self.label_map = build_detector(config, self.manifest.classes)
             tf.random.set_seed(None)
+            self.anchor_fit = set_anchors(self.detector, config, self.manifest)
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             # tfmot pruning wrappers: kept zeros, or a sparsity schedule from ``prepare(model, steps)``
             if config.keep_sparsity:
@@ -609,6 +660,11 @@ class TrainingRun:
         from kprune.config import dump_yaml
 
         dump_yaml(dataclasses.asdict(c), self.out / "config.yaml")
+        if self.anchor_fit is not None and self.chief:
+            self.write_json("anchors.json", self.anchor_fit)
+            if self.progress and self.anchor_fit["mean_iou"] is not None:
+                print(f"anchors fitted to the training boxes: {self.anchor_fit['anchors'][0]} (mean IoU "
+                      f"{self.anchor_fit['mean_iou_before']:.3f} with the model's, {self.anchor_fit['mean_iou']:.3f} now)")
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)
