@@ -42,7 +42,11 @@ _MAX_LOG_WH = 8.0  # exp(8) ~ 3000 times the anchor: beyond any real box, far be
 @dataclass(frozen=True)
 class LossOptions:
     """Scales and thresholds: YAD2K's defaults for YOLOv2 (:meth:`YoloLoss.from_model` gives YOLOv3
-    models ``object_scale`` 1 and ``threshold`` 0.5, Darknet's)."""
+    models ``object_scale`` 1 and ``threshold`` 0.5, Darknet's).
+
+    ``small_box_scale``: region heads weigh each coordinate error by ``2 - w h`` of the true box
+    (in image units), as Darknet's region layer does and YAD2K does not; YOLOv3 heads always do.
+    """
 
     object_scale: float = 5.0
     no_object_scale: float = 1.0
@@ -52,6 +56,7 @@ class LossOptions:
     rescore: bool = True
     ignore_overlap: float = 0.5
     class_loss: str = "mse"
+    small_box_scale: bool = False
 
     def __post_init__(self):
         for name in ("object_scale", "no_object_scale", "class_scale", "coordinate_scale"):
@@ -174,6 +179,9 @@ class YoloLoss:
         matching = targets[head.name]["matching"]
         one_hot = tf.one_hot(tf.cast(matching[..., 4], tf.int32), head.classes)
         images = tf.cast(batch, tf.float32)
+        # Darknet weighs the coordinates of a small true box up to twice as much: 2 - w * h (image units)
+        true_wh = tf.exp(matching[..., 2:4]) * anchors / input_wh
+        small_box = 2.0 - true_wh[..., 0] * true_wh[..., 1]
 
         def per_image(value):
             return tf.reduce_sum(value) / images
@@ -183,6 +191,8 @@ class YoloLoss:
             target = best_iou if o.rescore else 1.0
             # the raw widths here: a clipped one would get no gradient back from beyond the clip
             coords = tf.reduce_sum(tf.square(matching[..., 0:4] - tf.concat([xy, x[..., 2:4]], -1)), -1)
+            if o.small_box_scale:
+                coords *= small_box
             if o.class_loss == "mse":
                 classes = 0.5 * tf.reduce_sum(tf.square(one_hot - tf.nn.softmax(x[..., 5:])), -1)
             else:
@@ -194,14 +204,12 @@ class YoloLoss:
                 "classes": o.class_scale * per_image(mask * classes),
             }
         bce = tf.nn.sigmoid_cross_entropy_with_logits
-        true_wh = tf.exp(matching[..., 2:4]) * anchors / input_wh
-        box_scale = 2.0 - true_wh[..., 0] * true_wh[..., 1]
         coords = tf.reduce_sum(bce(labels=matching[..., 0:2], logits=x[..., 0:2]), -1) + 0.5 * tf.reduce_sum(
             tf.square(matching[..., 2:4] - x[..., 2:4]), -1)
         objectness = bce(labels=mask, logits=x[..., 4])
         classes = tf.reduce_sum(bce(labels=one_hot, logits=x[..., 5:]), -1)
         return {
-            "coordinates": o.coordinate_scale * per_image(mask * box_scale * coords),
+            "coordinates": o.coordinate_scale * per_image(mask * small_box * coords),
             "objects": o.object_scale * per_image(mask * objectness),
             "no_objects": o.no_object_scale * per_image((1 - mask) * background * objectness),
             "classes": o.class_scale * per_image(mask * classes),

@@ -26,6 +26,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.losses import LossOptions, YoloLoss, loss_terms
 from kprune.models.head import class_mapping
+from kprune.models.precision import check_policy, with_policy
 
 MODES = ("full", "head", "new-head")
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -142,6 +143,9 @@ class TrainConfig:
     clusters, :mod:`kprune.data.anchors`), or a list of (w, h) pairs in the head's units (grid cells
     for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained from scratch
     (``model``, or mode ``new-head``).
+
+    ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
+    AVX512-BF16 or AMX run faster (:mod:`kprune.models.precision`); saved models are float32.
     """
 
     dataset: str = "synth"
@@ -177,6 +181,7 @@ class TrainConfig:
     validate_every: int = 1
     steps_per_epoch: Optional[int] = None
     anchors: Union[None, str, List[List[float]]] = None
+    precision: str = "float32"
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -204,6 +209,7 @@ class TrainConfig:
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
         self._check_anchors()
+        check_policy(self.precision)
         self._check_nested("loss", LossOptions)
         from kprune.data.pipeline import Augment
 
@@ -561,6 +567,7 @@ class TrainingRun:
             self.detector, self.label_map = build_detector(config, self.manifest.classes)
             tf.random.set_seed(None)
             self.anchor_fit = set_anchors(self.detector, config, self.manifest)
+            self.detector = with_policy(self.detector, config.precision)
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             # tfmot pruning wrappers: kept zeros, or a sparsity schedule from ``prepare(model, steps)``
             if config.keep_sparsity:
@@ -629,20 +636,27 @@ class TrainingRun:
 
         write_json_atomic(self.writes_to / name, payload)
 
-    def save_detector(self, name: str) -> None:
-        from kprune.models.io import save_model
-
+    def plain_detector(self):
+        """The detector as it is saved: pruning wrappers stripped, float32 (a copy if need be)."""
         detector = self.detector
         if self.pruning:
             from kprune.prune.unstructured import strip
 
             detector = strip(detector)
-        save_model(detector, self.writes_to / name)
+        return with_policy(detector, "float32")
+
+    def save_detector(self, name: str) -> None:
+        from kprune.models.io import save_model
+
+        save_model(self.plain_detector(), self.writes_to / name)
 
     def evaluate(self, split: str = "val") -> dict:
+        """mAP of the detector in float32 on ``split``."""
         from kprune.evaluate import evaluate_detections, predict_dataset
 
-        detections, truths = predict_dataset(self.detector, self.manifest, split, self.config.batch_size,
+        # not stripped: the stripped copy shares the head layers, whose output is then ambiguous
+        detector = with_policy(self.detector, "float32")
+        detections, truths = predict_dataset(detector, self.manifest, split, self.config.batch_size,
                                              letterbox=self.config.letterbox, label_map=self.label_map)
         # head mode scores in the model's classes (the dataset's mapped onto them)
         names = self.manifest.classes if self.label_map is None else class_names(self.detector)

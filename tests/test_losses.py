@@ -126,3 +126,15 @@ def test_bad_options_are_refused():
         LossOptions(object_scale=-1)
     with pytest.raises(ValueError, match="threshold = 1.5"):
         LossOptions(threshold=1.5)
+
+
+def test_region_small_box_scale_weighs_coordinates_by_two_minus_area():
+    targets = targets_for([CENTRED], [[1]])  # a 16 x 16 px box in a 32 px image: w h = 0.25
+    output = np.zeros((2, 7))
+    output[0, 0] = 1.0
+    x = 1 / (1 + math.exp(-1))
+    plain = region_loss(LossOptions(rescore=False))(targets, [raw(output)])
+    scaled = region_loss(LossOptions(rescore=False, small_box_scale=True))(targets, [raw(output)])
+    assert float(plain["coordinates"]) == pytest.approx(0.5 * (0.5 - x) ** 2, rel=1e-5)
+    assert float(scaled["coordinates"]) == pytest.approx(1.75 * 0.5 * (0.5 - x) ** 2, rel=1e-5)
+    assert float(scaled["objects"]) == pytest.approx(float(plain["objects"]))
