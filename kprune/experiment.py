@@ -143,6 +143,16 @@ def training_values(spec: dict) -> dict:
     return values
 
 
+def retrain_options(config: ExperimentConfig) -> dict:
+    """Retraining settings: the baseline's, without what makes a new model or run, then ``retrain``."""
+    skip = {"dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "class_map", "epochs",
+            "out", "pretrain_epochs", "pretrain_crop", "lr", "warmup_epochs", "decay_epochs", "early_stopping",
+            "eval_every", "steps_per_epoch", "anchors", "final_size", "names"}
+    options = {k: v for k, v in training_values(config.baseline).items() if k not in skip}
+    options.update({k: v for k, v in config.retrain.items() if k != "epochs"})
+    return options
+
+
 def _done(path: Path) -> Optional[dict]:
     import json
 
@@ -184,15 +194,6 @@ class Experiment:
         folder.mkdir(parents=True, exist_ok=True)
         return self._write(folder, result)
 
-    def _train_options(self) -> dict:
-        """Retraining settings: the baseline's, without what makes a new model or run, then ``retrain``."""
-        skip = {"dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "class_map", "epochs",
-                "out", "pretrain_epochs", "pretrain_crop", "lr", "warmup_epochs", "decay_epochs", "early_stopping",
-                "eval_every", "steps_per_epoch"}
-        options = {k: v for k, v in training_values(self.config.baseline).items() if k not in skip}
-        options.update({k: v for k, v in self.config.retrain.items() if k != "epochs"})
-        return options
-
     def baseline(self) -> dict:
         """Train or take the baseline model, then evaluate, export and measure it (once)."""
         folder = self.out / "baseline"
@@ -233,8 +234,8 @@ class Experiment:
         self.log(f"[{self.config.name}] {cell['label']}: pruning")
         report = prune_model(str(self.out / "baseline" / "model.keras"), str(pruned_path), cell["method"],
                              ratio=cell["ratio"], data=self.data if trains_itself else None,
-                             epochs=max(epochs, 1) if trains_itself else None, train_options=self._train_options(),
-                             progress=self.progress, **options)
+                             epochs=max(epochs, 1) if trains_itself else None,
+                             train_options=retrain_options(self.config), progress=self.progress, **options)
         result = {"label": cell["label"], "family": cell["family"], "ratio": cell["ratio"], "method": cell["method"],
                   "strategy": cell.get("strategy"), "prune_seconds": time.perf_counter() - start,
                   "layers": report["layers"], "rounds": report.get("rounds")}
@@ -246,7 +247,7 @@ class Experiment:
             if epochs > 0:
                 self.log(f"[{self.config.name}] {cell['label']}: retraining {epochs} epochs")
                 model, _ = retrain(load_model(str(pruned_path)), str(folder / "run"), self.data, epochs,
-                                   self._train_options(), self.progress,
+                                   retrain_options(self.config), self.progress,
                                    keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
                 from kprune.models.io import save_model
 

@@ -41,7 +41,7 @@ def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
     config = build(TrainConfig, values, source)
     metrics = train(config, resume=resume, progress=not quiet)
     click.echo(f"run {config.out}: {metrics['epochs']} epochs, mAP@0.5 {metrics['map50']:.4f} "
-               f"(11-point {metrics['map50_11pt']:.4f}), COCO mAP {metrics['coco_map']:.4f}, "
+               f"at {metrics['input_size']} px (11-point {metrics['map50_11pt']:.4f}), COCO mAP {metrics['coco_map']:.4f}, "
                f"{metrics['train_seconds']:.0f} s; final model {config.out}/final.keras")
     return metrics
 

@@ -26,7 +26,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.losses import LossOptions, YoloLoss, loss_terms
 from kprune.models.head import class_mapping
-from kprune.models.precision import check_policy, with_policy
+from kprune.models.variants import check_policy, variant, with_policy
 
 MODES = ("full", "head", "new-head")
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -145,7 +145,11 @@ class TrainConfig:
     (``model``, or mode ``new-head``).
 
     ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
-    AVX512-BF16 or AMX run faster (:mod:`kprune.models.precision`); saved models are float32.
+    AVX512-BF16 or AMX run faster (:mod:`kprune.models.variants`); saved models are float32.
+
+    ``final_size``: the input size of the saved models (``best.keras``, ``final.keras``) and of every
+    mAP evaluation, when it differs from the training size. The same weights run at any multiple of
+    32; run larger than trained, YOLOv2 sees small objects bigger.
     """
 
     dataset: str = "synth"
@@ -182,6 +186,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None
     anchors: Union[None, str, List[List[float]]] = None
     precision: str = "float32"
+    final_size: Optional[int] = None
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -210,6 +215,8 @@ class TrainConfig:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
         self._check_anchors()
         check_policy(self.precision)
+        if self.final_size is not None and (self.final_size < 32 or self.final_size % 32):
+            raise ValueError(f"final_size = {self.final_size}: must be a multiple of 32 and at least 32")
         self._check_nested("loss", LossOptions)
         from kprune.data.pipeline import Augment
 
@@ -220,6 +227,7 @@ class TrainConfig:
         kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
                  "pretrain_epochs": int, "pretrain_crop": int,
                  "eval_every": int, "validate_every": int, "early_stopping": int, "steps_per_epoch": int,
+                 "final_size": int,
                  "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
         for name, kind in kinds.items():
             value = getattr(self, name)
@@ -637,13 +645,13 @@ class TrainingRun:
         write_json_atomic(self.writes_to / name, payload)
 
     def plain_detector(self):
-        """The detector as it is saved: pruning wrappers stripped, float32 (a copy if need be)."""
+        """The detector as it is saved: a copy without pruning wrappers, in float32, at ``final_size``."""
         detector = self.detector
         if self.pruning:
             from kprune.prune.unstructured import strip
 
             detector = strip(detector)
-        return with_policy(detector, "float32")
+        return variant(detector, "float32", self.config.final_size)
 
     def save_detector(self, name: str) -> None:
         from kprune.models.io import save_model
@@ -651,12 +659,10 @@ class TrainingRun:
         save_model(self.plain_detector(), self.writes_to / name)
 
     def evaluate(self, split: str = "val") -> dict:
-        """mAP of the detector in float32 on ``split``."""
+        """mAP of the detector as it is saved (:meth:`plain_detector`) on ``split``."""
         from kprune.evaluate import evaluate_detections, predict_dataset
 
-        # not stripped: the stripped copy shares the head layers, whose output is then ambiguous
-        detector = with_policy(self.detector, "float32")
-        detections, truths = predict_dataset(detector, self.manifest, split, self.config.batch_size,
+        detections, truths = predict_dataset(self.plain_detector(), self.manifest, split, self.config.batch_size,
                                              letterbox=self.config.letterbox, label_map=self.label_map)
         # head mode scores in the model's classes (the dataset's mapped onto them)
         names = self.manifest.classes if self.label_map is None else class_names(self.detector)
@@ -677,8 +683,11 @@ class TrainingRun:
         if self.anchor_fit is not None and self.chief:
             self.write_json("anchors.json", self.anchor_fit)
             if self.progress and self.anchor_fit["mean_iou"] is not None:
-                print(f"anchors fitted to the training boxes: {self.anchor_fit['anchors'][0]} (mean IoU "
-                      f"{self.anchor_fit['mean_iou_before']:.3f} with the model's, {self.anchor_fit['mean_iou']:.3f} now)")
+                from kprune.data.anchors import format_anchors
+
+                fit = self.anchor_fit
+                print(f"anchors fitted to the training boxes: {format_anchors(fit['anchors'][0])} "
+                      f"(mean IoU {fit['mean_iou_before']:.3f} with the model's, {fit['mean_iou']:.3f} now)")
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)
@@ -716,6 +725,7 @@ class TrainingRun:
         self.save_detector("final.keras")
         metrics = self.evaluate()
         metrics.update({"epochs": int(self.epoch.numpy()), "train_seconds": seconds,
+                        "input_size": c.final_size or self.detector.input_shape[1],
                         "images_per_second": (int(self.epoch.numpy()) - start) * self.steps * c.batch_size / max(seconds, 1e-9)})
         metrics.pop("coco_summary", None)
         self.write_json("metrics.json", metrics)

@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from kprune.cli import main
-from kprune.experiment import ExperimentConfig, cells, load_config, training_values
+from kprune.experiment import ExperimentConfig, cells, load_config, retrain_options, training_values
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -70,6 +70,8 @@ def test_shipped_experiments_load():
         for label, spec in specs.items():
             values = training_values(spec)
             modes[label] = build(TrainConfig, {**values, "dataset": "unused"}, f"{path.name} {label}").mode
+        # pruned models retrain from their file with the baseline's settings (no new anchors, size or mode)
+        build(TrainConfig, {**retrain_options(config), "init": "pruned.keras", "dataset": "unused"}, path.name)
         if path.stem == "yolov2_kitti":
             assert modes == {"baseline": "new-head", "head": "head", "full": "full"}
     assert found == expected

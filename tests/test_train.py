@@ -356,3 +356,19 @@ def test_mixed_bfloat16_training_saves_a_float32_model(data, tmp_path):
     assert 1e-5 < gap < 0.05  # bfloat16 keeps 8 significant bits: close, but not float32
     with pytest.raises(ValueError, match="precision 'float16': choose one of float32, mixed_bfloat16"):
         TrainConfig(precision="float16")
+
+
+def test_final_size_saves_and_evaluates_the_model_at_another_input_size(data, tmp_path):
+    run = TrainingRun(config(data, tmp_path, epochs=1, final_size=96), progress=False)
+    assert run.detector.input_shape == (None, 64, 64, 3)  # trains at input_size
+    metrics = run.fit()
+    final = load_model(tmp_path / "final.keras")
+    assert final.input_shape == (None, 96, 96, 3) and metrics["input_size"] == 96
+    assert all(np.array_equal(a, b) for a, b in zip(weights_of(final), weights_of(run.detector)))
+    assert final.output_shape[1:3] == (3, 3)  # a 3 x 3 grid instead of 2 x 2, the same anchors
+    assert detection_heads(final)[0].anchors == detection_heads(run.detector)[0].anchors
+    from kprune.evaluate import evaluate_loaded
+
+    assert evaluate_loaded(final, data)["map50"] == pytest.approx(metrics["map50"])  # scored at 96 px
+    with pytest.raises(ValueError, match="final_size = 100: must be a multiple of 32"):
+        TrainConfig(final_size=100)

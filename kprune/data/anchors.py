@@ -143,8 +143,9 @@ def fit_anchors(model, data, split: str = "train", letterbox: bool = True, seed:
     for head in heads:
         unit = head_units(head, size, head.input_shape[1])
         before.append(np.asarray(head.anchors, np.float64) * unit)
-        head.anchors = [[round(float(v) / unit, 4) for v in pair] for pair in fractions]
-        after.append(head.anchors)
+        anchors = [[round(float(v) / unit, 4) for v in pair] for pair in fractions]
+        head.anchors = anchors
+        after.append(anchors)
     return {"anchors": after, "mean_iou": score, "mean_iou_before": mean_best_iou(sizes, before[0])}
 
 
