@@ -288,7 +288,7 @@ def resolve_dataset(name_or_path: str) -> str:
 
 
 def head_convs(model) -> Dict[str, object]:
-    """The conv layer feeding each detection head, by head name.
+    """The conv layer feeding each detection head (or the tfmot pruning wrapper around it), by head name.
 
     Raises:
         ValueError: a head is not fed directly by a Conv2D.
@@ -298,8 +298,9 @@ def head_convs(model) -> Dict[str, object]:
     convs = {}
     for head in detection_heads(model):
         producer = head.inbound_nodes[0].inbound_layers
-        if not isinstance(producer, keras.layers.Conv2D):
-            raise ValueError(f"head {head.name} is not fed directly by a Conv2D (found {type(producer).__name__})")
+        inner = producer.layer if isinstance(producer, keras.layers.Wrapper) else producer
+        if not isinstance(inner, keras.layers.Conv2D):
+            raise ValueError(f"head {head.name} is not fed directly by a Conv2D (found {type(inner).__name__})")
         convs[head.name] = producer
     return convs
 

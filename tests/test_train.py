@@ -372,3 +372,18 @@ def test_final_size_saves_and_evaluates_the_model_at_another_input_size(data, tm
     assert evaluate_loaded(final, data)["map50"] == pytest.approx(metrics["map50"])  # scored at 96 px
     with pytest.raises(ValueError, match="final_size = 100: must be a multiple of 32"):
         TrainConfig(final_size=100)
+
+
+def test_a_sparse_head_conv_retrains_with_its_zeros_kept(data, tmp_path):
+    from kprune.train import head_convs
+
+    model, _ = build_detector(config(data, tmp_path), ["a"] * 5)
+    conv = next(iter(head_convs(model).values()))
+    kernel = conv.kernel.numpy()
+    kernel[..., ::2] = 0.0  # the output conv pruned too (backbone_vs_head with include_outputs)
+    conv.kernel.assign(kernel)
+    save_model(model, tmp_path / "sparse.keras")
+    run = TrainingRun(TrainConfig(dataset=data, init=str(tmp_path / "sparse.keras"), keep_sparsity=True, epochs=1,
+                                  batch_size=4, out=str(tmp_path / "run")), progress=False)
+    wrapped = next(iter(head_convs(run.detector).values()))
+    assert isinstance(wrapped, keras.layers.Wrapper) and wrapped.layer.name == conv.name
