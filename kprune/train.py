@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from kprune._keras import keras, tf
+from kprune.data.pipeline import check_input_size
 from kprune.losses import LossOptions, YoloLoss, loss_terms
 from kprune.models.head import class_mapping
 from kprune.models.variants import check_policy, variant, with_policy
@@ -215,8 +216,8 @@ class TrainConfig:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
         self._check_anchors()
         check_policy(self.precision)
-        if self.final_size is not None and (self.final_size < 32 or self.final_size % 32):
-            raise ValueError(f"final_size = {self.final_size}: must be a multiple of 32 and at least 32")
+        if self.final_size is not None:
+            check_input_size(self.final_size, "final_size =")
         self._check_nested("loss", LossOptions)
         from kprune.data.pipeline import Augment
 

@@ -34,8 +34,7 @@ def box_sizes(data, split: str = "train", letterbox: bool = True) -> np.ndarray:
     Raises:
         ValueError: the split is missing or has no objects.
     """
-    import tensorflow as tf
-
+    from kprune._keras import tf
     from kprune.data.tfrecord import parse_example
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
@@ -139,14 +138,14 @@ def fit_anchors(model, data, split: str = "train", letterbox: bool = True, seed:
     heads = detection_heads(model)
     count = len(heads[0].anchors)
     fractions, score = kmeans_anchors(sizes, count, seed=seed)
-    before, after = [], []
+    # every head of a model shares one anchor list, so the first says how well the old ones fit
+    before = mean_best_iou(sizes, np.asarray(heads[0].anchors) * head_units(heads[0], size, heads[0].input_shape[1]))
+    after = []
     for head in heads:
         unit = head_units(head, size, head.input_shape[1])
-        before.append(np.asarray(head.anchors, np.float64) * unit)
-        anchors = [[round(float(v) / unit, 4) for v in pair] for pair in fractions]
-        head.anchors = anchors
-        after.append(anchors)
-    return {"anchors": after, "mean_iou": score, "mean_iou_before": mean_best_iou(sizes, before[0])}
+        head.anchors = [[round(float(v) / unit, 4) for v in pair] for pair in fractions]
+        after.append([list(pair) for pair in head.anchors])
+    return {"anchors": after, "mean_iou": score, "mean_iou_before": before}
 
 
 def format_anchors(anchors: Sequence[Sequence[float]]) -> str:

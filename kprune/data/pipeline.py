@@ -200,7 +200,8 @@ def load_example(
     }
 
 
-def _check_size(size: int, what: str) -> int:
+def check_input_size(size: int, what: str) -> int:
+    """``size`` as an int; ValueError naming ``what`` unless it is a multiple of 32, at least 32."""
     if int(size) != size or size < 32 or size % 32:
         raise ValueError(f"{what} {size}: must be a multiple of 32 and at least 32")
     return int(size)
@@ -271,12 +272,12 @@ def make_dataset(
     """
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     files = manifest.files(split)
-    image_size = _check_size(image_size, "image size")
+    image_size = check_input_size(image_size, "image size")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size}: must be >= 1")
     sizes = None
     if training and multiscale is not None:
-        low, high = (_check_size(s, "multi-scale size") for s in multiscale)
+        low, high = (check_input_size(s, "multi-scale size") for s in multiscale)
         if low > high:
             raise ValueError(f"multi-scale range ({low}, {high}): smallest above largest")
         sizes = tf.constant(list(range(low, high + 1, 32)), tf.int32)

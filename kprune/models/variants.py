@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from kprune._keras import keras
+from kprune.data.pipeline import check_input_size
 from kprune.models.layers import DetectionHead
 
 POLICIES = ("float32", "mixed_bfloat16")
@@ -48,8 +49,8 @@ def variant(model, policy: Optional[str] = None, input_size: Optional[int] = Non
     """
     if policy is not None:
         check_policy(policy)
-    if input_size is not None and (int(input_size) != input_size or input_size < 32 or input_size % 32):
-        raise ValueError(f"input size {input_size}: must be a multiple of 32 and at least 32")
+    if input_size is not None:
+        input_size = check_input_size(input_size, "input size")
 
     def clone(layer):
         config = layer.get_config()
