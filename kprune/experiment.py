@@ -282,16 +282,14 @@ class Experiment:
         thread count, runs interleaved across the models — and put the figures into the rows.
         Measured anew on every run of the experiment, so that all models share the same conditions."""
         from kprune.models.io import load_model
-        from kprune.report.latency import keras_latencies, tflite_latencies
+        from kprune.report.latency import side_by_side
 
         self.log(f"[{self.config.name}] timing {len(rows)} models side by side")
-        paths = [r["model"] for r in rows]
-        flatbuffers = {p: (Path(p).with_suffix(".tflite").read_bytes(), load_model(p)) for p in paths}
-        keras = {n: keras_latencies(paths, n, self.config.latency_runs) for n in self.config.latency_threads}
-        tflite = {n: tflite_latencies(flatbuffers, n, self.config.latency_runs) for n in self.config.latency_threads}
+        models = {r["model"]: (Path(r["model"]).with_suffix(".tflite").read_bytes(), load_model(r["model"]))
+                  for r in rows}
+        latency = side_by_side(models, self.config.latency_threads, self.config.latency_runs)
         for r in rows:
-            r["measure"]["latency"] = {**{f"keras_{n}t": keras[n][r["model"]] for n in keras},
-                                       **{f"tflite_{n}t": tflite[n][r["model"]] for n in tflite}}
+            r["measure"]["latency"] = latency[r["model"]]
 
     def _write(self, folder: Path, result: dict) -> dict:
         from kprune.fileio import write_json_atomic

@@ -15,16 +15,10 @@ from typing import List, Optional, Sequence
 THREADS = (1, 2)
 
 
-def measure_model(path: str, data: Optional[str] = None, runs: int = 20, threads: Sequence[int] = THREADS,
-                  progress: bool = False) -> dict:
-    """All figures of one ``.keras`` model (see the module docstring); no latency for empty ``threads``.
-
-    Raises:
-        ValueError: not a ``.keras`` file, or a model / dataset that cannot be read.
-    """
+def _figures(path: str, data: Optional[str], progress: bool):
+    """Everything but latency for one model: (figures, TFLite flatbuffer, loaded Keras model)."""
     from kprune.export.tflite import convert
     from kprune.models.io import load_model
-    from kprune.report.latency import keras_latency, tflite_latency
     from kprune.report.metrics import compressed_sizes, count_flops, count_params, file_sizes
 
     if not str(path).endswith(".keras"):
@@ -42,22 +36,36 @@ def measure_model(path: str, data: Optional[str] = None, runs: int = 20, threads
               "flops": count_flops(model), "input_size": int(model.input_shape[1]),
               "keras_size": file_sizes(path), "tflite_size": compressed_sizes(content), "tflite": tflite_source,
               "latency": {}}
-    for n in threads:
-        result["latency"][f"keras_{n}t"] = keras_latency(path, n, runs)
-    for n in threads:
-        result["latency"][f"tflite_{n}t"] = tflite_latency(content, model, n, runs)
     if data is not None:
         from kprune.evaluate import evaluate_loaded
 
         scores = evaluate_loaded(model, data, progress=progress, source=str(path))
         result.update(map50=scores["map50"], coco_map=scores["coco_map"])
-    return result
+    return result, content, model
 
 
 def report_models(paths: Sequence[str], data: Optional[str] = None, runs: int = 20,
                   threads: Sequence[int] = THREADS, progress: bool = False) -> List[dict]:
-    """:func:`measure_model` for each path."""
-    return [measure_model(p, data, runs, threads, progress) for p in paths]
+    """All figures of each ``.keras`` model (see the module docstring), the models timed side by side
+    (:func:`kprune.report.latency.side_by_side`); no latency for empty ``threads``.
+
+    Raises:
+        ValueError: not a ``.keras`` file, or a model / dataset that cannot be read.
+    """
+    from kprune.report.latency import side_by_side
+
+    measured = [_figures(str(p), data, progress) for p in paths]
+    if threads:
+        latency = side_by_side({r["model"]: (content, model) for r, content, model in measured}, threads, runs)
+        for r, _, _ in measured:
+            r["latency"] = latency[r["model"]]
+    return [r for r, _, _ in measured]
+
+
+def measure_model(path: str, data: Optional[str] = None, runs: int = 20, threads: Sequence[int] = THREADS,
+                  progress: bool = False) -> dict:
+    """:func:`report_models` of one model."""
+    return report_models([path], data, runs, threads, progress)[0]
 
 
 def table(rows: List[dict]) -> str:

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -102,6 +102,24 @@ def keras_latencies(model_paths, threads: int, runs: int = RUNS, warmup: int = W
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise RuntimeError(f"latency of {', '.join(paths)} at {threads} threads failed: {lines[-1] if lines else '?'}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(models: Dict[str, tuple], threads: Sequence[int], runs: int = RUNS) -> Dict[str, Dict[str, dict]]:
+    """Keras and TFLite latency of several models timed side by side: at each thread count their
+    runs alternate (Keras in one fresh process, TFLite here).
+
+    Args:
+        models: ``.keras`` path -> (its TFLite flatbuffer, the loaded Keras model).
+        threads: thread counts.
+
+    Returns:
+        path -> ``{"keras_<n>t": stats, ..., "tflite_<n>t": stats, ...}``.
+    """
+    paths = list(models)
+    keras = {n: keras_latencies(paths, n, runs) for n in threads}
+    tflite = {n: tflite_latencies(models, n, runs) for n in threads}
+    return {p: {**{f"keras_{n}t": keras[n][os.fspath(p)] for n in threads},
+                **{f"tflite_{n}t": tflite[n][p] for n in threads}} for p in paths}
 
 
 def _measure_here(model_paths, threads: int, runs: int, warmup: int) -> Dict[str, Dict[str, float]]:
