@@ -37,8 +37,9 @@ SOURCES = {
     "kitti": ("KITTI_DIR/training/image_2/*.png and KITTI_DIR/training/label_2/*.txt",
               "https://www.cvlibs.net/datasets/kitti/eval_object.php?obj_benchmark=2d (left color images and "
               "training labels of the object data set)"),
-    "voc": ("VOCdevkit/VOC2007/ with Annotations/, JPEGImages/ and ImageSets/Main/",
-            "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/ (training/validation data)"),
+    "voc": ("VOCdevkit/VOC2007/ (and VOC2012/, ...) with Annotations/, JPEGImages/ and ImageSets/Main/",
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/ (training/validation and test data) and "
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (training/validation data)"),
 }
 
 
@@ -138,21 +139,30 @@ def kitti(kitti_dir, classes, mapping, val_fraction, num_train, num_val, seed, o
 
 @main.command()
 @click.option("--voc-dir", required=True, type=click.Path(file_okay=False),
-              help="VOCdevkit (with VOC2007/ inside) or the VOC2007 folder itself.")
-@click.option("--year", default=2007, show_default=True, type=int)
+              help="VOCdevkit (with VOC2007/, VOC2012/ inside) or one year's folder itself (one year only).")
+@click.option("--year", default=None, type=int,
+              help="Short for --train YEAR:train --val YEAR:val  [default: 2007].")
+@click.option("--train", "train_sets", default=None, metavar="YEAR:SET,...",
+              help="Image sets of the train split, e.g. 2007:trainval,2012:trainval "
+                   "(VOCdevkit/VOC2007/ImageSets/Main/trainval.txt, ...); with --val.")
+@click.option("--val", "val_sets", default=None, metavar="YEAR:SET,...",
+              help="Image sets of the val split, e.g. 2007:test; with --train.")
 @_classes(defaults.VOC, "VOC class names")
 @_out
 @_quiet
 @_user_errors
-def voc(voc_dir, year, classes, out, quiet):
-    """PASCAL VOC (train.txt / val.txt of ImageSets/Main). Difficult objects become ignore regions."""
-    _require_dir(voc_dir, "voc")
+def voc(voc_dir, year, train_sets, val_sets, classes, out, quiet):
+    """PASCAL VOC (lists of ImageSets/Main). Difficult objects become ignore regions. With image sets
+    of several years, source ids and file names start with the year (2007_000005)."""
     from data_tools import voc as voc_mod
     from data_tools.convert import parse_classes
 
+    splits = voc_mod.split_image_sets(year, train_sets, val_sets)
+    _require_dir(voc_dir, "voc")
     names = parse_classes(classes)
-    records, nbytes = voc_mod.voc_records(voc_dir, year, names)
-    options = {"year": year, "classes": names}
+    records, nbytes = voc_mod.image_set_records(voc_dir, splits, names)
+    short_form = {"year": splits["train"][0][0]} if train_sets is None else {}
+    options = {**short_form, **voc_mod.image_set_options(splits), "classes": names}
     _write(records, names, out, {"kind": "voc", "dir": voc_dir}, options, voc_mod.DROPPED_FIELDS, nbytes, quiet)
 
 

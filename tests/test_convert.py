@@ -1,6 +1,7 @@
 """Converters on small fixtures built here: exact counts, boxes, stripped bytes and error messages."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -393,3 +394,139 @@ def test_missing_dataset_folder_names_layout_and_source(tmp_path, kind, expected
     assert result.exit_code == 1
     assert f"{kind} folder '{missing}' not found" in result.output and expected in result.output
     assert "http" in result.output and not (tmp_path / "out").exists()
+
+
+def make_voc_year(devkit: Path, year: int, content: dict, lists: dict) -> None:
+    """VOCdevkit/VOC{year} with one 40x50 JPEG and XML per image and the given ImageSets/Main lists."""
+    root = devkit / f"VOC{year}"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True)
+    for seed, (image_id, objects) in enumerate(content.items(), start=year):
+        xml = VOC_XML.format(id=image_id, objects="".join(VOC_OBJECT.format(*o) for o in objects))
+        (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+        (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg(40, 50, seed))
+    for name, ids in lists.items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def make_voc0712(devkit: Path) -> None:
+    """Two years; both have an image 000005 (a horse in 2007, a cow in 2012)."""
+    make_voc_year(devkit, 2007, {
+        "000005": [("horse", 0, 1, 1, 25, 20), ("cow", 1, 2, 2, 10, 10)],
+        "000007": [("cow", 0, 10, 10, 40, 40)],
+        "000009": [("dog", 0, 1, 1, 5, 5)],
+        "000012": [("horse", 0, 5, 5, 20, 20), ("cow", 0, 21, 5, 45, 35), ("horse", 1, 1, 1, 4, 4)],
+    }, {"train": ["000005", "000009"], "val": ["000007"], "trainval": ["000005", "000007", "000009"],
+        "test": ["000012"]})
+    make_voc_year(devkit, 2012, {
+        "000005": [("cow", 0, 3, 3, 30, 30)],
+        "2008_000001": [("horse", 0, 1, 1, 20, 20), ("horse", 0, 25, 10, 50, 40)],
+        "2008_000002": [("cow", 1, 1, 1, 20, 20)],
+        "2008_000003": [("cow", 0, 10, 5, 30, 25), ("person", 0, 1, 1, 9, 9)],
+    }, {"trainval": ["000005", "2008_000001", "2008_000002", "2008_000003"]})
+
+
+def convert_voc(devkit: Path, out: Path, *args: str):
+    return CliRunner().invoke(data_cli, ["voc", "--voc-dir", str(devkit), "--classes", "horse,cow", "--out", str(out),
+                                         "--quiet", *args])
+
+
+def test_voc_splits_of_several_years_are_concatenated_with_unique_ids(tmp_path):
+    make_voc0712(tmp_path / "VOCdevkit")
+    result = convert_voc(tmp_path / "VOCdevkit", tmp_path / "voc0712",
+                         "--train", "2007:trainval,2012:trainval", "--val", "2007:test")
+    assert result.exit_code == 0, result.output
+    manifest = tfrecord.read_manifest(tmp_path / "voc0712").data
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    # train: 2007 000005, 000007 (000009 has no horse or cow) + 2012 000005, 2008_000001, 2008_000003
+    # (2008_000002 has only a difficult cow)
+    assert (train["images"], train["objects"], train["ignore_regions"]) == (5, 6, 1)
+    assert train["objects_per_class"] == {"horse": 3, "cow": 3}
+    assert (val["images"], val["objects_per_class"], val["ignore_regions"]) == (1, {"horse": 1, "cow": 1}, 1)
+    assert manifest["options"] == {"image_sets": {"train": ["2007:trainval", "2012:trainval"], "val": ["2007:test"]},
+                                   "ids_prefixed_with_year": True, "classes": ["horse", "cow"]}
+    samples = read_split(tmp_path / "voc0712", "train")
+    assert sorted(samples) == ["2007_000005", "2007_000007", "2012_000005", "2012_2008_000001", "2012_2008_000003"]
+    assert all(s.filename == f"{source_id}.jpg" for source_id, s in samples.items())
+    assert samples["2007_000005"].texts == ["horse"] and samples["2012_000005"].texts == ["cow"]
+    np.testing.assert_allclose(samples["2012_000005"].boxes, [[2 / 50, 2 / 40, 30 / 50, 30 / 40]], rtol=1e-6)
+    assert sorted(read_split(tmp_path / "voc0712", "val")) == ["2007_000012"]
+
+    records, nbytes = voc.image_set_records(tmp_path / "VOCdevkit", {"train": [(2007, "trainval"), (2012, "trainval")],
+                                                                     "val": [(2007, "test")]}, ["horse", "cow"])
+    assert [r.source_id for r in records["train"]] == ["2007_000005", "2007_000007", "2012_000005",
+                                                       "2012_2008_000001", "2012_2008_000003"]
+    # every one of the 8 annotation files is listed (and read) once
+    assert nbytes == sum(p.stat().st_size for p in (tmp_path / "VOCdevkit").glob("VOC*/Annotations/*.xml"))
+
+
+def test_voc_year_is_the_short_form_of_train_and_val(tmp_path):
+    make_voc0712(tmp_path / "VOCdevkit")
+    for out, args in (("year", ["--year", "2007"]), ("default", []),
+                      ("sets", ["--train", "2007:train", "--val", "2007:val"])):
+        result = convert_voc(tmp_path / "VOCdevkit", tmp_path / out, *args)
+        assert result.exit_code == 0, result.output
+    short = tfrecord.read_manifest(tmp_path / "year").data
+    assert short["options"] == {"year": 2007, "image_sets": {"train": ["2007:train"], "val": ["2007:val"]},
+                                "ids_prefixed_with_year": False, "classes": ["horse", "cow"]}
+    assert tfrecord.read_manifest(tmp_path / "default").data["options"] == short["options"]
+    train = read_split(tmp_path / "year", "train")
+    assert sorted(train) == ["000005"] and train["000005"].filename == "000005.jpg"  # VOC ids, as before
+    assert sorted(read_split(tmp_path / "year", "val")) == ["000007"]
+    assert (short["splits"]["train"]["images"], short["splits"]["train"]["objects"]) == (1, 1)
+    for shard in ("train-00000-of-00001.tfrecord", "val-00000-of-00001.tfrecord"):
+        # compared as messages: protobuf may order the feature map differently from one write to the next
+        year, default, sets = ([tfrecord.tf.train.Example.FromString(r.numpy())
+                                for r in tfrecord.tf.data.TFRecordDataset(str(tmp_path / out / shard))]
+                               for out in ("year", "default", "sets"))
+        assert len(year) == 1 and year == default == sets
+    assert voc.split_image_sets(2012) == {"train": [(2012, "train")], "val": [(2012, "val")]}
+
+
+NOT_YEAR_NAME = "is not YEAR:NAME, e.g. 2007:trainval for VOCdevkit/VOC2007/ImageSets/Main/trainval.txt"
+BOTH = "give both, e.g. --train 2007:trainval,2012:trainval --val 2007:test"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "2007", "--val", "2007:test"], f"--train: entry '2007' {NOT_YEAR_NAME}"),
+    (["--train", "2007:trainval", "--val", "07:test"], f"--val: entry '07:test' {NOT_YEAR_NAME}"),
+    (["--train", "2007:trainval,", "--val", "2007:test"], f"--train: entry '' {NOT_YEAR_NAME}"),
+    (["--train", "2007:../../etc", "--val", "2007:test"], f"--train: entry '2007:../../etc' {NOT_YEAR_NAME}"),
+    (["--train", "2007:trainval,2007:trainval", "--val", "2007:test"],
+     "--train: entry '2007:trainval' is given twice"),
+    (["--year", "2007", "--train", "2007:trainval"],
+     "--year 2007 is short for --train 2007:train --val 2007:val; give either --year or --train and --val, not both"),
+    (["--year", "2012", "--val", "2007:test"],
+     "--year 2012 is short for --train 2012:train --val 2012:val; give either --year or --train and --val, not both"),
+    (["--train", "2007:trainval"], f"--train is given without --val: {BOTH}"),
+    (["--val", "2007:test"], f"--val is given without --train: {BOTH}"),
+    (["--train", "2007:trainval,2010:trainval", "--val", "2007:test"],
+     "image set '2010:trainval': missing the VOC2010 folder, expected {devkit}/VOC2010 "
+     "(VOCdevkit/VOC2010 with Annotations/, JPEGImages/ and ImageSets/Main/)"),
+    (["--train", "2012:trainval", "--val", "2012:test"],
+     "missing image list of '2012:test': expected {devkit}/VOC2012/ImageSets/Main/test.txt"),
+    (["--train", "2007:trainval", "--val", "2007:val"],
+     "image 000007 is listed by 2007:trainval (train) and by 2007:val (val): an image may be listed only once, "
+     "in one split"),
+])
+def test_voc_image_set_bad_input_messages(tmp_path, args, message):
+    devkit = tmp_path / "VOCdevkit"
+    make_voc0712(devkit)
+    result = convert_voc(devkit, tmp_path / "out", *args)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {message.format(devkit=devkit)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_voc_year_folder_as_voc_dir_serves_one_year_only(tmp_path):
+    make_voc0712(tmp_path / "VOCdevkit")
+    one_year = tmp_path / "VOCdevkit" / "VOC2007"
+    result = convert_voc(one_year, tmp_path / "out", "--train", "2007:trainval", "--val", "2007:test")
+    assert result.exit_code == 0, result.output
+    assert sorted(read_split(tmp_path / "out", "train")) == ["000005", "000007"]
+    expected = (f"image set '2007:trainval': --voc-dir {one_year} is one year's folder (it has Annotations/); to "
+                "combine the years 2007, 2012 give the VOCdevkit folder that holds VOC2007/, VOC2012/")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        voc.image_set_records(one_year, {"train": [(2007, "trainval")], "val": [(2012, "trainval")]}, ["horse"])
+    with pytest.raises(ValueError, match="split 'train': image set '2007:a/b' is not YEAR:NAME"):
+        voc.image_set_records(tmp_path / "VOCdevkit", {"train": [(2007, "a/b")]}, ["horse"])
