@@ -279,9 +279,9 @@ def data_pipeline(args: argparse.Namespace) -> Dict:
         ``ratio`` (pipeline / training), ``goal_ratio`` and ``meets_goal``.
     """
     from kprune.data.pipeline import make_dataset
-    from kprune.data.targets import TargetEncoder
+    from kprune.detectors.yolo.targets import TargetEncoder
     from kprune.data.tfrecord import read_manifest
-    from kprune.models import zoo
+    from kprune.darknet import zoo
 
     data = _synthetic_dataset(args.data_train, args.data_val)
     manifest = read_manifest(data["folder"])
@@ -325,8 +325,8 @@ def training_throughput(args: argparse.Namespace) -> Dict:
         ``demo_bf16_speedup``; ``peak_gflops``, ``goal_fraction`` (0.4) and ``meets_goal`` (the two
         float32 models).
     """
-    from kprune.data.targets import TargetEncoder
-    from kprune.models import zoo
+    from kprune.detectors.yolo.targets import TargetEncoder
+    from kprune.darknet import zoo
 
     peak = _matmul_peak(args.matmul_runs)["gflops_best"]
     result = {"peak_gflops": peak}

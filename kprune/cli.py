@@ -27,7 +27,7 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="kprune")
 def main():
-    """kprune: prune, retrain, evaluate and export YOLO object detectors."""
+    """kprune: prune, retrain, evaluate and export object detectors (YOLO, SSD)."""
 
 
 @main.group()
@@ -70,21 +70,20 @@ def darknet_export(model_path, out):
 
 @main.command()
 @click.argument("model_path", metavar="[MODEL.keras]", required=False, type=click.Path(dir_okay=False))
-@click.option("--cfg", help="A Darknet cfg file or a zoo model name (instead of MODEL.keras).")
-@click.option("--size", type=int, help="Input size override (multiple of 32), with --cfg.")
+@click.option("--cfg", help="A zoo model name of any family or a Darknet cfg file (instead of MODEL.keras).")
+@click.option("--size", type=int, help="Input size override, with --cfg (a multiple of 32 for YOLO).")
 @click.option("--classes", type=int, help="Number of classes override, with --cfg.")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier, with --cfg.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(model_path, cfg, size, classes, width, as_json):
-    """Parameters, FLOPs and shapes of a model or a cfg."""
+    """Parameters, FLOPs, boxes per image and shapes of a model or a zoo name / cfg."""
+    from kprune import detectors
     from kprune.report.metrics import model_info
 
     if (model_path is None) == (cfg is None):
         raise click.UsageError("give either MODEL.keras or --cfg CFG")
     if cfg is not None:
-        from kprune.models.zoo import build
-
-        model = build(cfg, input_size=size, classes=classes, width=width)
+        model = detectors.build(cfg, input_size=size, classes=classes, width=width)
     else:
         if size is not None or classes is not None or width != 1.0:
             raise click.UsageError("--size, --classes and --width go with --cfg")
@@ -92,12 +91,49 @@ def info(model_path, cfg, size, classes, width, as_json):
 
         model = load_model(model_path)
     result = model_info(model)
+    try:
+        family = detectors.family_of(model)
+        result.update({"family": family.name, "boxes": family.boxes_per_image(model),
+                       "classes": family.num_classes(model)})
+    except ValueError:
+        pass  # a Keras model of no detector family: its counts and shapes only
     if as_json:
         click.echo(json.dumps(result))
         return
     for key, value in result.items():
         shown = f"{value:,}" if isinstance(value, int) else value
         click.echo(f"{key:>22}: {shown}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("out", metavar="OUT.keras", type=click.Path(dir_okay=False))
+@click.option("--size", type=int, help="Input size  [default: the model's own].")
+@click.option("--classes", type=int, help="Number of object classes  [default: the model's own].")
+@click.option("--names", type=click.Path(dir_okay=False), help="Class names file, one per line (sets --classes).")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
+def init(name, out, size, classes, names, width, seed):
+    """Write a freshly initialised model of zoo model NAME (any family) or of a Darknet cfg file.
+
+    Zoo models: yolov2, yolov2-tiny, yolov2-tiny-voc, yolov2-voc, yolov3, yolov3-tiny, ssd300-vgg16,
+    ssdlite-mobilenetv2 (an unknown NAME is refused with the current list).
+    """
+    from kprune import detectors
+    from kprune._keras import keras
+    from kprune.models.inference import read_names
+    from kprune.models.io import save_model
+
+    class_names = read_names(names) if names else None
+    if class_names is not None and classes is not None and classes != len(class_names):
+        raise click.UsageError(f"--classes {classes} but {names} lists {len(class_names)} names")
+    keras.utils.set_random_seed(seed)
+    model = detectors.build(name, input_size=size, classes=classes if class_names is None else len(class_names),
+                            width=width, names=class_names)
+    save_model(model, out)
+    family = detectors.family_of(model)
+    click.echo(f"wrote {out}: {family.name} model {model.name}, {model.input_shape[1]} px, "
+               f"{family.num_classes(model)} classes, {model.count_params():,} parameters")
 
 
 @main.command()
@@ -133,7 +169,8 @@ def predict(model_path, input_path, out):
 @click.option("--no-letterbox", is_flag=True, help="Stretch images to the input instead of letterboxing.")
 def detect(model_path, images, out, score, iou, names, no_letterbox):
     """Detect objects in IMAGE files; write annotated images and detections.json (COCO results)."""
-    from kprune.models.inference import detect_files, read_names
+    from kprune.detectors.inference import detect_files
+    from kprune.models.inference import read_names
     from kprune.models.io import load_model
 
     model = load_model(model_path)
@@ -192,8 +229,9 @@ def anchors(data, model_name, size, split, no_letterbox, as_json):
 
     In a training config, `anchors: kmeans` does the same for the model being trained.
     """
-    from kprune.data.anchors import fit_anchors, format_anchors
-    from kprune.models import zoo
+    from kprune.data.anchors import format_anchors
+    from kprune.detectors.yolo.anchors import fit_anchors
+    from kprune.darknet import zoo
 
     fitted = fit_anchors(zoo.build(model_name, input_size=size), data, split, letterbox=not no_letterbox)
     if as_json:

@@ -277,7 +277,8 @@ def predict_dataset(
     from kprune._keras import tf
     from kprune.data.pipeline import make_dataset
     from kprune.data.tfrecord import Manifest, read_manifest
-    from kprune.models.head import ImageTransform, decode_outputs, non_max_suppression
+    from kprune.detectors import family_of
+    from kprune.models.head import ImageTransform, non_max_suppression
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     size = model.input_shape[1]
@@ -287,6 +288,7 @@ def predict_dataset(
         if limit < 1:
             raise ValueError(f"limit {limit}: evaluate at least one image")
         dataset, total = dataset.unbatch().take(limit).batch(batch_size), min(total, limit)
+    decode = family_of(model).decode
     if predict is None:
         predict = tf.function(lambda images: model(images, training=False))
     detections, truths = [], []
@@ -294,7 +296,7 @@ def predict_dataset(
         for images, meta in dataset:
             outputs = predict(images)
             outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            kept = non_max_suppression(*decode_outputs(model, outputs), score_threshold, 0.45, max_detections)
+            kept = non_max_suppression(*decode(model, outputs), score_threshold, 0.45, max_detections)
             for k, (det_boxes, det_scores, det_labels) in enumerate(kept):
                 hw = tuple(int(v) for v in meta["image_hw"][k].numpy())
                 transform = ImageTransform(hw, (size, size), tuple(meta["scale_xy"][k].numpy().tolist()),
@@ -375,17 +377,18 @@ def evaluate_loaded(model, data, split: str = "val", batch_size: int = 8, letter
         ValueError: classes that do not fit the dataset.
     """
     from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.detectors import family_of
     from kprune.models.head import class_mapping
-    from kprune.models.layers import detection_heads
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
-    head = detection_heads(model)[0]
+    family = family_of(model)
+    model_names, classes = family.class_names(model), family.num_classes(model)
     names, label_map = manifest.classes, None
-    if head.names and list(head.names) != list(manifest.classes):
+    if model_names and list(model_names) != list(manifest.classes):
         # a model that kept other classes (head-mode retraining): score in its classes, by name
-        label_map, names = class_mapping(manifest.classes, head.names, {}), list(head.names)
-    elif head.classes != len(manifest.classes):
-        raise ValueError(f"{source or 'model ' + model.name} has {head.classes} unnamed classes, the dataset {len(manifest.classes)} "
+        label_map, names = class_mapping(manifest.classes, model_names, {}), list(model_names)
+    elif classes != len(manifest.classes):
+        raise ValueError(f"{source or 'model ' + model.name} has {classes} unnamed classes, the dataset {len(manifest.classes)} "
                          f"({', '.join(manifest.classes)})")
     detections, truths = predict_dataset(model, manifest, split, batch_size, letterbox=letterbox, predict=predict,
                                          label_map=label_map, progress=progress, limit=limit)

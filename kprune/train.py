@@ -24,8 +24,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.data.pipeline import check_input_size
-from kprune.losses import LossOptions, YoloLoss, loss_terms
+from kprune import detectors
 from kprune.models.head import class_mapping
 from kprune.models.variants import check_policy, variant, with_policy
 
@@ -40,18 +39,19 @@ class TrainingError(RuntimeError):
 
 
 class DetectorTrainer(keras.Model):
-    """Gives ``fit`` / ``evaluate`` the YOLO loss of ``detector``.
+    """Gives ``fit`` / ``evaluate`` the loss of ``detector``'s family.
 
     Args:
-        detector: a functional model with DetectionHead outputs.
-        loss: the loss (default: :meth:`YoloLoss.from_model`).
+        detector: a functional model of a detector family.
+        loss: the loss, a callable ``loss(targets, outputs)`` with ``terms`` (default: the family's,
+            with its default options).
     """
 
-    def __init__(self, detector, loss: Optional[YoloLoss] = None, **kwargs):
+    def __init__(self, detector, loss=None, **kwargs):
         super().__init__(**kwargs)
         self.detector = detector
-        self.yolo_loss = loss or YoloLoss.from_model(detector)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in loss_terms()}
+        self.detector_loss = loss or detectors.family_of(detector).loss(detector)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.detector_loss.terms}
 
     def call(self, images, training=False):
         return self.detector(images, training=training)
@@ -68,7 +68,7 @@ class DetectorTrainer(keras.Model):
     def train_step(self, data):
         images, targets = data
         with tf.GradientTape() as tape:
-            terms = self.yolo_loss(targets, self.detector(images, training=True))
+            terms = self.detector_loss(targets, self.detector(images, training=True))
             # each replica averages over its own images; gradients are summed over replicas
             scaled = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.detector.trainable_variables
@@ -77,7 +77,7 @@ class DetectorTrainer(keras.Model):
 
     def test_step(self, data):
         images, targets = data
-        return self._update(self.yolo_loss(targets, self.detector(images, training=False)))
+        return self._update(self.detector_loss(targets, self.detector(images, training=False)))
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -117,7 +117,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 class TrainConfig:
     """Everything a training run needs; saved as ``config.yaml`` in the run directory.
 
-    The model comes from one of: ``model`` (a zoo name, fresh weights), ``init`` (a ``.keras``
+    The model comes from one of: ``model`` (a zoo name of any detector family, fresh weights), ``init`` (a ``.keras``
     model) or ``cfg`` + ``weights`` (Darknet files). ``mode``: ``full`` trains everything, ``head``
     only the last conv of each head and keeps the model's classes (dataset classes are mapped onto
     them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
@@ -216,9 +216,9 @@ class TrainConfig:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
         self._check_anchors()
         check_policy(self.precision)
-        if self.final_size is not None:
-            check_input_size(self.final_size, "final_size =")
-        self._check_nested("loss", LossOptions)
+        if self.final_size is not None and (int(self.final_size) != self.final_size or self.final_size < 32):
+            raise ValueError(f"final_size = {self.final_size}: must be a whole number of pixels, at least 32")
+        self._check_nested("loss", self._loss_options())
         from kprune.data.pipeline import Augment
 
         self._check_nested("augment", Augment)
@@ -260,6 +260,19 @@ class TrainConfig:
             raise ValueError(f"anchors = {self.anchors!r}: only for a head trained from scratch (model: NAME, "
                              "or mode: new-head); a trained head predicts relative to its own anchors")
 
+    def _loss_options(self):
+        """The loss options dataclass of the model's family (YOLO's for cfg + weights; for a ``.keras``
+        file, known only once it is loaded, a dataclass with every family's keys)."""
+        import dataclasses
+
+        if self.model:
+            return detectors.family_for_name(self.model).loss_options
+        if self.cfg:
+            return detectors.get("yolo").loss_options
+        fields = {f.name: (f.name, f.type, f) for family in detectors.FAMILIES.values()
+                  for f in dataclasses.fields(family.loss_options)}
+        return dataclasses.make_dataclass("AnyLossOptions", list(fields.values()))
+
     def _check_nested(self, name: str, cls) -> None:
         """``loss:`` and ``augment:`` hold fields of their dataclasses; anything else is refused."""
         values = getattr(self, name) or {}
@@ -288,48 +301,6 @@ def resolve_dataset(name_or_path: str) -> str:
     return folder
 
 
-def head_convs(model) -> Dict[str, object]:
-    """The conv layer feeding each detection head (or the tfmot pruning wrapper around it), by head name.
-
-    Raises:
-        ValueError: a head is not fed directly by a Conv2D.
-    """
-    from kprune.models.layers import detection_heads
-
-    convs = {}
-    for head in detection_heads(model):
-        producer = head.inbound_nodes[0].inbound_layers
-        inner = producer.layer if isinstance(producer, keras.layers.Wrapper) else producer
-        if not isinstance(inner, keras.layers.Conv2D):
-            raise ValueError(f"head {head.name} is not fed directly by a Conv2D (found {type(inner).__name__})")
-        convs[head.name] = producer
-    return convs
-
-
-def replace_heads(model, classes: int, names: Optional[Sequence[str]] = None):
-    """A copy of ``model`` whose head convs and heads are made for ``classes`` classes (new, freshly
-    initialised head convs; every other layer keeps its weights)."""
-    from kprune.models.layers import DetectionHead
-
-    heads = {layer.name: layer for layer in model.layers if isinstance(layer, DetectionHead)}
-    conv_heads = {conv.name: heads[head] for head, conv in head_convs(model).items()}
-
-    def clone(layer):
-        config = layer.get_config()
-        if layer.name in conv_heads:
-            config["filters"] = conv_heads[layer.name].num_anchors * (5 + classes)
-        elif isinstance(layer, DetectionHead):
-            config["classes"] = classes
-            config["names"] = list(names) if names is not None else None
-        return layer.__class__.from_config(config)
-
-    new = keras.models.clone_model(model, clone_function=clone)
-    for layer in new.layers:
-        if layer.name not in conv_heads and layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return new
-
-
 def build_detector(config: TrainConfig, classes: Sequence[str]):
     """The detector a config asks for, fitted to the dataset's ``classes`` (see :class:`TrainConfig`).
 
@@ -341,18 +312,13 @@ def build_detector(config: TrainConfig, classes: Sequence[str]):
     """
     from kprune.darknet.builder import build_model
     from kprune.darknet.weights import load_weights
-    from kprune.models import zoo
     from kprune.models.io import load_model
-    from kprune.models.layers import detection_heads
 
     size = config.input_size
     if config.model:
         keep = config.mode == "head"
-        overrides = {"width": config.width, **({"input_size": size} if size else {})}
-        model = zoo.build(config.model, **overrides, **({} if keep else {"classes": len(classes)}))
-        if not keep:
-            for head in detection_heads(model):
-                head.names = list(classes)
+        model = detectors.build(config.model, input_size=size, width=config.width,
+                                classes=None if keep else len(classes), names=None if keep else list(classes))
     elif config.init:
         model = load_model(config.init)
         if size and model.input_shape[1] != size:
@@ -364,13 +330,14 @@ def build_detector(config: TrainConfig, classes: Sequence[str]):
         names = read_names(config.names) if config.names else None
         model = build_model(config.cfg, names=names, **({"input_size": size} if size else {}))
         load_weights(model, config.weights)
-    head = detection_heads(model)[0]
+    family = detectors.family_of(model)
+    count = family.num_classes(model)
     if config.mode == "new-head":
-        model = replace_heads(model, len(classes), classes)
+        model = family.replace_classes(model, len(classes), classes)
     elif config.mode == "head" or config.class_map:  # the model's classes kept, the dataset's mapped onto them
-        return model, class_mapping(classes, head.names, config.class_map)
-    elif head.classes != len(classes):
-        raise ValueError(f"the model has {head.classes} classes and the dataset {len(classes)} "
+        return model, class_mapping(classes, family.class_names(model), config.class_map)
+    elif count != len(classes):
+        raise ValueError(f"the model has {count} classes and the dataset {len(classes)} "
                          f"({', '.join(classes)}): use --mode new-head (new last conv), --mode head, or a "
                          "class_map to keep the model's classes")
     return model, None
@@ -386,24 +353,20 @@ def set_anchors(model, config: TrainConfig, manifest) -> Optional[dict]:
     Raises:
         ValueError: given anchors whose count differs from the head's.
     """
-    from kprune.data import anchors as dimension_clusters
-    from kprune.models.layers import detection_heads
-
     if config.anchors is None:
         return None
+    family = detectors.family_of(model)
+    if not hasattr(family, "fit_anchors"):
+        raise ValueError(f"anchors = {config.anchors!r}: a {family.name} model has no anchors to set (its default "
+                         "boxes are part of its architecture)")
     if config.anchors == "kmeans":
-        return dimension_clusters.fit_anchors(model, manifest, letterbox=config.letterbox, seed=config.seed)
-    for head in detection_heads(model):
-        if len(config.anchors) != len(head.anchors):
-            raise ValueError(f"anchors: {len(config.anchors)} pairs given, but head {head.name} has "
-                             f"{len(head.anchors)} anchors (its last conv's channels depend on the count)")
-        head.anchors = [list(pair) for pair in config.anchors]
-    return {"anchors": [config.anchors] * len(detection_heads(model)), "mean_iou": None, "mean_iou_before": None}
+        return family.fit_anchors(model, manifest, letterbox=config.letterbox, seed=config.seed)
+    return family.set_anchors(model, config.anchors)
 
 
 def set_trainable(model, mode: str) -> None:
-    """``head`` mode: only the head convs train; otherwise everything."""
-    convs = {conv.name for conv in head_convs(model).values()}
+    """``head`` mode: only the predictor convs train; otherwise everything."""
+    convs = set(detectors.family_of(model).predictor_convs(model))
     for layer in model.layers:
         layer.trainable = mode != "head" or layer.name in convs
 
@@ -448,7 +411,7 @@ def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: 
         raise ValueError(f"pre-training crop {crop}: must be a multiple of 32")
     began = time.perf_counter()
     images, labels = object_crops(manifest, "train", crop)
-    conv = next(iter(head_convs(detector).values()))
+    conv = next(iter(detectors.family_of(detector).predictor_convs(detector).values()))
     trunk = keras.Model(detector.input, conv.input)
     inputs = keras.Input((crop, crop, detector.input_shape[-1]))
     features = keras.models.clone_model(trunk, input_tensors=inputs, clone_function=lambda layer: layer).output
@@ -576,6 +539,13 @@ class TrainingRun:
             keras.utils.set_random_seed(config.seed)
             self.detector, self.label_map = build_detector(config, self.manifest.classes)
             tf.random.set_seed(None)
+            self.family = detectors.family_of(self.detector)
+            if config.multiscale and not getattr(self.family, "multiscale", True):
+                raise ValueError(f"multiscale: a {self.family.name} model's default boxes are fixed to its input "
+                                 "size; train it at one size")
+            if config.final_size is not None:
+                self.family.check_input_size(self.detector, config.final_size)
+            self.loss_options = self.family.make_loss_options(self.detector, config.loss)
             self.anchor_fit = set_anchors(self.detector, config, self.manifest)
             self.detector = with_policy(self.detector, config.precision)
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
@@ -596,9 +566,7 @@ class TrainingRun:
             # multi-scale batches need a model that takes any size; it shares the detector's layers
             network = variable_input_view(self.detector) if config.multiscale else self.detector
             self.trainer = DetectorTrainer(network, self._loss())
-            from kprune.data.targets import TargetEncoder
-
-            self.encoder = TargetEncoder.from_model(self.detector)
+            self.encoder = self.family.target_encoder(self.detector, self.loss_options)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
                 decay=config.decay, boundaries=[e * self.steps for e in config.decay_epochs])
@@ -622,11 +590,8 @@ class TrainingRun:
             state_path = self.out / "state.json"
             self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
 
-    def _loss(self) -> YoloLoss:
-        loss = YoloLoss.from_model(self.detector)
-        if self.config.loss:
-            loss = YoloLoss(loss.heads, dataclasses.replace(loss.options, **self.config.loss))
-        return loss
+    def _loss(self):
+        return self.family.loss(self.detector, self.loss_options)
 
     def dataset(self, split: str, training: bool, start_epoch: int = 0, fixed_size: bool = False):
         from kprune.data.pipeline import Augment, make_dataset
@@ -736,10 +701,8 @@ class TrainingRun:
 
 def class_names(model) -> List[str]:
     """The class names stored in a model's head (or their indices as text)."""
-    from kprune.models.layers import detection_heads
-
-    head = detection_heads(model)[0]
-    return list(head.names) if head.names else [str(i) for i in range(head.classes)]
+    family = detectors.family_of(model)
+    return family.class_names(model) or [str(i) for i in range(family.num_classes(model))]
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, callbacks: Sequence = (),

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import cfg_path
 from data_tools.convert import Record, write_dataset
-from kprune.data.anchors import box_sizes, fit_anchors, format_anchors, kmeans_anchors, mean_best_iou, shape_iou
+from kprune.data.anchors import box_sizes, format_anchors, kmeans_anchors, mean_best_iou, shape_iou
+from kprune.detectors.yolo.anchors import fit_anchors
 from kprune.darknet.builder import build_model
 from kprune.models.layers import detection_heads
 from kprune.train import TrainConfig, TrainingRun

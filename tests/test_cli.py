@@ -119,7 +119,7 @@ def test_detect_writes_images_and_coco_results(tmp_path, darknet_files):
     "args, message",
     [
         (("info",), "give either MODEL.keras or --cfg CFG"),
-        (("info", "--cfg", "yolov9"), "'yolov9' is neither a cfg file nor a zoo model"),
+        (("info", "--cfg", "yolov9"), "'yolov9' is not a zoo model or a cfg file; zoo models: yolov2, "),
         (("info", "--cfg", "yolov2", "--size", "100"), "input size 100 must be a positive multiple of 32"),
         (("info", "missing.keras"), "model file missing.keras does not exist"),
     ],

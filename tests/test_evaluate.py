@@ -148,7 +148,7 @@ def test_targets_decoding_and_evaluation_agree_perfect_outputs_score_one(tmp_pat
     from data_tools.convert import write_dataset
     from kprune._keras import tf
     from kprune.data.pipeline import make_dataset
-    from kprune.data.targets import TargetEncoder
+    from kprune.detectors.yolo.targets import TargetEncoder
     from kprune.darknet.builder import build_model
     from kprune.evaluate import predict_dataset
     from conftest import cfg_path
@@ -182,7 +182,7 @@ def test_a_tflite_model_is_evaluated_through_litert_like_its_keras_model(tmp_pat
     from data_tools.convert import write_dataset
     from kprune._keras import tf
     from kprune.evaluate import evaluate_model, tflite_predict
-    from kprune.models import zoo
+    from kprune.darknet import zoo
     from kprune.models.io import save_model
     from conftest import randomize
 

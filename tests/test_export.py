@@ -92,7 +92,11 @@ def test_export_modes_against_keras(tiny_keras, tiny_synth_data, tmp_path):
     # float32 weights, then 2 bytes, then 1 byte per weight (the flatbuffer adds a little)
     assert reports["fp16"]["bytes"] == pytest.approx(reports["none"]["bytes"] / 2, rel=0.1)
     assert reports["int8"]["bytes"] == pytest.approx(reports["none"]["bytes"] / 4, rel=0.2)
-    assert reports["int8"]["heads"][0]["classes"] == 5 and len(reports["int8"]["heads"][0]["anchors"]) == 5
+    import json
+
+    metadata = json.loads(open(reports["int8"]["metadata_file"]).read())
+    assert metadata["heads"][0]["classes"] == 5 and len(metadata["heads"][0]["anchors"]) == 5
+    assert metadata["heads"][0]["anchor_units"] == "grid cells" and metadata["boxes_per_image"] == 2 * 2 * 5
 
 
 def test_int8_with_integer_io(tiny_keras, tiny_synth_data, tmp_path):
@@ -110,7 +114,7 @@ def test_int8_with_integer_io(tiny_keras, tiny_synth_data, tmp_path):
     from kprune.export.command import summary
 
     lines = summary(report).splitlines()
-    w, h = report["heads"][0]["anchors"][0]
+    w, h = json.loads(open(report["metadata_file"]).read())["heads"][0]["anchors"][0]
     assert lines[2].startswith(f"region head: 5 classes, anchors (w x h, grid cells) {w:g}x{h:g}, ")
     assert lines[3] == "input: uint8, real = (q - 0) * 0.00392157"
     scores = evaluate_model(str(out), tiny_synth_data, keras_path=str(tiny_keras))

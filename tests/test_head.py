@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kprune.boxes import iou_matrix
-from kprune.models.head import decode_head, image_transform, non_max_suppression, preprocess_image
+from kprune.detectors.yolo.decode import decode_head
+from kprune.models.head import image_transform, non_max_suppression, preprocess_image
 from kprune.models.layers import DetectionHead
 
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import cfg_path
 from kprune._keras import tf
 from kprune.darknet.builder import build_model
-from kprune.data.targets import HeadTarget, TargetEncoder
-from kprune.losses import LossHead, LossOptions, YoloLoss
+from kprune.detectors.yolo.targets import HeadTarget, TargetEncoder
+from kprune.detectors.yolo.loss import LossHead, LossOptions, YoloLoss
 
 LN2 = math.log(2.0)
 # one 32 px input, one cell; anchors of 16 and 32 px; two classes

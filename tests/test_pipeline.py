@@ -7,7 +7,7 @@ import pytest
 from data_tools.convert import Record, write_dataset
 from kprune._keras import tf
 from kprune.data.pipeline import Augment, _clip_boxes, make_dataset, steps_per_epoch
-from kprune.data.targets import HeadTarget, TargetEncoder
+from kprune.detectors.yolo.targets import HeadTarget, TargetEncoder
 from kprune.models.head import image_transform, preprocess_image
 
 GREY, RED = (128, 128, 128), (0, 0, 255)  # BGR for cv2
@@ -153,8 +153,10 @@ def test_clip_and_drop_rules():
 
 
 def test_bad_arguments_are_refused(dataset):
-    with pytest.raises(ValueError, match="image size 100: must be a multiple of 32"):
-        make_dataset(dataset, "train", 100, 2)
+    with pytest.raises(ValueError, match="image size 16: must be a whole number of pixels, at least 32"):
+        make_dataset(dataset, "train", 16, 2)
+    with pytest.raises(ValueError, match=r"multi-scale range \(64, 100\): sizes go in steps of 32"):
+        make_dataset(dataset, "train", 64, 2, training=True, multiscale=(64, 100))
     with pytest.raises(ValueError, match=r"multi-scale range \(160, 64\)"):
         make_dataset(dataset, "train", 96, 2, training=True, multiscale=(160, 64))
     with pytest.raises(ValueError, match="no split 'test'"):

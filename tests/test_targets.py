@@ -7,7 +7,7 @@ import pytest
 
 from conftest import cfg_path
 from kprune.darknet.builder import build_model
-from kprune.data.targets import HeadTarget, TargetEncoder
+from kprune.detectors.yolo.targets import HeadTarget, TargetEncoder
 
 # yolov2-voc anchors in grid cells; times the stride 32 they are pixels
 VOC_ANCHORS = [(1.3221, 1.73145), (3.19275, 4.00944), (5.05587, 8.09892), (9.47112, 4.84053), (11.2364, 10.0071)]

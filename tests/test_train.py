@@ -14,7 +14,8 @@ from kprune._keras import keras, tf
 from kprune.config import build, read_yaml
 from kprune.models.io import load_model, save_model
 from kprune.models.layers import detection_heads
-from kprune.train import TrainConfig, TrainingError, TrainingRun, WarmupCosine, build_detector, replace_heads, train
+from kprune.detectors import get as family
+from kprune.train import TrainConfig, TrainingError, TrainingRun, WarmupCosine, build_detector, train
 from conftest import REPO
 
 SMALL = dict(model="yolov2", input_size=64, width=0.125, batch_size=4, lr=2e-3, warmup_epochs=0.5)
@@ -23,6 +24,9 @@ SMALL = dict(model="yolov2", input_size=64, width=0.125, batch_size=4, lr=2e-3, 
 @pytest.fixture(scope="module")
 def data(tiny_synth_data):
     return tiny_synth_data
+
+
+YOLO = family("yolo")
 
 
 def config(data, out, **overrides):
@@ -103,7 +107,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
 
 
 def test_modes_head_full_new_head(data, tmp_path):
-    from kprune.models import zoo
+    from kprune.darknet import zoo
 
     source = zoo.build("yolov2", input_size=64, width=0.125, classes=6)
     head = detection_heads(source)[0]
@@ -135,7 +139,7 @@ def test_modes_head_full_new_head(data, tmp_path):
     assert changed == {"conv_30"}  # frozen batch norm keeps its statistics too
     assert set(metrics["per_class"]) == set(head.names)
 
-    fresh = replace_heads(source, 5, ["a", "b", "c", "d", "e"])
+    fresh = YOLO.replace_classes(source, 5, ["a", "b", "c", "d", "e"])
     assert fresh.output_shape == (None, 2, 2, 5 * (5 + 5)) and detection_heads(fresh)[0].classes == 5
     for layer in source.layers:
         if layer.weights and layer.name != "conv_30":
@@ -370,20 +374,21 @@ def test_final_size_saves_and_evaluates_the_model_at_another_input_size(data, tm
     from kprune.evaluate import evaluate_loaded
 
     assert evaluate_loaded(final, data)["map50"] == pytest.approx(metrics["map50"])  # scored at 96 px
-    with pytest.raises(ValueError, match="final_size = 100: must be a multiple of 32"):
-        TrainConfig(final_size=100)
+    with pytest.raises(ValueError, match="final_size = 16: must be a whole number of pixels, at least 32"):
+        TrainConfig(final_size=16)
+    with pytest.raises(ValueError, match="input size 100: a YOLO model takes a multiple of 32"):
+        TrainingRun(config(data, tmp_path / "100", final_size=100), progress=False)
 
 
 def test_a_sparse_head_conv_retrains_with_its_zeros_kept(data, tmp_path):
-    from kprune.train import head_convs
 
     model, _ = build_detector(config(data, tmp_path), ["a"] * 5)
-    conv = next(iter(head_convs(model).values()))
+    conv = next(iter(YOLO.predictor_convs(model).values()))
     kernel = conv.kernel.numpy()
     kernel[..., ::2] = 0.0  # the output conv pruned too (backbone_vs_head with include_outputs)
     conv.kernel.assign(kernel)
     save_model(model, tmp_path / "sparse.keras")
     run = TrainingRun(TrainConfig(dataset=data, init=str(tmp_path / "sparse.keras"), keep_sparsity=True, epochs=1,
                                   batch_size=4, out=str(tmp_path / "run")), progress=False)
-    wrapped = next(iter(head_convs(run.detector).values()))
+    wrapped = next(iter(YOLO.predictor_convs(run.detector).values()))
     assert isinstance(wrapped, keras.layers.Wrapper) and wrapped.layer.name == conv.name

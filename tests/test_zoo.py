@@ -2,7 +2,7 @@
 
 import pytest
 
-from kprune.models import zoo
+from kprune.darknet import zoo
 from tests.conftest import REPO
 
 ORIGINALS = REPO.parent / "shared" / "darknet" / "cfg"

@@ -16,14 +16,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kprune._keras import keras
 from kprune.darknet.cfg import HEAD_KINDS, CfgError, DarknetCfg, Section, read_cfg
+from kprune.darknet.trunks import trunk_end
 from kprune.models.layers import DarknetBatchNormalization, DetectionHead, Reorg
+from kprune.models.width import round_filters
 
 Size = Union[int, Tuple[int, int]]
-
-
-def round_filters(filters: int, width: float, multiple: int = 8) -> int:
-    """Scale a filter count by ``width`` and round it to the nearest multiple (at least one multiple)."""
-    return max(multiple, int(filters * width / multiple + 0.5) * multiple)
 
 
 def head_conv_indices(cfg: DarknetCfg) -> List[int]:
@@ -162,7 +159,7 @@ def _conv_block(section: Section, x):
     return x
 
 
-def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header):
+def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, backbone):
     """The Keras output of one cfg layer, given the outputs of all earlier layers."""
     kind, i = section.kind, section.index
     if kind == "convolutional":
@@ -193,7 +190,8 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header):
         pairs = [anchors[j: j + 2] for j in range(0, len(anchors), 2)]
         mask = section["mask"] if kind == "yolo" else None
         return DetectionHead(
-            kind, pairs, section["classes"], mask=mask, names=names, darknet_header=header, name=f"{kind}_{i}"
+            kind, pairs, section["classes"], mask=mask, names=names, darknet_header=header, backbone=backbone,
+            name=f"{kind}_{i}",
         )(x)
     raise section.error(f"no builder for [{kind}]")  # the parser only lets known kinds through
 
@@ -207,6 +205,7 @@ def build_model(
     names: Optional[Sequence[str]] = None,
     darknet_header: Optional[Sequence[int]] = None,
     name: Optional[str] = None,
+    backbone_end: Optional[int] = None,
 ):
     """Build the tf_keras functional model a Darknet cfg describes (weights freshly initialised).
 
@@ -217,6 +216,8 @@ def build_model(
         names: class names stored in the heads.
         darknet_header: .weights header stored in the heads (see :class:`DetectionHead`).
         name: model name; defaults to the cfg file's stem.
+        backbone_end: index of the cfg's last backbone layer, stored in the heads; default: the end
+            of the Darknet trunk the cfg starts with (:mod:`kprune.darknet.trunks`), if any.
 
     Returns:
         A functional model whose outputs are the detection heads in cfg order (or the last layer if
@@ -232,13 +233,20 @@ def build_model(
     if name is None:
         name = os.path.splitext(os.path.basename(cfg.source))[0] if cfg.source != "<cfg>" else "darknet"
     name = name.replace(" ", "_")
+    if backbone_end is None:
+        backbone_end = trunk_end(cfg)
+    elif not 0 <= backbone_end < len(cfg.layers):
+        raise ValueError(f"backbone end {backbone_end}: the cfg has layers 0..{len(cfg.layers) - 1}")
     inputs = keras.Input(shape=cfg.input_shape, name="image")
     x = inputs
     outputs: List = []
     heads: List = []
+    backbone = None
     for section in cfg.layers:
+        if backbone is None and backbone_end is not None and section.index > backbone_end:
+            backbone = [outputs[backbone_end]._keras_history.layer.name]
         try:
-            x = _layer(section, outputs, x, reorg_mode, names, darknet_header)
+            x = _layer(section, outputs, x, reorg_mode, names, darknet_header, backbone)
         except CfgError:
             raise
         except ValueError as exc:

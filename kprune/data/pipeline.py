@@ -201,9 +201,11 @@ def load_example(
 
 
 def check_input_size(size: int, what: str) -> int:
-    """``size`` as an int; ValueError naming ``what`` unless it is a multiple of 32, at least 32."""
-    if int(size) != size or size < 32 or size % 32:
-        raise ValueError(f"{what} {size}: must be a multiple of 32 and at least 32")
+    """``size`` as an int; ValueError naming ``what`` unless it is a whole number of pixels, at least
+    32. (What a model takes beyond that is its family's rule:
+    :meth:`kprune.detectors.base.DetectorFamily.check_input_size`.)"""
+    if isinstance(size, bool) or int(size) != size or size < 32:
+        raise ValueError(f"{what} {size}: must be a whole number of pixels, at least 32")
     return int(size)
 
 
@@ -245,13 +247,14 @@ def make_dataset(
     Args:
         data: the dataset folder (with ``dataset.json``) or its :class:`Manifest`.
         split: ``train``, ``val``, ...
-        image_size: the square network input size in pixels (a multiple of 32).
+        image_size: the square network input size in pixels.
         batch_size: images per batch.
         training: shuffle, augment (``augment`` or the default :class:`Augment`) and drop the last
             incomplete batch of each epoch. Evaluation (False) keeps the file order and every image.
         augment: augmentation settings when training; ignored otherwise.
         letterbox: keep the aspect ratio and pad with grey (Darknet's letterbox), else stretch.
-        encoder: a :class:`~kprune.data.targets.TargetEncoder`; its targets join each batch.
+        encoder: a detector family's target encoder
+            (:meth:`~kprune.detectors.base.DetectorFamily.target_encoder`); its targets join each batch.
         multiscale: (smallest, largest) input size: each batch gets a random multiple of 32 in this
             range (training only).
         seed: makes the stream reproducible; without it a random seed is drawn.
@@ -278,6 +281,8 @@ def make_dataset(
     sizes = None
     if training and multiscale is not None:
         low, high = (check_input_size(s, "multi-scale size") for s in multiscale)
+        if low % 32 or high % 32:
+            raise ValueError(f"multi-scale range ({low}, {high}): sizes go in steps of 32, so give multiples of 32")
         if low > high:
             raise ValueError(f"multi-scale range ({low}, {high}): smallest above largest")
         sizes = tf.constant(list(range(low, high + 1, 32)), tf.int32)
@@ -319,7 +324,7 @@ def make_dataset(
             mapped = tf.gather(tf.constant(list(label_map), tf.int32), tf.maximum(labels, 0))
             targets["labels"] = tf.where(labels >= 0, mapped, -1)
         if encoder is not None:
-            targets.update(encoder(targets["boxes"], targets["labels"], tf.shape(images)[1:3]))
+            targets.update(encoder(targets["boxes"], targets["labels"], tf.shape(images)[1:3], targets["ignore"]))
         return images, targets
 
     dataset = dataset.map(finish, num_parallel_calls=calls, deterministic=True)

@@ -41,6 +41,27 @@ def _replace_dir(tmp: str, path: str) -> None:
         shutil.rmtree(old)
 
 
+def decoder_metadata(model, family, io_quantization: Optional[dict] = None) -> dict:
+    """What a phone-side decoder needs to use an exported model: the family's output layout and
+    anchors (:meth:`~kprune.detectors.base.DetectorFamily.export_metadata`), the class names and the
+    input normalisation (and, for integer io, the tensors' quantization)."""
+    classes = family.num_classes(model)
+    height, width, channels = model.input_shape[1:]
+    metadata = {
+        "family": family.name,
+        "model": model.name,
+        "input": {"height": int(height), "width": int(width), "channels": int(channels),
+                  "normalisation": "RGB, float = pixel / 255 (0..1); the model does its own normalisation after",
+                  "fit": "letterbox: scale to fit keeping the aspect ratio, centre, pad with 0.5 grey"},
+        "classes": family.class_names(model) or [str(i) for i in range(classes)],
+        "boxes_per_image": family.boxes_per_image(model),
+        **family.export_metadata(model),
+    }
+    if io_quantization:
+        metadata["io_quantization"] = io_quantization
+    return metadata
+
+
 def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
                  io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
     """Export ``model_path`` to ``out`` and compare the result with the Keras model.
@@ -62,9 +83,9 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
             output name that does not fit the format, or a conversion that fails.
     """
     from kprune.export.tflite import calibration_images, compare, convert
-    from kprune.fileio import write_bytes_atomic
+    from kprune.fileio import write_bytes_atomic, write_json_atomic
+    from kprune.detectors import family_of
     from kprune.models.io import load_model
-    from kprune.models.layers import detection_heads
 
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -75,11 +96,11 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
     if quant == "int8" and data is None:
         raise ValueError("int8 quantization is calibrated on real images: give --data DATASET_DIR")
     model = load_model(model_path)
+    family = family_of(model)
     images, on = _check_images(model, data, CHECK_IMAGES)
     report = {"model": str(model_path), "format": format, "quant": quant, "io": io, "sparse": sparse,
-              "out": str(out), "keras_bytes": os.path.getsize(model_path),
-              "heads": [{"kind": h.kind, "anchors": h.head_anchors, "classes": h.classes, "names": h.names}
-                        for h in detection_heads(model)]}
+              "out": str(out), "keras_bytes": os.path.getsize(model_path), "family": family.name,
+              "description": family.describe(model)}
     if format == "tflite":
         from kprune.models.litert import TFLiteRunner
 
@@ -91,6 +112,9 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
         runner = TFLiteRunner(content, model)
         report["check"] = {**compare(runner, model, images), "on": on}
         report["io_quantization"] = runner.io_quantization()
+        metadata = decoder_metadata(model, family, report["io_quantization"])
+        report["metadata_file"] = str(out)[: -len(".tflite")] + ".json"
+        write_json_atomic(report["metadata_file"], metadata)
         write_bytes_atomic(out, content)
         report["bytes"] = len(content)
     else:
@@ -126,11 +150,10 @@ def summary(report: dict) -> str:
              f"(.keras {report['keras_bytes'] / 1e6:.2f} MB)",
              f"check on {check['images']} {check['on']}: largest difference from Keras {check['max_abs_diff']:.4g} "
              f"(mean {check['mean_abs_diff']:.3g}; outputs up to {check['max_abs_output']:.3g})"]
-    for head in report.get("heads", []):
-        unit = "grid cells" if head["kind"] == "region" else "input pixels"
-        anchors = ", ".join(f"{w:g}x{h:g}" for w, h in head["anchors"])
-        lines.append(f"{head['kind']} head: {head['classes']} classes, anchors (w x h, {unit}) {anchors}")
+    lines.extend(report.get("description", []))
     for name, q in report.get("io_quantization", {}).items():
         if q["scale"]:
             lines.append(f"{name}: {q['dtype']}, real = (q - {q['zero_point']}) * {q['scale']:.6g}")
+    if report.get("metadata_file"):
+        lines.append(f"what a phone-side decoder needs (anchors, classes, input) -> {report['metadata_file']}")
     return "\n".join(lines)

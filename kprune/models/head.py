@@ -1,12 +1,9 @@
-"""Decoding of the raw head outputs into boxes, and non-maximum suppression.
+"""What every detector shares after decoding: non-maximum suppression, placing images in the
+network input and mapping boxes back, and detections.
 
-Decoded boxes are (x_min, y_min, x_max, y_max) normalised to the network input (0..1), then mapped
-back to image pixels by undoing the letterbox or resize of :func:`preprocess_image`.
-
-- region (YOLOv2): x = (col + sigmoid(tx)) / grid_w, w = anchor_w * exp(tw) / grid_w (anchors in
-  grid cells); score = sigmoid(objectness) * softmax(class logits).
-- yolo (YOLOv3): the same centres; w = anchor_w * exp(tw) / input_w (anchors in input pixels);
-  score = sigmoid(objectness) * sigmoid(class logits).
+Each family decodes its raw outputs to boxes (x_min, y_min, x_max, y_max) normalised to the network
+input (0..1) and per-class scores (:meth:`kprune.detectors.base.DetectorFamily.decode`); the boxes
+are then mapped back to image pixels by undoing the letterbox or resize of :func:`preprocess_image`.
 """
 
 from __future__ import annotations
@@ -17,48 +14,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from kprune._keras import tf
-from kprune.models.layers import DetectionHead, detection_heads
-
-
-def decode_head(output, head: DetectionHead, input_hw: Tuple[int, int]):
-    """Boxes and class scores of one head.
-
-    Args:
-        output: raw head output, (N, H, W, A*(5+classes)).
-        head: the head's metadata.
-        input_hw: the network input (height, width) in pixels (used by yolo heads).
-
-    Returns:
-        ``boxes`` (N, H*W*A, 4) xyxy normalised to the input, and ``scores`` (N, H*W*A, classes).
-    """
-    output = tf.convert_to_tensor(output, tf.float32)
-    grid_h, grid_w = output.shape[1], output.shape[2]
-    anchors = tf.constant(head.head_anchors, tf.float32)  # (A, 2) as (w, h)
-    x = tf.reshape(output, [-1, grid_h, grid_w, head.num_anchors, 5 + head.classes])
-    cols, rows = tf.meshgrid(tf.range(grid_w, dtype=tf.float32), tf.range(grid_h, dtype=tf.float32))
-    cell = tf.stack([cols, rows], axis=-1)[None, :, :, None, :]  # (1, H, W, 1, 2) as (x, y)
-    grid = tf.constant([grid_w, grid_h], tf.float32)
-    centre = (cell + tf.sigmoid(x[..., 0:2])) / grid
-    if head.kind == "region":
-        size = tf.exp(x[..., 2:4]) * anchors / grid
-        classes = tf.nn.softmax(x[..., 5:], axis=-1)
-    else:
-        size = tf.exp(x[..., 2:4]) * anchors / tf.constant([input_hw[1], input_hw[0]], tf.float32)
-        classes = tf.sigmoid(x[..., 5:])
-    scores = tf.sigmoid(x[..., 4:5]) * classes
-    boxes = tf.concat([centre - size / 2, centre + size / 2], axis=-1)
-    count = grid_h * grid_w * head.num_anchors
-    return tf.reshape(boxes, [-1, count, 4]), tf.reshape(scores, [-1, count, head.classes])
-
-
-def decode_outputs(model, outputs: Sequence):
-    """Decode every head of ``model`` and concatenate: boxes (N, B, 4), scores (N, B, classes)."""
-    heads = detection_heads(model)
-    if len(outputs) != len(heads):
-        raise ValueError(f"model {model.name!r} has {len(heads)} heads but {len(outputs)} outputs were given")
-    input_hw = tuple(model.input_shape[1:3])
-    decoded = [decode_head(o, h, input_hw) for o, h in zip(outputs, heads)]
-    return tf.concat([d[0] for d in decoded], axis=1), tf.concat([d[1] for d in decoded], axis=1)
 
 
 def non_max_suppression(
@@ -161,57 +116,6 @@ class Detection:
     score: float
     class_id: int
     label: Optional[str] = None
-
-
-def detect(
-    model,
-    images: Sequence[np.ndarray],
-    score_threshold: float = 0.25,
-    iou_threshold: float = 0.45,
-    max_detections: int = 100,
-    letterbox: bool = True,
-    names: Optional[Sequence[str]] = None,
-) -> List[List[Detection]]:
-    """Run a detector on RGB uint8 images of any size; boxes come back in each image's pixels.
-
-    Args:
-        model: a model with :class:`DetectionHead` outputs.
-        images: RGB uint8 arrays (H, W, 3).
-        score_threshold, iou_threshold, max_detections: see :func:`non_max_suppression`.
-        letterbox: letterbox (True) or stretch (False) the images into the input.
-        names: class names; default the names stored in the model's head, if any.
-
-    Returns:
-        One list of :class:`Detection` per image, best first.
-
-    Raises:
-        ValueError: an image that is not uint8 (H, W, 3), or names whose count is not the model's.
-    """
-    input_hw = tuple(model.input_shape[1:3])
-    head = detection_heads(model)[0]
-    if names is None:
-        names = head.names
-    elif len(names) != head.classes:
-        raise ValueError(f"{len(names)} class names given for a model with {head.classes} classes")
-    results = []
-    for index, image in enumerate(images):
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
-        batch, transform = preprocess_image(image, input_hw, letterbox)
-        outputs = model(batch[None], training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        boxes, scores = decode_outputs(model, outputs)
-        (kept, kept_scores, kept_classes), = non_max_suppression(
-            boxes, scores, score_threshold, iou_threshold, max_detections
-        )
-        pixels = transform.to_image(kept)
-        results.append([
-            Detection(tuple(float(v) for v in box), float(score), int(cls),
-                      names[cls] if names is not None else None)
-            for box, score, cls in zip(pixels, kept_scores, kept_classes)
-        ])
-    return results
 
 
 def class_mapping(dataset_classes: Sequence[str], model_names: Optional[Sequence[str]],

@@ -96,50 +96,6 @@ def coco_results(
     return results
 
 
-def detect_files(
-    model,
-    paths: Sequence[str],
-    out_dir: str,
-    score_threshold: float = 0.25,
-    iou_threshold: float = 0.45,
-    letterbox: bool = True,
-    names: Optional[Sequence[str]] = None,
-    progress: bool = True,
-) -> List[Dict]:
-    """Detect objects in image files; write each image with its boxes drawn and ``detections.json``.
-
-    Output images are named after the inputs' stems (``.jpg``); a stem seen before gets ``_N`` added
-    so no output overwrites another.
-
-    Returns:
-        The COCO results written to ``out_dir/detections.json`` (image_id = position in ``paths``).
-
-    Raises:
-        ValueError: an unreadable image or an output that cannot be written.
-    """
-    import cv2
-    from tqdm import tqdm
-
-    from kprune.models.head import detect
-    from kprune.fileio import write_json_atomic
-
-    os.makedirs(out_dir, exist_ok=True)
-    all_detections, used = [], set()
-    for index, path in enumerate(tqdm(paths, desc="detect", unit="image", disable=not progress or len(paths) < 2)):
-        image = read_image(path)
-        (detections,) = detect(model, [image], score_threshold, iou_threshold, letterbox=letterbox, names=names)
-        all_detections.append(detections)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name = stem if stem not in used else f"{stem}_{index}"
-        used.add(name)
-        target = os.path.join(out_dir, name + ".jpg")
-        if not cv2.imwrite(target, cv2.cvtColor(draw_detections(image, detections), cv2.COLOR_RGB2BGR)):
-            raise ValueError(f"cannot write {target}")
-    results = coco_results(all_detections, range(len(paths)), list(paths))
-    write_json_atomic(os.path.join(out_dir, "detections.json"), results)
-    return results
-
-
 def read_names(path: str) -> List[str]:
     """Class names, one per line (Darknet's .names files); blank lines are ignored.
 

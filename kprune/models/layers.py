@@ -2,8 +2,15 @@
 
 - :class:`Reorg`: YOLOv2's passthrough, in Darknet's exact form or as plain space-to-depth.
 - :class:`DarknetBatchNormalization`: batch norm with Darknet's formula.
-- :class:`DetectionHead`: identity on the raw output of a head conv, carrying the head metadata
-  (kind, anchors, mask, classes, names) so that it travels with the saved model.
+- :class:`DetectionHead`: identity on the raw output of a YOLO head conv, carrying the head metadata
+  (kind, anchors, mask, classes, names, backbone boundary) so that it travels with the saved model.
+- :class:`L2Normalization`: SSD's conv4_3 normalisation with a learned per-channel scale.
+- :class:`MultiBoxHead`: SSD's output, the per-level box and class predictions flattened and joined,
+  carrying the default-box specification, variances, classes, names and backbone boundary.
+
+Every head layer stores ``backbone``: the names of the layers whose outputs end the backbone. The
+backbone is those layers and everything they depend on, so the split travels with the model file
+(renamed, pruned, resized) rather than living in a table keyed by model name.
 """
 
 from __future__ import annotations
@@ -170,6 +177,8 @@ class DetectionHead(keras.layers.Layer):
         names: optional class names, in label order.
         darknet_header: [major, minor, revision, seen] of the .weights file the model came from, so
             that exporting reproduces it.
+        backbone: names of the layers that end the backbone (see the module docstring); None when
+            the model's backbone is not known.
 
     Raises:
         ValueError: unknown kind, anchors that are not pairs, classes < 1, a mask out of range, or
@@ -184,6 +193,7 @@ class DetectionHead(keras.layers.Layer):
         mask: Optional[Sequence[int]] = None,
         names: Optional[Sequence[str]] = None,
         darknet_header: Optional[Sequence[int]] = None,
+        backbone: Optional[Sequence[str]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -205,6 +215,7 @@ class DetectionHead(keras.layers.Layer):
         self.mask = mask
         self.names = None if names is None else [str(n) for n in names]
         self.darknet_header = None if darknet_header is None else [int(v) for v in darknet_header]
+        self.backbone = None if backbone is None else [str(n) for n in backbone]
 
     @property
     def head_anchors(self) -> List[List[float]]:
@@ -246,25 +257,169 @@ class DetectionHead(keras.layers.Layer):
             "mask": self.mask,
             "names": self.names,
             "darknet_header": self.darknet_header,
+            "backbone": self.backbone,
         }
 
+
+@_serializable
+class L2Normalization(keras.layers.Layer):
+    """x / ||x|| over the channels, times a learned per-channel scale (SSD's conv4_3_norm, Liu et al.
+    2016: ParseNet's normalisation, the scale initialised to 20).
+
+    Args:
+        scale: initial value of every channel's scale.
+        epsilon: added to the norm, so an all-zero position stays zero.
+    """
+
+    def __init__(self, scale: float = 20.0, epsilon: float = 1e-10, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_scale = float(scale)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(name="gamma", shape=(input_shape[-1],),
+                                     initializer=keras.initializers.Constant(self.initial_scale))
+        super().build(input_shape)
+
+    def call(self, inputs):
+        norm = tf.sqrt(tf.reduce_sum(tf.square(inputs), axis=-1, keepdims=True)) + tf.cast(self.epsilon, inputs.dtype)
+        return inputs / norm * tf.cast(self.gamma, inputs.dtype)
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: the scale is one value per channel, never pruned."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.initial_scale, "epsilon": self.epsilon}
+
+
+@_serializable
+class MultiBoxHead(keras.layers.Layer):
+    """SSD's output: the box and class predictions of every feature map, flattened and joined.
+
+    Called on ``[box_0, class_0, box_1, class_1, ...]``, one pair per feature map: ``box_k``
+    (N, H, W, A_k * 4) and ``class_k`` (N, H, W, A_k * (classes + 1)). Returns (N, P, 4 + classes + 1):
+    per default box (feature maps in order, then rows, columns and the boxes of a location) its
+    encoded offsets in the order (ty, tx, th, tw) and its class logits, background first. That order
+    is the one of TFLite's detection post-processing op.
+
+    Args:
+        classes: object classes (background not counted).
+        priors: per feature map a dict: ``min_size``, ``max_size`` (or None), ``aspect_ratios``
+            (each r adds r and 1/r), ``step`` (cell size, or None for 1 / map size), ``offset``; sizes
+            and steps are fractions of the input side.
+        variances: the box coder's (centre, size) variances, SSD's (0.1, 0.2).
+        names: optional class names.
+        backbone: names of the layers that end the backbone.
+
+    Raises:
+        ValueError: classes < 1, names of the wrong count, a prior spec without min_size, or
+            (when built) inputs whose channels do not fit the boxes per location.
+    """
+
+    def __init__(self, classes: int, priors: Sequence[dict], variances: Sequence[float] = (0.1, 0.2),
+                 names: Optional[Sequence[str]] = None, backbone: Optional[Sequence[str]] = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(classes) < 1:
+            raise ValueError(f"classes must be at least 1, got {classes}")
+        if names is not None and len(names) != int(classes):
+            raise ValueError(f"head has {classes} classes but {len(names)} names were given")
+        self.classes = int(classes)
+        self.priors = [prior_spec(p) for p in priors]
+        self.variances = [float(v) for v in variances]
+        self.names = None if names is None else [str(n) for n in names]
+        self.backbone = None if backbone is None else [str(n) for n in backbone]
+
+    def boxes_per_location(self) -> List[int]:
+        return [1 + (p["max_size"] is not None) + 2 * len(p["aspect_ratios"]) for p in self.priors]
+
+    def build(self, input_shape):
+        shapes = list(input_shape)
+        if len(shapes) != 2 * len(self.priors):
+            raise ValueError(f"layer {self.name}: {len(self.priors)} feature maps need {2 * len(self.priors)} inputs "
+                             f"(box and class predictions of each), got {len(shapes)}")
+        for k, count in enumerate(self.boxes_per_location()):
+            box, cls = shapes[2 * k], shapes[2 * k + 1]
+            if box[-1] != count * 4 or cls[-1] != count * (self.classes + 1):
+                raise ValueError(f"layer {self.name}: feature map {k} has {count} boxes per location, so its "
+                                 f"predictions need {count * 4} and {count * (self.classes + 1)} channels, got "
+                                 f"{box[-1]} and {cls[-1]}")
+        super().build(input_shape)
+
+    def feature_sizes(self) -> List[tuple]:
+        """(height, width) of each feature map."""
+        return [tuple(int(v) for v in shape[1:3]) for shape in self.input_shape[0::2]]
+
+    def call(self, inputs):
+        flat = []
+        for box, cls, count in zip(inputs[0::2], inputs[1::2], self.boxes_per_location()):
+            batch = tf.shape(box)[0]
+            known = box.shape[1] is not None and box.shape[2] is not None
+            boxes = box.shape[1] * box.shape[2] * count if known else -1  # static when the size is fixed
+            flat.append(tf.concat([tf.reshape(box, [batch, boxes, 4]),
+                                   tf.reshape(cls, [batch, boxes, self.classes + 1])], axis=-1))
+        return tf.concat(flat, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        total = 0
+        for shape, count in zip(input_shape[0::2], self.boxes_per_location()):
+            if shape[1] is None or shape[2] is None:
+                total = None
+                break
+            total += shape[1] * shape[2] * count
+        return tf.TensorShape([input_shape[0][0], total, 4 + self.classes + 1])
+
+    def get_prunable_weights(self) -> list:
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes, "priors": self.priors,
+                "variances": self.variances, "names": self.names, "backbone": self.backbone}
+
+
+def prior_spec(spec: dict) -> dict:
+    """A default-box specification with every key filled in and checked (see :class:`MultiBoxHead`).
+
+    Raises:
+        ValueError: unknown keys, or sizes, steps and ratios that are not positive.
+    """
+    known = ("min_size", "max_size", "aspect_ratios", "step", "offset")
+    unknown = sorted(set(spec) - set(known))
+    if unknown or "min_size" not in spec:
+        raise ValueError(f"prior spec {spec}: needs min_size; known keys {', '.join(known)}")
+    out = {"min_size": float(spec["min_size"]),
+           "max_size": None if spec.get("max_size") is None else float(spec["max_size"]),
+           "aspect_ratios": [float(r) for r in spec.get("aspect_ratios", ())],
+           "step": None if spec.get("step") is None else float(spec["step"]),
+           "offset": float(spec.get("offset", 0.5))}
+    values = [out["min_size"], *out["aspect_ratios"]] + [v for v in (out["max_size"], out["step"]) if v is not None]
+    if min(values) <= 0:
+        raise ValueError(f"prior spec {spec}: sizes, steps and aspect ratios must be positive")
+    return out
+
+
+#: the layers that end a detector and carry its metadata
+HEAD_LAYERS = (DetectionHead, MultiBoxHead)
 
 CUSTOM_OBJECTS = {
     "Reorg": Reorg,
     "DarknetBatchNormalization": DarknetBatchNormalization,
     "DetectionHead": DetectionHead,
+    "L2Normalization": L2Normalization,
+    "MultiBoxHead": MultiBoxHead,
 }
 
 
-def detection_heads(model) -> List[DetectionHead]:
-    """The model's DetectionHead layers in output order.
+def detection_heads(model) -> list:
+    """The model's head layers (:data:`HEAD_LAYERS`) in output order.
 
     Raises:
-        ValueError: the model has no DetectionHead among its outputs.
+        ValueError: the model has no head layer among its outputs.
     """
-    by_output = {id(layer.output): layer for layer in model.layers if isinstance(layer, DetectionHead)}
+    by_output = {id(layer.output): layer for layer in model.layers if isinstance(layer, HEAD_LAYERS)}
     heads = [by_output[id(t)] for t in model.outputs if id(t) in by_output]
     if not heads:
-        raise ValueError(f"model {model.name!r} has no detection head among its outputs")
+        raise ValueError(f"model {model.name!r} has no detection head among its outputs: it was not built by "
+                         "kprune (a Darknet cfg, or a detector family such as ssd300-vgg16), so kprune does not "
+                         "know how to decode, train or export it")
     return heads
-

@@ -6,8 +6,9 @@ synthetic baseline here). The detection heads stay float32, so the loss and the 
 outputs. Saved models are always float32 copies: nothing downstream (export, pruning, evaluation)
 has to know how a model was trained.
 
-Input size: a YOLO model is fully convolutional, so the same weights run at any multiple of 32.
-Running larger than trained shows small objects bigger (YOLOv2's multi-resolution results).
+Input size: a fully convolutional detector runs with the same weights at other sizes (a YOLO model at
+any multiple of 32); running larger than trained shows small objects bigger (YOLOv2's
+multi-resolution results). Which sizes a model takes is its family's rule, checked by the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 
 from kprune._keras import keras
 from kprune.data.pipeline import check_input_size
-from kprune.models.layers import DetectionHead
+from kprune.models.layers import HEAD_LAYERS
 
 POLICIES = ("float32", "mixed_bfloat16")
 
@@ -45,7 +46,7 @@ def variant(model, policy: Optional[str] = None, input_size: Optional[int] = Non
         input_size: the square input size of the copy (default: as it is).
 
     Raises:
-        ValueError: an unknown policy, or a size that is not a positive multiple of 32.
+        ValueError: an unknown policy, or a size below 32 pixels.
     """
     if policy is not None:
         check_policy(policy)
@@ -54,7 +55,7 @@ def variant(model, policy: Optional[str] = None, input_size: Optional[int] = Non
 
     def clone(layer):
         config = layer.get_config()
-        if policy is not None and not isinstance(layer, DetectionHead):
+        if policy is not None and not isinstance(layer, HEAD_LAYERS):
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.models.layers import DetectionHead, Reorg
+from kprune.models.layers import DetectionHead, L2Normalization, MultiBoxHead, Reorg
 
 
 class UnionFind:
@@ -220,6 +220,17 @@ class Unknown(Handler):
 UNKNOWN = Unknown()
 
 
+class Output(Handler):
+    """A head layer that joins several predictions into the model's output (SSD's MultiBoxHead):
+    every channel feeding it reaches the output, so it is protected; its output channels are new."""
+
+    def propagate(self, layer, inputs, graph):
+        for ids in inputs:
+            graph.protect(ids, f"feeds the detection output {layer.name}")
+        shape = layer.output_shape
+        return graph.new_channels(layer.name, int(shape[-1]), protect=f"output of {layer.name}")
+
+
 class Activation(PassThrough):
     """An ``Activation`` layer keeps channels apart unless it is a softmax over them."""
 
@@ -243,10 +254,12 @@ HANDLERS: Dict[type, Handler] = {
     L.Flatten: FlattenHandler(),
     Reorg: ReorgHandler(),
     DetectionHead: PassThrough(),
+    MultiBoxHead: Output(),
+    L2Normalization: PerChannel(),  # a removed channel is silent, so it adds nothing to the norm
     **{cls: PassThrough() for cls in (
         L.LeakyReLU, L.ReLU, L.ELU, L.ZeroPadding2D, L.MaxPooling2D, L.AveragePooling2D,
         L.GlobalAveragePooling2D, L.GlobalMaxPooling2D, L.UpSampling2D, L.Dropout, L.SpatialDropout2D,
-        L.Cropping2D)},
+        L.Cropping2D, L.Rescaling)},
     **{cls: Elementwise() for cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)},
 }
 

@@ -1,9 +1,10 @@
 """Which layers a pruning touches: ``all``, ``backbone``, ``head`` or a regular expression.
 
-The backbone / head split of a Darknet model comes from
-:data:`kprune.models.zoo.BACKBONE_LAST_LAYER` (by model name; layers are named ``conv_N`` after
-their cfg index N). Output convs — those whose output is a model output, i.e. the detection
-layers — are left out unless ``outputs=True``.
+The backbone / head split travels with the model: its head layer names the layers that end the
+backbone (:meth:`kprune.detectors.base.DetectorFamily.backbone_boundary`), and the backbone is
+everything they depend on; the head is the rest. Output convs — the detector's predictors, or for
+a model of no family the kernel layers whose output is a model output — are left out unless
+``outputs=True``.
 """
 
 from __future__ import annotations
@@ -12,19 +13,41 @@ import re
 from typing import List
 
 from kprune._keras import keras, tf
+from kprune.detectors import family_of
+from kprune.detectors.base import backbone_layers as depends_on
 
 SCOPES = ("all", "backbone", "head")
 KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
 
-def _cfg_index(name: str):
-    prefix, _, number = name.rpartition("_")
-    return int(number) if prefix and number.isdigit() else None
+def backbone_layers(model) -> List[str]:
+    """Names of the layers of the model's backbone.
+
+    Raises:
+        ValueError: the model carries no backbone boundary (the message says how to give one).
+    """
+    try:
+        boundary = family_of(model).backbone_boundary(model)
+    except ValueError:
+        boundary = None
+    if not boundary:
+        raise ValueError(f"model {model.name!r} does not say where its backbone ends (its head layer stores no "
+                         "backbone boundary: a cfg whose first layers are no known Darknet trunk, or a model of no "
+                         "detector family); give the layers as a regular expression instead, e.g. "
+                         "--scope 'conv_([0-9]|1[0-9])$'")
+    return depends_on(model, boundary)
 
 
 def output_layers(model) -> List[str]:
-    """Names of the kernel layers whose output reaches a model output through identity-like
-    layers only (the detection convs, a classifier's last dense)."""
+    """Names of the kernel layers whose output is what the model predicts: a detector's predictor
+    convs; for any other model, the kernel layers whose output reaches a model output through
+    identity-like layers only (a classifier's last dense)."""
+    try:
+        family = family_of(model)
+    except ValueError:
+        family = None
+    if family is not None:
+        return list(family.predictor_convs(model))
     found = []
     for tensor in tf.nest.flatten(model.outputs):
         layer = tensor._keras_history.layer
@@ -47,8 +70,6 @@ def layers_in_scope(model, scope: str = "all", outputs: bool = False) -> List[st
         ValueError: an invalid expression, a scope that matches no layer, or ``backbone``/``head``
             for a model whose split is unknown.
     """
-    from kprune.models.zoo import BACKBONE_LAST_LAYER
-
     layers = [layer for layer in model.layers if isinstance(layer, KERNEL_LAYERS)]
     if not outputs:
         excluded = set(output_layers(model))
@@ -56,12 +77,8 @@ def layers_in_scope(model, scope: str = "all", outputs: bool = False) -> List[st
     if scope == "all":
         chosen = layers
     elif scope in ("backbone", "head"):
-        last = BACKBONE_LAST_LAYER.get(model.name)
-        if last is None:
-            raise ValueError(f"scope {scope}: the backbone of model {model.name!r} is not known (known: "
-                             f"{', '.join(sorted(BACKBONE_LAST_LAYER))}); give a regular expression instead")
-        in_backbone = [(_cfg_index(layer.name) is not None and _cfg_index(layer.name) <= last) for layer in layers]
-        chosen = [layer for layer, b in zip(layers, in_backbone) if b == (scope == "backbone")]
+        backbone = set(backbone_layers(model))
+        chosen = [layer for layer in layers if (layer.name in backbone) == (scope == "backbone")]
     else:
         try:
             pattern = re.compile(scope)

@@ -103,7 +103,7 @@ def sample_detections(rows: List[dict], data, count: int, path) -> Optional[str]
     if count < 1:
         return None
     from kprune.export.tflite import calibration_images
-    from kprune.models.head import detect
+    from kprune.detectors.inference import detect
     from kprune.models.inference import draw_detections
     from kprune.models.io import load_model
     from kprune.report.plots import image_grid

@@ -1,4 +1,4 @@
-"""Named models: the Darknet cfgs shipped with kprune, built by name with optional overrides."""
+"""Named Darknet models: the cfgs shipped with kprune (``kprune/models/cfg``), found by name."""
 
 from __future__ import annotations
 
@@ -27,13 +27,6 @@ def cfg_path(name_or_path: str | os.PathLike) -> str:
     if text in available():
         return str(resources.files(_CFG_PACKAGE) / "cfg" / f"{text}.cfg")
     raise ValueError(f"{text!r} is neither a cfg file nor a zoo model; zoo models: {', '.join(available())}")
-
-
-#: cfg index of the last layer of each zoo model's classification backbone (Darknet-19 for YOLOv2,
-#: Darknet-53 for YOLOv3, the six conv + maxpool stages for the tiny models); later layers are the head
-BACKBONE_LAST_LAYER = {
-    "yolov2": 22, "yolov2-voc": 22, "yolov2-tiny": 11, "yolov2-tiny-voc": 11, "yolov3": 74, "yolov3-tiny": 11,
-}
 
 
 def build(name: str, **overrides):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from kprune._keras import tf
-from kprune.data.targets import TargetEncoder
+from kprune.detectors.yolo.targets import TargetEncoder
 from kprune.models.layers import detection_heads
 
 _MAX_LOG_WH = 8.0  # exp(8) ~ 3000 times the anchor: beyond any real box, far below overflow
@@ -125,6 +125,8 @@ class YoloLoss:
 
     Use :meth:`from_model`; call it with the pipeline's targets and the model's raw outputs.
     """
+
+    terms = ("coordinates", "objects", "no_objects", "classes", "loss")
 
     def __init__(self, heads: Sequence[LossHead], options: LossOptions = LossOptions()):
         self.heads = list(heads)
@@ -218,4 +220,4 @@ class YoloLoss:
 
 def loss_terms() -> List[str]:
     """Names of the terms a :class:`YoloLoss` returns, ``loss`` last."""
-    return ["coordinates", "objects", "no_objects", "classes", "loss"]
+    return list(YoloLoss.terms)

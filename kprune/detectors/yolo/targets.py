@@ -97,13 +97,15 @@ class TargetEncoder:
         iou = tf.where(tf.constant(self._usable), iou, -1.0)
         return tf.argmax(iou, axis=-1, output_type=tf.int32)
 
-    def __call__(self, boxes, labels, image_hw) -> Dict[str, object]:
+    def __call__(self, boxes, labels, image_hw, ignore=None) -> Dict[str, object]:
         """Targets of a batch.
 
         Args:
             boxes: (B, N, 4) normalised xyxy boxes, padded.
             labels: (B, N) int32 class labels, -1 marking padding.
             image_hw: the network input (height, width) of this batch (ints or a tensor).
+            ignore: not used here: the loss reads the pipeline's ignore regions itself, because
+                whether a prediction lies in one depends on the predicted box.
 
         Returns:
             dict: ``true_boxes`` (B, N, 5) as (x, y, w, h, class) normalised, zero for padding; and for

@@ -1,0 +1,185 @@
+"""The interface every detector family implements, and what the families share.
+
+A *family* owns everything that depends on how a detector's outputs are laid out: building its zoo
+models, the training targets (TensorFlow ops, run inside tf.data), the loss, decoding raw outputs to
+boxes and scores (non-maximum suppression is shared, :mod:`kprune.models.head`), the convs that
+predict (head mode, new heads), the metadata a phone-side decoder needs, and the backbone boundary.
+Training, evaluation, export, pruning scopes, experiments and the command line only talk to this
+interface; :mod:`kprune.detectors` holds the registry that finds a model's family.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from kprune._keras import keras, tf
+from kprune.models.layers import detection_heads
+
+
+class DetectorFamily:
+    """One detector family (a kind of output head). Subclasses set :attr:`name`, :attr:`head_types`
+    and :attr:`loss_options`, and implement the methods that raise ``NotImplementedError``."""
+
+    #: the registry key (``yolo``, ``ssd``)
+    name: str = ""
+    #: the head layer classes whose presence among a model's outputs makes it this family's
+    head_types: tuple = ()
+    #: the dataclass of the options ``loss:`` takes in training configs
+    loss_options: type = object
+
+    # -- the zoo --------------------------------------------------------------------------------
+    def zoo(self) -> List[str]:
+        """The model names :meth:`build` knows."""
+        raise NotImplementedError
+
+    def knows(self, name: str) -> bool:
+        """Whether :meth:`build` builds ``name``."""
+        return name in self.zoo()
+
+    def build(self, name: str, input_size: Optional[int] = None, classes: Optional[int] = None,
+              width: float = 1.0, names: Optional[Sequence[str]] = None):
+        """A freshly initialised functional model of zoo model ``name``.
+
+        Raises:
+            ValueError: an unknown name, or an input size, class count or width the model cannot take.
+        """
+        raise NotImplementedError
+
+    def check_input_size(self, model, size: int) -> int:
+        """``size`` if the model's architecture runs at that square input size.
+
+        Raises:
+            ValueError: a size the architecture refuses (the message says why).
+        """
+        raise NotImplementedError
+
+    # -- metadata -------------------------------------------------------------------------------
+    def owns(self, model) -> bool:
+        return any(isinstance(layer, self.head_types) for layer in model.layers)
+
+    def heads(self, model) -> list:
+        return detection_heads(model)
+
+    def num_classes(self, model) -> int:
+        return self.heads(model)[0].classes
+
+    def class_names(self, model) -> Optional[List[str]]:
+        names = self.heads(model)[0].names
+        return list(names) if names else None
+
+    def set_class_names(self, model, names: Sequence[str]) -> None:
+        for head in self.heads(model):
+            if len(names) != head.classes:
+                raise ValueError(f"{len(names)} class names for head {head.name} of {head.classes} classes")
+            head.names = list(names)
+
+    def backbone_boundary(self, model) -> Optional[List[str]]:
+        """Names of the layers that end the backbone (stored in the head), or None if unknown."""
+        return self.heads(model)[0].backbone
+
+    def boxes_per_image(self, model) -> int:
+        """Boxes the model predicts per image, before non-maximum suppression."""
+        raise NotImplementedError
+
+    def export_metadata(self, model) -> dict:
+        """What a phone-side decoder needs besides the class names and input normalisation."""
+        raise NotImplementedError
+
+    def describe(self, model) -> List[str]:
+        """Lines for the terminal describing the heads (anchors, classes)."""
+        raise NotImplementedError
+
+    # -- training -------------------------------------------------------------------------------
+    def target_encoder(self, model, options=None) -> Callable:
+        """``encoder(boxes, labels, image_hw, ignore)`` -> dict of targets, TensorFlow ops only.
+
+        ``boxes`` (B, N, 4) normalised xyxy, ``labels`` (B, N) with -1 for padding, ``ignore``
+        (B, M, 4) regions that count neither as object nor as background."""
+        raise NotImplementedError
+
+    def loss(self, model, options=None) -> Callable:
+        """``loss(targets, outputs)`` -> dict of terms averaged over the batch, their sum ``loss``.
+        The callable has ``terms``, the names of what it returns (``loss`` last)."""
+        raise NotImplementedError
+
+    def make_loss_options(self, model, values: Optional[dict] = None):
+        """The family's loss options for ``model`` with ``values`` (a config's ``loss:``) applied.
+
+        Raises:
+            ValueError: an unknown key (naming it and the known ones) or a bad value.
+        """
+        import dataclasses
+
+        values = dict(values or {})
+        known = [f.name for f in dataclasses.fields(self.loss_options)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"loss: unknown key(s) {', '.join(unknown)} for a {self.name} model; known: "
+                             f"{', '.join(known)}")
+        return dataclasses.replace(self.default_loss_options(model), **values)
+
+    def default_loss_options(self, model):
+        return self.loss_options()
+
+    def predictor_convs(self, model) -> Dict[str, object]:
+        """The convs whose outputs the heads read (or the tfmot wrappers around them), by conv name."""
+        raise NotImplementedError
+
+    def replace_classes(self, model, classes: int, names: Optional[Sequence[str]] = None):
+        """A copy of ``model`` with new, freshly initialised predictors for ``classes`` classes."""
+        raise NotImplementedError
+
+    # -- inference ------------------------------------------------------------------------------
+    def decode(self, model, outputs: Sequence) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Raw outputs -> boxes (N, B, 4) xyxy normalised to the input and scores (N, B, classes)."""
+        raise NotImplementedError
+
+
+def unwrap(layer):
+    """The layer inside a tfmot pruning wrapper (or the layer itself)."""
+    return layer.layer if isinstance(layer, keras.layers.Wrapper) else layer
+
+
+def producer(tensor):
+    """The layer that made a Keras tensor."""
+    return tensor._keras_history.layer
+
+
+def inbound_layers(layer) -> list:
+    """The layers feeding ``layer``'s first call, in input order."""
+    return [producer(t) for t in tf.nest.flatten(layer._inbound_nodes[0].keras_inputs)]
+
+
+def backbone_layers(model, boundary: Sequence[str]) -> List[str]:
+    """Names of the layers of ``model`` that the boundary layers depend on, the boundary included.
+
+    Raises:
+        ValueError: a boundary layer the model does not have.
+    """
+    names = {layer.name for layer in model.layers}
+    missing = [name for name in boundary if name not in names]
+    if missing:
+        raise ValueError(f"model {model.name!r}: backbone boundary layer(s) {', '.join(missing)} not found")
+    seen, stack = set(), [model.get_layer(name) for name in boundary]
+    while stack:
+        layer = stack.pop()
+        if layer.name in seen:
+            continue
+        seen.add(layer.name)
+        if layer._inbound_nodes and not isinstance(layer, keras.layers.InputLayer):
+            stack.extend(inbound_layers(layer))
+    return [layer.name for layer in model.layers if layer.name in seen]
+
+
+def rebuilt(model, changes: Dict[str, dict]):
+    """A copy of ``model`` whose named layers get the config changes in ``changes`` (and fresh
+    weights); every other layer keeps its weights."""
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), **changes.get(layer.name, {})})
+
+    new = keras.models.clone_model(model, clone_function=clone)
+    for layer in new.layers:
+        if layer.name not in changes and layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return new

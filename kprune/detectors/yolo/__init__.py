@@ -1,0 +1,124 @@
+"""The YOLO family: Darknet's region (YOLOv2) and yolo (YOLOv3) heads, built from Darknet cfgs.
+
+Its zoo is the cfgs shipped in ``kprune/models/cfg``; any cfg file path builds too. Each head conv
+feeds a :class:`~kprune.models.layers.DetectionHead` carrying kind, anchors, mask, classes, names and
+the backbone boundary (the end of the Darknet trunk the cfg starts with).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+from kprune._keras import keras
+from kprune.darknet import zoo
+from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
+from kprune.detectors.yolo.decode import decode_outputs
+from kprune.detectors.yolo.loss import LossOptions, YoloLoss
+from kprune.detectors.yolo.targets import TargetEncoder
+from kprune.models.layers import DetectionHead
+
+
+class YoloFamily(DetectorFamily):
+    name = "yolo"
+    head_types = (DetectionHead,)
+    loss_options = LossOptions
+
+    def zoo(self) -> List[str]:
+        return zoo.available()
+
+    def knows(self, name: str) -> bool:
+        """A zoo name or a cfg file."""
+        import os
+
+        return name in self.zoo() or (str(name).endswith(".cfg") and os.path.isfile(name))
+
+    def build(self, name, input_size=None, classes=None, width=1.0, names=None):
+        if classes is not None and (int(classes) != classes or classes < 1):
+            raise ValueError(f"classes {classes}: a detector needs at least one class")
+        model = zoo.build(name, width=width, **({"input_size": input_size} if input_size else {}),
+                          **({"classes": int(classes)} if classes else {}))
+        if names is not None:
+            self.set_class_names(model, names)
+        return model
+
+    def check_input_size(self, model, size):
+        if int(size) != size or size < 32 or size % 32:
+            raise ValueError(f"input size {size}: a YOLO model takes a multiple of 32, at least 32")
+        return int(size)
+
+    def boxes_per_image(self, model) -> int:
+        return int(sum(h.output_shape[1] * h.output_shape[2] * h.num_anchors for h in self.heads(model)))
+
+    def export_metadata(self, model) -> dict:
+        size = model.input_shape[1:3]
+        return {"heads": [{"kind": h.kind, "anchors": h.head_anchors, "mask": h.mask,
+                           "anchor_units": "grid cells" if h.kind == "region" else "input pixels",
+                           "stride": int(size[0] // h.output_shape[1]), "grid": list(h.output_shape[1:3]),
+                           "classes": h.classes, "outputs": "per anchor: tx, ty, tw, th, objectness, class logits"}
+                          for h in self.heads(model)]}
+
+    def describe(self, model) -> List[str]:
+        lines = []
+        for head in self.heads(model):
+            unit = "grid cells" if head.kind == "region" else "input pixels"
+            anchors = ", ".join(f"{w:g}x{h:g}" for w, h in head.head_anchors)
+            lines.append(f"{head.kind} head: {head.classes} classes, anchors (w x h, {unit}) {anchors}")
+        return lines
+
+    def default_loss_options(self, model):
+        if self.heads(model)[0].kind == "yolo":  # Darknet's YOLOv3 settings
+            return LossOptions(object_scale=1.0, threshold=0.5)
+        return LossOptions()
+
+    def target_encoder(self, model, options=None):
+        return TargetEncoder.from_model(model)
+
+    def loss(self, model, options=None):
+        return YoloLoss.from_model(model, options or self.default_loss_options(model))
+
+    def decode(self, model, outputs):
+        return decode_outputs(model, outputs)
+
+    def predictor_convs(self, model) -> Dict[str, object]:
+        """The conv feeding each head (or the tfmot wrapper around it), by conv name.
+
+        Raises:
+            ValueError: a head is not fed directly by a Conv2D.
+        """
+        convs = {}
+        for head in self.heads(model):
+            (source,) = inbound_layers(head)
+            if not isinstance(unwrap(source), keras.layers.Conv2D):
+                raise ValueError(f"head {head.name} is not fed directly by a Conv2D "
+                                 f"(found {type(unwrap(source)).__name__})")
+            convs[source.name] = source
+        return convs
+
+    def replace_classes(self, model, classes: int, names: Optional[Sequence[str]] = None):
+        """New, freshly initialised head convs and heads for ``classes`` classes; every other layer
+        keeps its weights."""
+        changes = {head.name: {"classes": classes, "names": list(names) if names is not None else None}
+                   for head in self.heads(model)}
+        for head in self.heads(model):
+            (source,) = inbound_layers(head)
+            changes[source.name] = {"filters": head.num_anchors * (5 + classes)}
+        return rebuilt(model, changes)
+
+    def fit_anchors(self, model, data, split="train", letterbox=True, seed=0) -> dict:
+        from kprune.detectors.yolo.anchors import fit_anchors
+
+        return fit_anchors(model, data, split, letterbox=letterbox, seed=seed)
+
+    def set_anchors(self, model, anchors) -> dict:
+        """Give every head the (w, h) ``anchors`` in its own units.
+
+        Raises:
+            ValueError: a count that differs from the heads'.
+        """
+        heads = self.heads(model)
+        for head in heads:
+            if len(anchors) != len(head.anchors):
+                raise ValueError(f"anchors: {len(anchors)} pairs given, but head {head.name} has "
+                                 f"{len(head.anchors)} anchors (its last conv's channels depend on the count)")
+            head.anchors = [list(pair) for pair in anchors]
+        return {"anchors": [anchors] * len(heads), "mean_iou": None, "mean_iou_before": None}
