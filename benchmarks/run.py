@@ -31,7 +31,7 @@ from kprune.darknet.weights import load_weights, save_weights
 from kprune.fileio import write_bytes_atomic
 from kprune.models.variants import with_policy
 from kprune.report.latency import interleaved
-from kprune.report.metrics import count_flops
+from kprune.models.counting import count_flops
 
 REPO = Path(__file__).resolve().parent.parent
 CFG_DIRS = (REPO.parent / "shared" / "darknet" / "cfg", REPO / "kprune" / "models" / "cfg")
@@ -386,7 +386,7 @@ def pruning_surgery(args: argparse.Namespace) -> Dict:
     from kprune.prune.strategies import plan_filters
     from kprune.prune.structured import prune_filters
     from kprune.prune.surgeon import remove_units
-    from kprune.report.metrics import count_params
+    from kprune.models.counting import count_params
 
     model = _randomized_yolov2(LATENCY_SIZE)
     graph, graph_s = _timed(ChannelGraph, model)

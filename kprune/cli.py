@@ -47,7 +47,7 @@ def darknet_convert(cfg, weights, out, reorg, names):
     from kprune.darknet.convert import load_darknet
     from kprune.models.inference import read_names
     from kprune.models.io import save_model
-    from kprune.report.metrics import count_params
+    from kprune.models.counting import count_params
 
     if not out.endswith(".keras"):
         raise click.BadParameter(f"{out} must end in .keras", param_hint="OUT")
@@ -78,7 +78,7 @@ def darknet_export(model_path, out):
 def info(model_path, cfg, size, classes, width, as_json):
     """Parameters, FLOPs, boxes per image and shapes of a model or a zoo name / cfg."""
     from kprune import detectors
-    from kprune.report.metrics import model_info
+    from kprune.models.counting import model_info
 
     if (model_path is None) == (cfg is None):
         raise click.UsageError("give either MODEL.keras or --cfg CFG")

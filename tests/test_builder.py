@@ -6,7 +6,7 @@ import pytest
 from kprune._keras import keras
 from kprune.darknet.builder import build_model, round_filters
 from kprune.darknet.cfg import CfgError, parse_cfg
-from kprune.report.metrics import count_flops, count_params
+from kprune.models.counting import count_flops, count_params
 from tests.conftest import cfg_path, randomize
 
 # DESIGN.md: params as stored in .weights, Keras trainable / non-trainable, Darknet BFLOPs.

@@ -10,7 +10,7 @@ from kprune.cli import main
 from kprune.darknet.builder import build_model
 from kprune.models.io import load_model, save_model
 from kprune.prune.surgeon import apply_history
-from kprune.report.metrics import count_flops, count_params
+from kprune.models.counting import count_flops, count_params
 from tests.conftest import cfg_path, randomize
 
 

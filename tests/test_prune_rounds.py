@@ -8,7 +8,7 @@ from kprune.prune.graph import ChannelGraph
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
 from kprune.prune.strategies import prunable_channels
 from kprune.prune.surgeon import apply_history
-from kprune.report.metrics import count_params
+from kprune.models.counting import count_params
 from tests.conftest import cfg_path, randomize
 
 

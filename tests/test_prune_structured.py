@@ -10,7 +10,7 @@ from kprune.models.io import load_model, save_model
 from kprune.prune.graph import ChannelGraph
 from kprune.prune.structured import prune_filters
 from kprune.prune.surgeon import apply_history, remove_units, silence_channels, units_from_history
-from kprune.report.metrics import count_flops, count_params
+from kprune.models.counting import count_flops, count_params
 from tests.conftest import cfg_path
 
 

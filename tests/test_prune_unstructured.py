@@ -7,6 +7,7 @@ import tensorflow_model_optimization as tfmot
 
 from kprune._keras import keras
 from kprune.darknet.builder import build_model
+from kprune.models import sparsity as S
 from kprune.prune import unstructured as U
 from kprune.prune.scope import layers_in_scope, output_layers
 from tests.conftest import cfg_path
@@ -46,13 +47,13 @@ def test_methods_give_the_sparsity_of_each_layer():
 
 def test_one_shot_pruning_zeroes_the_smallest_weights():
     model = two_convs()
-    wrapped = U.wrap(model, {n: U.make_schedule("constant", s)
+    wrapped = S.wrap(model, {n: U.make_schedule("constant", s)
                              for n, s in U.layer_sparsities(model, "threshold", 3.2, ["a", "b"]).items()})
     U.prune_now(wrapped)
-    pruned = U.strip(wrapped)
+    pruned = S.strip(wrapped)
     a = pruned.get_layer("a").kernel.numpy().ravel()
     np.testing.assert_array_equal(a == 0, np.abs(model.get_layer("a").kernel.numpy().ravel()) < 3.2)
-    assert U.sparsity(pruned) == {"a": 0.3, "b": 0.3, "out": 0.0}
+    assert S.sparsity(pruned) == {"a": 0.3, "b": 0.3, "out": 0.0}
     assert pruned.get_layer("b").bias.numpy().tolist() == [0.0, 0.0]  # untouched (zero-initialised)
 
 
@@ -74,16 +75,16 @@ def _fit(model, steps, seed=0):
     x = rng.random((8,) + model.input_shape[1:]).astype(np.float32)
     y = rng.random((8,) + model.output_shape[1:]).astype(np.float32)
     model.compile(keras.optimizers.Adam(1e-2), "mse")
-    callbacks = [tfmot.sparsity.keras.UpdatePruningStep()] if U.pruning_wrappers(model) else []
+    callbacks = [tfmot.sparsity.keras.UpdatePruningStep()] if S.pruning_wrappers(model) else []
     model.fit(x, y, batch_size=4, epochs=steps // 2, verbose=0, callbacks=callbacks)
 
 
 def test_gradual_schedule_during_training_ends_at_the_target():
     model = build_model(cfg_path("yolov2-tiny"), input_size=32, width=0.125, classes=1)
     names = layers_in_scope(model)
-    wrapped = U.wrap(model, {n: U.make_schedule("polynomial", 0.75, 0, 10, frequency=4) for n in names})
+    wrapped = S.wrap(model, {n: U.make_schedule("polynomial", 0.75, 0, 10, frequency=4) for n in names})
     _fit(wrapped, 12)
-    final = U.sparsity(U.strip(wrapped), names)
+    final = S.sparsity(S.strip(wrapped), names)
     for name, value in final.items():
         size = model.get_layer(name).kernel.shape.num_elements()
         # tfmot keeps every weight tied with the threshold magnitude; float32 draws do tie, a few per layer
@@ -93,15 +94,15 @@ def test_gradual_schedule_during_training_ends_at_the_target():
 def test_masks_survive_retraining_with_adam():
     model = build_model(cfg_path("yolov2-tiny"), input_size=32, width=0.125, classes=1)
     names = layers_in_scope(model)
-    wrapped = U.wrap(model, {n: U.make_schedule("constant", s) for n, s in U.layer_sparsities(model, "global", 0.6, names).items()})
+    wrapped = S.wrap(model, {n: U.make_schedule("constant", s) for n, s in U.layer_sparsities(model, "global", 0.6, names).items()})
     U.prune_now(wrapped)
-    sparse = U.strip(wrapped)
+    sparse = S.strip(wrapped)
     zeros = {n: sparse.get_layer(n).kernel.numpy() == 0 for n in names}
     assert sum(z.sum() for z in zeros.values()) == pytest.approx(0.6 * sum(z.size for z in zeros.values()), abs=4 * len(names))
 
-    retrained = U.keep_masks(sparse)
+    retrained = S.keep_masks(sparse)
     _fit(retrained, 10)
-    final = U.strip(retrained)
+    final = S.strip(retrained)
     for name in names:
         kernel = final.get_layer(name).kernel.numpy()
         assert np.count_nonzero(kernel[zeros[name]]) == 0, name

@@ -12,7 +12,8 @@ from kprune.darknet.builder import build_model
 from kprune.models.io import save_model
 from kprune.report.command import table
 from kprune.report.latency import interleaved, latency_stats, time_calls
-from kprune.report.metrics import compressed_sizes, count_params, file_sizes
+from kprune.models.counting import count_params
+from kprune.report.metrics import compressed_sizes, file_sizes
 from tests.conftest import cfg_path, randomize
 
 

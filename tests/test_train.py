@@ -1,7 +1,6 @@
 """Training runs on tiny synthetic data: run directory, resume after a kill, NaN stop, modes,
 schedules, configs, and mirrored training on two logical CPUs."""
 
-import csv
 import json
 import subprocess
 import sys
@@ -324,14 +323,15 @@ def test_batch_norm_recalibration_averages_the_batch_statistics():
 
 
 def test_retraining_a_sparse_model_keeps_its_zeros(data, tmp_path):
+    from kprune.models import sparsity as S
     from kprune.prune import unstructured as U
     from kprune.prune.scope import layers_in_scope
 
     model, _ = build_detector(config(data, tmp_path), ["a"] * 5)
     names = layers_in_scope(model)
-    wrapped = U.wrap(model, {n: U.make_schedule("constant", s) for n, s in U.layer_sparsities(model, "global", 0.5, names).items()})
+    wrapped = S.wrap(model, {n: U.make_schedule("constant", s) for n, s in U.layer_sparsities(model, "global", 0.5, names).items()})
     U.prune_now(wrapped)
-    sparse = U.strip(wrapped)
+    sparse = S.strip(wrapped)
     save_model(sparse, tmp_path / "sparse.keras")
     zeros = {n: sparse.get_layer(n).kernel.numpy() == 0 for n in names}
     # in mixed precision: the masks hold under bfloat16 compute as well (float32 is tested with tfmot's schedules)

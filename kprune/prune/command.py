@@ -17,16 +17,15 @@ With ``data`` and ``epochs`` the pruned model is retrained (:func:`kprune.train.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Dict, Optional
+
+from kprune.models.counting import count_flops, count_params
+from kprune.train import TrainConfig, train_model
 
 METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
 
 
 def _measure(model) -> dict:
-    from kprune.report.metrics import count_flops, count_params
-
     params = count_params(model)
     return {"params": params["params"], "nonzero_params": params["nonzero_params"], "flops": count_flops(model)}
 
@@ -35,18 +34,11 @@ ROUND_STRATEGIES = ("gradual", "iterative")
 
 
 def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
-             keep_sparsity: bool = False, prepare=None):
-    """Train ``model`` with :func:`kprune.train.train` in ``run_dir``; returns (model, metrics)."""
-    from kprune.models.io import load_model, save_model
-    from kprune.train import TrainConfig, train
-
-    with tempfile.TemporaryDirectory(prefix="kprune-prune-") as scratch:
-        start = Path(scratch) / "pruned.keras"
-        save_model(model, start)
-        options = {**(train_options or {}), "dataset": data, "init": str(start), "epochs": int(epochs),
-                   "out": str(run_dir), "keep_sparsity": keep_sparsity}
-        metrics = train(TrainConfig(**options), progress=progress, prepare=prepare)
-    return load_model(Path(run_dir) / "final.keras"), metrics
+            keep_sparsity: bool = False, prepare=None):
+    """Train ``model`` in memory with :func:`kprune.train.train_model` in ``run_dir``; returns (model, metrics)."""
+    options = {**(train_options or {}), "dataset": data, "epochs": int(epochs), "out": str(run_dir),
+               "keep_sparsity": keep_sparsity}
+    return train_model(model, TrainConfig(**options), progress=progress, prepare=prepare)
 
 
 def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
@@ -78,6 +70,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
             without data or epochs, or anything the pruning functions refuse.
     """
     from kprune.models.io import load_model, save_model
+    from kprune.models import sparsity as S
     from kprune.prune import unstructured as U
     from kprune.prune.scope import layers_in_scope
 
@@ -121,20 +114,20 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
                       unhandled=result.unhandled, capped=result.capped)
     else:
         names = layers_in_scope(model, scope, outputs=include_outputs)
-        before_sparsity = U.sparsity(model, names)
+        before_sparsity = S.sparsity(model, names)
         if method.startswith("tfmot-"):
             kind = method[len("tfmot-"):]
 
             def prepare(detector, steps):
                 end = steps * max(int(epochs) - 1, 1)
-                return U.wrap(detector, {n: U.make_schedule(kind, value, 0, end) for n in names})
+                return S.wrap(detector, {n: U.make_schedule(kind, value, 0, end) for n in names})
 
             pruned = model
         else:
             targets = U.layer_sparsities(model, method, value, names)
-            wrapped = U.wrap(model, {n: U.make_schedule("constant", s) for n, s in targets.items()})
+            wrapped = S.wrap(model, {n: U.make_schedule("constant", s) for n, s in targets.items()})
             U.prune_now(wrapped)
-            pruned = U.strip(wrapped)
+            pruned = S.strip(wrapped)
         report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
 
     if data is not None:
@@ -144,7 +137,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
 
     after = _measure(pruned)
     if method != "filters":
-        after_sparsity = U.sparsity(pruned, [row["name"] for row in report["layers"]])
+        after_sparsity = S.sparsity(pruned, [row["name"] for row in report["layers"]])
         for row in report["layers"]:
             row["sparsity_after"] = after_sparsity[row["name"]]
     report.update(params_before=before["params"], params_after=after["params"], flops_before=before["flops"],

@@ -18,7 +18,7 @@ The fine-tuning is a function given by the caller (``kprune prune`` trains with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from kprune.prune.graph import ChannelGraph
 from kprune.prune.scope import layers_in_scope
@@ -95,7 +95,7 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
     Raises:
         ValueError: bad targets or strategy, or ``max_drop`` without ``baseline_map``.
     """
-    from kprune.report.metrics import count_flops, count_params
+    from kprune.models.counting import count_flops, count_params
 
     if strategy not in ("uniform", "global"):
         raise ValueError(f"strategy {strategy!r} in rounds: choose uniform or global")

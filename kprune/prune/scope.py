@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from typing import List
 
-from kprune._keras import keras, tf
+from kprune._keras import tf
 from kprune.detectors import family_of
 from kprune.detectors.base import backbone_layers as depends_on
+from kprune.models.sparsity import KERNEL_LAYERS
 
 SCOPES = ("all", "backbone", "head")
-KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
 
 def backbone_layers(model) -> List[str]:

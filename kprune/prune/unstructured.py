@@ -3,7 +3,7 @@
 tfmot does the masking: :func:`wrap` puts ``prune_low_magnitude`` wrappers with one schedule per
 layer around the kernels in scope (Conv2D, DepthwiseConv2D and Dense kernels; biases and batch norm
 are never pruned), training with :class:`tfmot.sparsity.keras.UpdatePruningStep` applies the
-schedule, and :func:`strip` removes the wrappers. The three methods differ only in the sparsity
+schedule, and :func:`~kprune.models.sparsity.strip` removes the wrappers. The three methods differ only in the sparsity
 each layer gets (tfmot then zeroes that layer's smallest weights):
 
 - ``percentage``: the same fraction in every layer;
@@ -17,26 +17,22 @@ at steps where ``(step - begin) % frequency == 0``, so the frequency is lowered 
 
 Retraining a pruned model: tfmot masks the forward pass and re-applies the masks at each epoch end,
 but not gradients nor Adam's moments, so fine-tuning a stripped model revives pruned weights.
-:func:`keep_masks` therefore wraps a sparse model again with its current zeros as fixed masks
-(:class:`KeepMask` never recomputes them); strip only after retraining.
+:func:`~kprune.models.sparsity.keep_masks` therefore wraps a sparse model again with its current zeros as
+fixed masks; strip only after retraining. The wrapping itself (:mod:`kprune.models.sparsity`) lives
+with the models, because training keeps masks too.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from kprune._keras import keras, tf
+from kprune.models.sparsity import kernel_values, pruning_wrappers
 
 METHODS = ("threshold", "percentage", "global")
 SCHEDULES = ("constant", "polynomial")
-
-
-def _kernel(layer) -> np.ndarray:
-    kernel = layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.kernel
-    return kernel.numpy()
 
 
 def layer_sparsities(model, method: str, value: float, layers: Iterable[str]) -> Dict[str, float]:
@@ -58,12 +54,12 @@ def layer_sparsities(model, method: str, value: float, layers: Iterable[str]) ->
             raise ValueError(f"sparsity {value}: must be in [0, 1)")
         if method == "percentage":
             return {name: float(value) for name in names}
-        magnitudes = np.concatenate([np.abs(_kernel(model.get_layer(n))).ravel() for n in names])
+        magnitudes = np.concatenate([np.abs(kernel_values(model.get_layer(n))).ravel() for n in names])
         k = int(round(value * magnitudes.size))
         threshold = float(np.partition(magnitudes, k)[k]) if k < magnitudes.size else np.inf
     out = {}
     for name in names:
-        kernel = np.abs(_kernel(model.get_layer(name)))
+        kernel = np.abs(kernel_values(model.get_layer(name)))
         out[name] = min(float(np.mean(kernel < threshold)), 1.0 - 1.0 / kernel.size)
     return out
 
@@ -92,81 +88,9 @@ def make_schedule(kind: str, target: float, begin_step: int = 0, end_step: int =
     return tfmot.sparsity.keras.PolynomialDecay(initial, target, begin_step, end_step, power=3, frequency=frequency)
 
 
-def wrap(model, schedules: Dict[str, object]):
-    """A copy of ``model`` with tfmot wrappers on the named layers (``schedules``: name -> schedule)."""
-    unknown = sorted(set(schedules) - {layer.name for layer in model.layers})
-    if unknown:
-        raise ValueError(f"model {model.name!r} has no layer(s) {', '.join(unknown)}")
-
-    def clone(layer):
-        copy = layer.__class__.from_config(layer.get_config())
-        if layer.name in schedules:
-            return tfmot.sparsity.keras.prune_low_magnitude(copy, pruning_schedule=schedules[layer.name])
-        return copy
-
-    wrapped = keras.models.clone_model(model, clone_function=clone)
-    inner = {getattr(layer, "layer", layer).name: getattr(layer, "layer", layer) for layer in wrapped.layers}
-    for layer in model.layers:
-        if layer.weights:
-            inner[layer.name].set_weights(layer.get_weights())
-    return wrapped
-
-
-def pruning_wrappers(model) -> list:
-    """The tfmot wrappers of a model (nested models included)."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += pruning_wrappers(layer)
-        elif hasattr(layer, "pruning_obj"):
-            found.append(layer)
-    return found
-
-
 def prune_now(wrapped, step: int = 0) -> None:
     """Apply every wrapper's schedule at ``step`` once, without training (one-shot pruning)."""
     for layer in pruning_wrappers(wrapped):
         layer.pruning_step.assign(step)
         layer.pruning_obj.conditional_mask_update()
         layer.pruning_obj.weight_mask_op()
-
-
-@keras.saving.register_keras_serializable(package="kprune")
-class KeepMask(tfmot.sparsity.keras.PruningSchedule):
-    """A tfmot schedule that never updates the mask: it stays what :func:`keep_masks` set."""
-
-    def __init__(self, sparsity: float = 0.0):
-        self.sparsity = float(sparsity)
-
-    def __call__(self, step):
-        return tf.constant(False), tf.constant(self.sparsity, tf.float32)
-
-    def get_config(self):
-        return {"class_name": "KeepMask", "config": {"sparsity": self.sparsity}}
-
-
-def keep_masks(model, layers: Optional[Iterable[str]] = None):
-    """Wrap a sparse model for retraining: every kernel that has zeros (of ``layers``, or all)
-    gets a tfmot wrapper whose fixed mask is its non-zero pattern. Train with
-    ``UpdatePruningStep``, then :func:`strip`."""
-    current = sparsity(model, layers)
-    wrapped = wrap(model, {name: KeepMask(s) for name, s in current.items() if s > 0})
-    for layer in pruning_wrappers(wrapped):
-        for weight, mask, _ in layer.pruning_vars:
-            mask.assign(tf.cast(tf.not_equal(weight, 0), mask.dtype))
-    return wrapped
-
-
-def strip(wrapped):
-    """The model without tfmot wrappers (the masks applied once more first)."""
-    for layer in pruning_wrappers(wrapped):
-        layer.pruning_obj.weight_mask_op()
-    return tfmot.sparsity.keras.strip_pruning(wrapped)
-
-
-def sparsity(model, layers: Optional[Iterable[str]] = None) -> Dict[str, float]:
-    """Fraction of exact zeros in each kernel (of ``layers``, or of every Conv2D / Dense layer)."""
-    from kprune.prune.scope import KERNEL_LAYERS
-
-    names = list(layers) if layers is not None else [l.name for l in model.layers if isinstance(l, KERNEL_LAYERS)]
-    return {name: float(np.mean(_kernel(model.get_layer(name)) == 0)) for name in names}

@@ -19,7 +19,8 @@ def _figures(path: str, data: Optional[str], progress: bool):
     """Everything but latency for one model: (figures, TFLite flatbuffer, loaded Keras model)."""
     from kprune.export.tflite import convert
     from kprune.models.io import load_model
-    from kprune.report.metrics import compressed_sizes, count_flops, count_params, file_sizes
+    from kprune.models.counting import count_flops, count_params
+    from kprune.report.metrics import compressed_sizes, file_sizes
 
     if not str(path).endswith(".keras"):
         raise ValueError(f"{path}: kprune report takes .keras models (a .tflite of the same name is used too)")

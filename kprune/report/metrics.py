@@ -1,8 +1,5 @@
-"""Model measurements: parameters, non-zero parameters, FLOPs and file sizes.
-
-FLOPs follow Darknet's convention: 2 x the multiply-adds of convolution and dense layers (other
-layers are not counted), so the figures compare with Darknet's BFLOPs.
-"""
+"""File measurements: sizes as stored and under gzip, bzip2 and xz. (Parameters and FLOPs are
+counted on the model: :mod:`kprune.models.counting`.)"""
 
 from __future__ import annotations
 
@@ -10,80 +7,8 @@ import bz2
 import gzip
 import lzma
 import os
-from typing import Dict, Iterator, List
+from typing import Dict
 
-import numpy as np
-
-from kprune._keras import keras
-
-
-def _leaf_layers(model) -> Iterator:
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
-
-
-def _size(weights) -> int:
-    return int(sum(int(np.prod(w.shape)) for w in weights))
-
-
-def count_params(model) -> Dict[str, int]:
-    """Parameter counts.
-
-    Returns:
-        ``params`` (all weights, as a Darknet .weights file stores them: batch-norm moving mean and
-        variance included), ``trainable_params``, ``non_trainable_params`` and ``nonzero_params``
-        (weights that are not exactly zero, the figure unstructured pruning lowers).
-    """
-    trainable = _size(model.trainable_weights)
-    non_trainable = _size(model.non_trainable_weights)
-    nonzero = int(sum(int(np.count_nonzero(w.numpy())) for w in model.weights))
-    return {
-        "params": trainable + non_trainable,
-        "trainable_params": trainable,
-        "non_trainable_params": non_trainable,
-        "nonzero_params": nonzero,
-    }
-
-
-def layer_flops(layer) -> int:
-    """2 x multiply-adds of one Conv2D / DepthwiseConv2D / Dense layer (0 for any other layer)."""
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kh, kw, c_in, multiplier = layer.depthwise_kernel.shape
-        _, h, w, _ = layer.output_shape
-        return 2 * kh * kw * c_in * multiplier * h * w
-    if isinstance(layer, keras.layers.Conv2D):
-        kh, kw, c_per_group, c_out = layer.kernel.shape
-        _, h, w, _ = layer.output_shape
-        return 2 * kh * kw * c_per_group * c_out * h * w
-    if isinstance(layer, keras.layers.Dense):
-        c_in, c_out = layer.kernel.shape
-        positions = int(np.prod(layer.output_shape[1:-1])) if len(layer.output_shape) > 2 else 1
-        return 2 * c_in * c_out * positions
-    return 0
-
-
-def count_flops(model) -> int:
-    """Total FLOPs of one forward pass of one image (see :func:`layer_flops`)."""
-    return int(sum(layer_flops(layer) for layer in _leaf_layers(model)))
-
-
-def _shape(shape) -> List:
-    return [None if d is None else int(d) for d in shape]
-
-
-def model_info(model) -> Dict:
-    """Parameters, FLOPs, input and output shapes of a model, as ``kprune info --json`` prints them."""
-    outputs = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
-    return {
-        "name": model.name,
-        **count_params(model),
-        "flops": count_flops(model),
-        "input_shape": _shape(model.input_shape),
-        "output_shapes": [_shape(s) for s in outputs],
-    }
 
 
 def file_sizes(path: str | os.PathLike) -> Dict[str, int]:

@@ -1,0 +1,202 @@
+"""Training configs: :class:`TrainConfig` (saved as ``config.yaml`` in the run directory) and the
+dataset names it accepts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+from kprune import detectors
+from kprune.data.pipeline import Augment
+from kprune.models.variants import check_policy
+
+MODES = ("full", "head", "new-head")
+STRATEGIES = ("default", "mirrored", "multi-worker")
+# Dataset names and the folders `make data-synth` / the data_tools converters write them to.
+DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run directory.
+
+    The model comes from one of: ``model`` (a zoo name of any detector family, fresh weights), ``init`` (a ``.keras``
+    model) or ``cfg`` + ``weights`` (Darknet files). ``mode``: ``full`` trains everything, ``head``
+    only the last conv of each head and keeps the model's classes (dataset classes are mapped onto
+    them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
+    by new ones for the dataset's classes. ``full`` with a ``class_map`` also keeps the model's
+    classes (everything trains). ``names``: a class names file for a ``cfg`` + ``weights`` model
+    (Darknet's .names; ``kprune/models/cfg/coco.names`` for the COCO weights).
+
+    Batch norm: Darknet's momentum 0.99 suits 100k-step runs; over a few hundred steps the moving
+    statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
+    moving mean and variance are set to the average batch statistics of ``recalibrate_bn`` (seeded,
+    augmented) training batches at the input size (0: off).
+
+    ``validate_every``: the validation loss is computed every that many epochs (about 10 % of an
+    epoch's time on the synthetic data); the best checkpoint and early stopping only see those
+    epochs, unless ``eval_every`` makes them follow mAP.
+
+    ``keep_sparsity``: the zeros of the initial model's kernels (an unstructured-pruned model) stay
+    zero: tfmot wrappers with those fixed masks are trained and stripped before every save.
+
+    ``pretrain_epochs`` > 0 first trains the trunk as a classifier of ground-truth crops of
+    ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
+
+    ``anchors``: ``kmeans`` fits the heads' anchors to the training boxes (YOLOv2's dimension
+    clusters, :mod:`kprune.data.anchors`), or a list of (w, h) pairs in the head's units (grid cells
+    for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained from scratch
+    (``model``, or mode ``new-head``).
+
+    ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
+    AVX512-BF16 or AMX run faster (:mod:`kprune.models.variants`); saved models are float32.
+
+    ``final_size``: the input size of the saved models (``best.keras``, ``final.keras``) and of every
+    mAP evaluation, when it differs from the training size. The same weights run at any multiple of
+    32; run larger than trained, YOLOv2 sees small objects bigger.
+    """
+
+    dataset: str = "synth"
+    model: Optional[str] = None
+    init: Optional[str] = None
+    cfg: Optional[str] = None
+    weights: Optional[str] = None
+    names: Optional[str] = None
+    input_size: Optional[int] = None
+    width: float = 1.0
+    mode: str = "full"
+    class_map: Dict[str, str] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    warmup_epochs: float = 1.0
+    decay: str = "cosine"
+    decay_epochs: List[int] = field(default_factory=list)
+    augment: Dict[str, object] = field(default_factory=dict)
+    multiscale: Optional[List[int]] = None
+    letterbox: bool = True
+    loss: Dict[str, object] = field(default_factory=dict)
+    seed: int = 0
+    strategy: str = "default"
+    bn_momentum: Optional[float] = 0.9
+    recalibrate_bn: int = 32
+    pretrain_epochs: int = 0
+    pretrain_crop: int = 64
+    keep_sparsity: bool = False
+    early_stopping: Optional[int] = None
+    eval_every: int = 0
+    validate_every: int = 1
+    steps_per_epoch: Optional[int] = None
+    anchors: Union[None, str, List[List[float]]] = None
+    precision: str = "float32"
+    final_size: Optional[int] = None
+    out: str = "runs/train"
+
+    def __post_init__(self):
+        self._coerce()
+        sources = [name for name in ("model", "init", "cfg") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError(f"give one of model, init or cfg + weights, not {' and '.join(sources)}")
+        if not sources:
+            self.model = "yolov2"
+        if bool(self.cfg) != bool(self.weights):
+            raise ValueError("cfg and weights go together")
+        if self.names and not self.cfg:
+            raise ValueError("names: only for a cfg + weights model (zoo and .keras models carry their names)")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {self.optimizer!r}: choose adam or sgd")
+        for name in ("epochs", "batch_size", "validate_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr = {self.lr}: must be > 0")
+        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
+        self._check_anchors()
+        check_policy(self.precision)
+        if self.final_size is not None and (int(self.final_size) != self.final_size or self.final_size < 32):
+            raise ValueError(f"final_size = {self.final_size}: must be a whole number of pixels, at least 32")
+        self._check_nested("loss", self._loss_options())
+        self._check_nested("augment", Augment)
+
+    def _coerce(self):
+        """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""
+        kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
+                 "pretrain_epochs": int, "pretrain_crop": int,
+                 "eval_every": int, "validate_every": int, "early_stopping": int, "steps_per_epoch": int,
+                 "final_size": int,
+                 "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, bool):
+                continue
+            try:
+                converted = kind(float(value)) if kind is int else kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} = {value!r}: expected a number") from None
+            if kind is int and converted != float(value):
+                raise ValueError(f"{name} = {value!r}: expected a whole number")
+            setattr(self, name, converted)
+
+    def _check_anchors(self) -> None:
+        if self.anchors is None:
+            return
+        if isinstance(self.anchors, str):
+            if self.anchors != "kmeans":
+                raise ValueError(f"anchors = {self.anchors!r}: expected kmeans or a list of [w, h] pairs")
+        else:
+            try:
+                pairs = [[float(v) for v in pair] for pair in self.anchors]
+            except (TypeError, ValueError):
+                pairs = None
+            if not pairs or any(len(p) != 2 or min(p) <= 0 for p in pairs):
+                raise ValueError(f"anchors = {self.anchors!r}: expected kmeans or a list of positive [w, h] pairs")
+            self.anchors = pairs
+        if self.mode == "head" or (not self.model and self.mode != "new-head"):
+            raise ValueError(f"anchors = {self.anchors!r}: only for a head trained from scratch (model: NAME, "
+                             "or mode: new-head); a trained head predicts relative to its own anchors")
+
+    def _loss_options(self):
+        """The loss options dataclass of the model's family (YOLO's for cfg + weights; for a ``.keras``
+        file, known only once it is loaded, a dataclass with every family's keys)."""
+        if self.model:
+            return detectors.family_for_name(self.model).loss_options
+        if self.cfg:
+            return detectors.get("yolo").loss_options
+        fields = {f.name: (f.name, f.type, f) for family in detectors.FAMILIES.values()
+                  for f in dataclasses.fields(family.loss_options)}
+        return dataclasses.make_dataclass("AnyLossOptions", list(fields.values()))
+
+    def _check_nested(self, name: str, cls) -> None:
+        """``loss:`` and ``augment:`` hold fields of their dataclasses; anything else is refused."""
+        values = getattr(self, name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{name}: expected a mapping of {cls.__name__} fields, got {values!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def resolve_dataset(name_or_path: str) -> str:
+    """The folder of a dataset name (synth, coco5, kitti) or path.
+
+    Raises:
+        ValueError: the folder has no ``dataset.json``; the message says how to make it.
+    """
+    folder = DATASETS.get(name_or_path, name_or_path)
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        how = {
+            "synth": "make data-synth",
+            "coco5": "python -m data_tools coco --coco-dir COCO_DIR --out data/coco5",
+            "kitti": "python -m data_tools kitti --kitti-dir KITTI_DIR --out data/kitti",
+        }.get(name_or_path, "python -m data_tools coco|kitti|voc|synth ... --out " + folder)
+        raise ValueError(f"dataset {name_or_path!r}: no converted dataset in {folder} (make it with `{how}`)")
+    return folder
