@@ -15,7 +15,7 @@ from kprune.models.variants import check_policy
 MODES = ("full", "head", "new-head")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 # Dataset names and the folders `make data-synth` / the data_tools converters write them to.
-DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti"}
+DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti", "voc0712": "data/voc0712"}
 
 
 @dataclass
@@ -46,9 +46,10 @@ class TrainConfig:
     ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
 
     ``anchors``: ``kmeans`` fits the heads' anchors to the training boxes (YOLOv2's dimension
-    clusters, :mod:`kprune.data.anchors`), or a list of (w, h) pairs in the head's units (grid cells
-    for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained from scratch
-    (``model``, or mode ``new-head``).
+    clusters, :mod:`kprune.data.anchors`; for SSD the default-box scales,
+    :mod:`kprune.detectors.ssd.anchors`), or for YOLO a list of (w, h) pairs in the head's units
+    (grid cells for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained
+    from scratch (``model``, or mode ``new-head``).
 
     ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
     AVX512-BF16 or AMX run faster (:mod:`kprune.models.variants`); saved models are float32.
@@ -197,6 +198,8 @@ def resolve_dataset(name_or_path: str) -> str:
             "synth": "make data-synth",
             "coco5": "python -m data_tools coco --coco-dir COCO_DIR --out data/coco5",
             "kitti": "python -m data_tools kitti --kitti-dir KITTI_DIR --out data/kitti",
+            "voc0712": "python -m data_tools voc --voc-dir VOCdevkit/ --train 2007:trainval,2012:trainval "
+                       "--val 2007:test --out data/voc0712",
         }.get(name_or_path, "python -m data_tools coco|kitti|voc|synth ... --out " + folder)
         raise ValueError(f"dataset {name_or_path!r}: no converted dataset in {folder} (make it with `{how}`)")
     return folder

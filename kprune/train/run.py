@@ -24,7 +24,6 @@ import tensorflow_model_optimization as tfmot
 from kprune import detectors
 from kprune._keras import keras, tf
 from kprune.config import dump_yaml
-from kprune.data.anchors import format_anchors
 from kprune.data.pipeline import Augment, make_dataset
 from kprune.data.tfrecord import read_manifest
 from kprune.evaluate import evaluate_detections, predict_dataset
@@ -218,8 +217,7 @@ class TrainingRun:
             self.write_json("anchors.json", self.anchor_fit)
             if self.progress and self.anchor_fit["mean_iou"] is not None:
                 fit = self.anchor_fit
-                print(f"anchors fitted to the training boxes: {format_anchors(fit['anchors'][0])} "
-                      f"(mean IoU {fit['mean_iou_before']:.3f} with the model's, {fit['mean_iou']:.3f} now)")
+                print(f"{fit['text']} (mean IoU {fit['mean_iou_before']:.3f} with the model's, {fit['mean_iou']:.3f} now)")
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)

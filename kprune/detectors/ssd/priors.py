@@ -15,18 +15,15 @@ outputs and of TFLite's detection post-processing op.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
 from kprune._keras import tf
 
 
-def level_priors(spec: dict, feature_hw: Tuple[int, int]) -> np.ndarray:
-    """Default boxes of one feature map as (y_center, x_center, height, width), float64 (H*W*A, 4)."""
-    height, width = feature_hw
-    step_y = spec["step"] if spec["step"] is not None else 1.0 / height
-    step_x = spec["step"] if spec["step"] is not None else 1.0 / width
+def level_shapes(spec: dict) -> List[Tuple[float, float]]:
+    """The (height, width) of the default boxes at one location of a feature map, in output order."""
     size = spec["min_size"]
     shapes = [(size, size)]
     if spec["max_size"] is not None:
@@ -35,9 +32,17 @@ def level_priors(spec: dict, feature_hw: Tuple[int, int]) -> np.ndarray:
     for ratio in spec["aspect_ratios"]:
         root = math.sqrt(ratio)
         shapes += [(size / root, size * root), (size * root, size / root)]  # (h, w): r, then 1/r
+    return shapes
+
+
+def level_priors(spec: dict, feature_hw: Tuple[int, int]) -> np.ndarray:
+    """Default boxes of one feature map as (y_center, x_center, height, width), float64 (H*W*A, 4)."""
+    height, width = feature_hw
+    step_y = spec["step"] if spec["step"] is not None else 1.0 / height
+    step_x = spec["step"] if spec["step"] is not None else 1.0 / width
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     centres = np.stack([(rows + spec["offset"]) * step_y, (cols + spec["offset"]) * step_x], -1).reshape(-1, 1, 2)
-    hw = np.asarray(shapes, np.float64)[None]
+    hw = np.asarray(level_shapes(spec), np.float64)[None]
     return np.concatenate(np.broadcast_arrays(centres, hw), axis=-1).reshape(-1, 4)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kprune.data.anchors import box_sizes, kmeans_anchors, mean_best_iou
+from kprune.data.anchors import box_sizes, format_anchors, kmeans_anchors, mean_best_iou
 from kprune.models.layers import detection_heads
 
 
@@ -42,4 +42,5 @@ def fit_anchors(model, data, split: str = "train", letterbox: bool = True, seed:
         unit = head_units(head, size, head.input_shape[1])
         head.anchors = [[round(float(v) / unit, 4) for v in pair] for pair in fractions]
         after.append([list(pair) for pair in head.anchors])
-    return {"anchors": after, "mean_iou": score, "mean_iou_before": before}
+    return {"anchors": after, "mean_iou": score, "mean_iou_before": before,
+            "text": f"anchors fitted to the training boxes: {format_anchors(after[0])}"}
