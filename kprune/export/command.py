@@ -1,4 +1,7 @@
-"""``kprune export``: a ``.keras`` detector to a TFLite file or a SavedModel, checked against Keras."""
+"""``kprune export``: a detector to a TFLite file or a SavedModel, checked against Keras.
+
+:func:`export` takes a model in memory; :func:`export_model` is the adapter that reads a ``.keras`` file.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,14 @@ from typing import Optional
 
 import numpy as np
 
+from kprune._keras import tf
+from kprune.data.tfrecord import read_manifest
+from kprune.detectors import family_of
+from kprune.export.tflite import calibration_images, compare, convert
+from kprune.fileio import write_bytes_atomic, write_json_atomic
+from kprune.models.io import load_model
+from kprune.models.litert import TFLiteRunner
+
 FORMATS = ("tflite", "saved_model")
 CHECK_IMAGES = 8
 
@@ -18,12 +29,8 @@ CHECK_IMAGES = 8
 def _check_images(model, data, count: int) -> tuple:
     """Images to compare the export with Keras on: the dataset's validation images, or seeded
     random ones without a dataset."""
-    from kprune.export.tflite import calibration_images
-
     size = model.input_shape[1]
     if data is not None:
-        from kprune.data.tfrecord import read_manifest
-
         manifest = read_manifest(data)
         split = "val" if manifest.num_images("val") else "train"
         return calibration_images(manifest, count, split, size), f"{split} images"
@@ -62,31 +69,14 @@ def decoder_metadata(model, family, io_quantization: Optional[dict] = None) -> d
     return metadata
 
 
-def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
-                 io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
-    """Export ``model_path`` to ``out`` and compare the result with the Keras model.
-
-    Args:
-        format: ``tflite`` (a ``.tflite`` file) or ``saved_model`` (a folder).
-        quant, io, sparse: see :mod:`kprune.export.tflite` (TFLite only).
-        data: a converted dataset: calibration images (``train`` split, ``calibration`` of them,
-            needed by ``int8``) and check images (``val``); without it the check uses random images.
-
-    Returns:
-        The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``bytes``, ``keras_bytes``,
-        ``check`` (``max_abs_diff``, ``mean_abs_diff``, ``max_abs_output``, ``images``, ``on``),
-        for TFLite ``io_quantization`` (dtype, scale, zero point of the input and outputs), and the
-        ``heads`` (anchors, classes, names) the phone side decodes with.
+def check_options(out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
+                  io: str = "float", sparse: bool = False) -> None:
+    """Refuse export options that do not fit together, before any work is done.
 
     Raises:
-        ValueError: unknown format, options that do not fit the format, int8 without data, an
-            output name that does not fit the format, or a conversion that fails.
+        ValueError: an unknown format, an output name that does not fit the format, TFLite options
+            for a SavedModel, or int8 without data.
     """
-    from kprune.export.tflite import calibration_images, compare, convert
-    from kprune.fileio import write_bytes_atomic, write_json_atomic
-    from kprune.detectors import family_of
-    from kprune.models.io import load_model
-
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
     if format == "tflite" and not str(out).endswith(".tflite"):
@@ -95,15 +85,37 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
         raise ValueError("--quant, --io and --sparse apply to TFLite; a SavedModel keeps the float model")
     if quant == "int8" and data is None:
         raise ValueError("int8 quantization is calibrated on real images: give --data DATASET_DIR")
-    model = load_model(model_path)
+
+
+def export(model, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
+           io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
+    """Export ``model`` (in memory, left unchanged) to ``out`` and compare the result with it.
+
+    A TFLite export also gets the decoder metadata (:func:`decoder_metadata`) beside it, as
+    ``OUT.json``.
+
+    Args:
+        format: ``tflite`` (a ``.tflite`` file) or ``saved_model`` (a folder).
+        quant, io, sparse: see :mod:`kprune.export.tflite` (TFLite only).
+        data: a converted dataset: calibration images (``train`` split, ``calibration`` of them,
+            needed by ``int8``) and check images (``val``); without it the check uses random images.
+
+    Returns:
+        The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``family``, ``description``,
+        ``check`` (``max_abs_diff``, ``mean_abs_diff``, ``max_abs_output``, ``images``, ``on``),
+        ``bytes``; for TFLite also ``io_quantization`` (dtype, scale, zero point of the input and
+        outputs), ``metadata_file`` and, for int8, ``calibration_images``.
+
+    Raises:
+        ValueError: unknown format, options that do not fit the format, int8 without data, an
+            output name that does not fit the format, or a conversion that fails.
+    """
+    check_options(out, format, quant, data, io, sparse)
     family = family_of(model)
     images, on = _check_images(model, data, CHECK_IMAGES)
-    report = {"model": str(model_path), "format": format, "quant": quant, "io": io, "sparse": sparse,
-              "out": str(out), "keras_bytes": os.path.getsize(model_path), "family": family.name,
+    report = {"format": format, "quant": quant, "io": io, "sparse": sparse, "out": str(out), "family": family.name,
               "description": family.describe(model)}
     if format == "tflite":
-        from kprune.models.litert import TFLiteRunner
-
         calibration_set = None
         if quant == "int8":
             calibration_set = calibration_images(data, calibration, "train", model.input_shape[1])
@@ -118,8 +130,6 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
         write_bytes_atomic(out, content)
         report["bytes"] = len(content)
     else:
-        from kprune._keras import tf
-
         folder = os.path.dirname(os.path.abspath(out))
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=folder)
@@ -139,6 +149,24 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
                 shutil.rmtree(tmp)
         report["bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
     return report
+
+
+def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
+                 io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
+    """Load ``model_path`` (a ``.keras`` file) and :func:`export` it to ``out``.
+
+    Returns:
+        :func:`export`'s report with ``model`` (the path) first and ``keras_bytes`` (the size of
+        ``model_path``) after ``out``, as ``kprune export`` prints it.
+
+    Raises:
+        ValueError: as :func:`export` (checked before the model is loaded), or a model that cannot be read.
+    """
+    check_options(out, format, quant, data, io, sparse)
+    exported = export(load_model(model_path), out, format, quant, data, io, sparse, calibration)
+    head = {"model": str(model_path), **{k: exported[k] for k in ("format", "quant", "io", "sparse", "out")},
+            "keras_bytes": os.path.getsize(model_path)}
+    return {**head, **exported}
 
 
 def summary(report: dict) -> str:

@@ -20,10 +20,13 @@ smaller (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
 from __future__ import annotations
 
 import warnings
-
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import numpy as np
+
+from kprune._keras import tf
+from kprune.data.pipeline import make_dataset
+from kprune.data.tfrecord import Manifest, read_manifest
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
 IO_TYPES = ("float", "int8", "uint8")
@@ -37,9 +40,6 @@ def calibration_images(data, count: int = 100, split: str = "train", size: Optio
     Raises:
         ValueError: ``count`` < 1, or the split has no images.
     """
-    from kprune.data.pipeline import make_dataset
-    from kprune.data.tfrecord import Manifest, read_manifest
-
     if count < 1:
         raise ValueError(f"calibration images {count}: need at least 1")
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
@@ -63,8 +63,6 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
         ValueError: an unknown mode or io type, ``int8`` without calibration images, an integer
             ``io`` without ``int8``, or a model the converter refuses (its message included).
     """
-    from kprune._keras import tf
-
     if quant not in QUANT_MODES:
         raise ValueError(f"quantization {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if io not in IO_TYPES:
@@ -104,8 +102,6 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
 def compare(runner, model, images: np.ndarray) -> dict:
     """The TFLite model (a :class:`kprune.models.litert.TFLiteRunner`) against Keras on ``images``: ``max_abs_diff`` and ``mean_abs_diff`` of the raw
     outputs, and ``max_abs_output`` (their scale)."""
-    from kprune._keras import tf
-
     expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
     got = runner(images)
     diffs = [np.abs(g - e) for g, e in zip(got, expected)]
