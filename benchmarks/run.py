@@ -281,12 +281,12 @@ def data_pipeline(args: argparse.Namespace) -> Dict:
     from kprune.data.pipeline import make_dataset
     from kprune.detectors.yolo.targets import TargetEncoder
     from kprune.data.tfrecord import read_manifest
-    from kprune.darknet import zoo
+    from kprune import detectors
 
     data = _synthetic_dataset(args.data_train, args.data_val)
     manifest = read_manifest(data["folder"])
     spec = dict(DEMO_MODEL)
-    model = zoo.build(spec.pop("name"), classes=len(manifest.classes), **spec)
+    model = detectors.build(spec.pop("name"), classes=len(manifest.classes), **spec)
     size = DEMO_MODEL["input_size"]
     dataset = make_dataset(manifest, "train", size, DEMO_BATCH, training=True,
                            encoder=TargetEncoder.from_model(model), seed=0, repeat=True)
@@ -326,12 +326,12 @@ def training_throughput(args: argparse.Namespace) -> Dict:
         float32 models).
     """
     from kprune.detectors.yolo.targets import TargetEncoder
-    from kprune.darknet import zoo
+    from kprune import detectors
 
     peak = _matmul_peak(args.matmul_runs)["gflops_best"]
     result = {"peak_gflops": peak}
     spec = dict(DEMO_MODEL)
-    demo = zoo.build(spec.pop("name"), classes=5, **spec)
+    demo = detectors.build(spec.pop("name"), classes=5, **spec)
     cases = {
         "demo": (demo, DEMO_BATCH),
         "demo_bf16": (with_policy(demo, "mixed_bfloat16"), DEMO_BATCH),  # precision: mixed_bfloat16

@@ -219,7 +219,7 @@ def evaluate(model_path, data, split, batch_size, keras_path, detections, ground
 @main.command()
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Converted dataset folder.")
 @click.option("--model", "model_name", default="yolov2", show_default=True,
-              help="Zoo model name or Darknet cfg: gives the head kind and the number of anchors.")
+              help="Zoo model name (any family with anchors) or Darknet cfg: the anchors to fit.")
 @click.option("--size", required=True, type=int, help="Network input size (YOLOv2 anchors are in its grid cells).")
 @click.option("--split", default="train", show_default=True)
 @click.option("--no-letterbox", is_flag=True, help="Images are stretched to the input instead of letterboxed.")
@@ -229,15 +229,18 @@ def anchors(data, model_name, size, split, no_letterbox, as_json):
 
     In a training config, `anchors: kmeans` does the same for the model being trained.
     """
+    from kprune import detectors
     from kprune.data.anchors import format_anchors
-    from kprune.detectors.yolo.anchors import fit_anchors
-    from kprune.darknet import zoo
 
-    fitted = fit_anchors(zoo.build(model_name, input_size=size), data, split, letterbox=not no_letterbox)
+    model = detectors.build(model_name, input_size=size)
+    family = detectors.family_of(model)
+    if not hasattr(family, "fit_anchors"):
+        raise click.UsageError(f"{model_name}: a {family.name} model has no anchors to fit")
+    fitted = family.fit_anchors(model, data, split, letterbox=not no_letterbox)
     if as_json:
         click.echo(json.dumps(fitted))
         return
-    click.echo(f"anchors = {format_anchors(fitted['anchors'][0])}")
+    click.echo(f"anchors = {format_anchors(fitted['anchors'][0])}" if "anchors" in fitted else fitted["text"])
     click.echo(f"mean IoU of the {split} boxes with their best anchor: {fitted['mean_iou_before']:.3f} with "
                f"{model_name}'s anchors, {fitted['mean_iou']:.3f} with these")
 

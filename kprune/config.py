@@ -12,6 +12,8 @@ from typing import Any, Dict, Mapping, Type, TypeVar
 
 import yaml
 
+from kprune.fileio import write_bytes_atomic
+
 T = TypeVar("T")
 
 
@@ -63,6 +65,4 @@ def build(cls: Type[T], values: Mapping[str, Any], source: str) -> T:
 
 def dump_yaml(values: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a resolved config as YAML (keys in their order), atomically."""
-    from kprune.fileio import write_bytes_atomic
-
     write_bytes_atomic(path, yaml.safe_dump(dict(values), sort_keys=False).encode())

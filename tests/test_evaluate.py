@@ -182,14 +182,14 @@ def test_a_tflite_model_is_evaluated_through_litert_like_its_keras_model(tmp_pat
     from data_tools.convert import write_dataset
     from kprune._keras import tf
     from kprune.evaluate import evaluate_model, tflite_predict
-    from kprune.darknet import zoo
+    from kprune import detectors
     from kprune.models.io import save_model
     from conftest import randomize
 
     synth.generate(tmp_path / "raw", num_train=1, num_val=4, size=96, seed=2, progress=False)
     records, names, _ = coco.coco_records(tmp_path / "raw", 2017, None)
     write_dataset(records, names, tmp_path / "data", {"kind": "coco"}, {}, progress=False)
-    model = zoo.build("yolov3-tiny", input_size=96, width=0.125, classes=5)
+    model = detectors.build("yolov3-tiny", input_size=96, width=0.125, classes=5)
     randomize(model, seed=3, scale=0.05)
     save_model(model, tmp_path / "m.keras")
     (tmp_path / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())

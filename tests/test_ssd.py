@@ -319,27 +319,6 @@ def test_new_classes_replace_only_the_class_predictors():
             np.testing.assert_array_equal(a, b)
 
 
-def test_default_boxes_fitted_to_the_data(tiny_synth_data):
-    from kprune.data.anchors import box_sizes
-
-    model = SSD.build("ssdlite-mobilenetv2", input_size=64, classes=5, width=0.35)
-    before = SSD.anchors(model)
-    fit = SSD.fit_anchors(model, tiny_synth_data)
-    scales = np.sqrt(box_sizes(tiny_synth_data).prod(axis=1))
-    low, high = np.percentile(scales, [2, 98])
-    priors = SSD.head(model).priors
-    assert priors[0]["min_size"] == pytest.approx(low, abs=1e-5) and priors[0]["max_size"] is None
-    assert priors[-1]["max_size"] == pytest.approx(high, abs=1e-5)
-    ratio = (high / low) ** (1 / 6)
-    assert [p["min_size"] for p in priors] == pytest.approx([low * ratio ** k for k in range(6)], abs=1e-5)
-    assert [p["aspect_ratios"] for p in priors] == [[2.0]] + [[2.0, 3.0]] * 5  # the layout is kept
-    after = SSD.anchors(model)
-    assert after.shape == before.shape and np.array_equal(after[:, :2], before[:, :2])
-    assert fit["mean_iou"] > fit["mean_iou_before"]
-    with pytest.raises(ValueError, match="default boxes are fitted \\(anchors: kmeans\\)"):
-        SSD.set_anchors(model, [[1, 2]])
-
-
 @pytest.mark.slow
 def test_every_tflite_mode_matches_keras(ssdlite_file, tiny_synth_data, tmp_path):
     import json
@@ -361,3 +340,12 @@ def test_every_tflite_mode_matches_keras(ssdlite_file, tiny_synth_data, tmp_path
     assert reports["dynamic"]["check"]["max_abs_diff"] < 0.05 * scale
     assert reports["int8"]["check"]["max_abs_diff"] < 0.1 * scale
     assert reports["int8"]["bytes"] < reports["fp16"]["bytes"] < reports["none"]["bytes"]
+
+
+def test_anchors_are_refused_for_ssd(tiny_synth_data, tmp_path):
+    from kprune.train import TrainConfig, TrainingRun
+
+    config = TrainConfig(dataset=tiny_synth_data, model="ssdlite-mobilenetv2", input_size=64, width=0.35,
+                         anchors="kmeans", batch_size=4, out=str(tmp_path))
+    with pytest.raises(ValueError, match="anchors = .kmeans.: a model of the ssd family has no anchors to set"):
+        TrainingRun(config, progress=False)

@@ -106,9 +106,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
 
 
 def test_modes_head_full_new_head(data, tmp_path):
-    from kprune.darknet import zoo
+    from kprune import detectors
 
-    source = zoo.build("yolov2", input_size=64, width=0.125, classes=6)
+    source = detectors.build("yolov2", input_size=64, width=0.125, classes=6)
     head = detection_heads(source)[0]
     head.names = ["person", "Star", "cross", "triangle", "rectangle", "ellipse"]
     save_model(source, tmp_path / "six.keras")

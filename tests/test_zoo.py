@@ -2,6 +2,7 @@
 
 import pytest
 
+from kprune import detectors
 from kprune.darknet import zoo
 from tests.conftest import REPO
 
@@ -20,7 +21,7 @@ def test_zoo_cfgs_equal_the_originals(name):
 
 
 def test_zoo_build_with_overrides():
-    model = zoo.build("yolov3-tiny", input_size=64, classes=2, width=0.25)
+    model = detectors.build("yolov3-tiny", input_size=64, classes=2, width=0.25)
     assert model.output_shape == [(None, 2, 2, 21), (None, 4, 4, 21)]
     with pytest.raises(ValueError, match="zoo models: yolov2, yolov2-tiny"):
         zoo.cfg_path("resnet")

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 from kprune.darknet.cfg import DarknetCfg, Section, read_cfg
+from kprune.darknet.zoo import cfg_path
 
 #: trunk name -> (zoo cfg it is taken from, number of layers)
 TRUNKS: Dict[str, Tuple[str, int]] = {
@@ -37,8 +38,6 @@ def _signature(section: Section) -> tuple:
 
 @lru_cache(maxsize=None)
 def _trunk_signature(name: str) -> tuple:
-    from kprune.darknet.zoo import cfg_path
-
     source, length = TRUNKS[name]
     return tuple(_signature(s) for s in read_cfg(cfg_path(source)).layers[:length])
 

@@ -1,4 +1,5 @@
-"""Named Darknet models: the cfgs shipped with kprune (``kprune/models/cfg``), found by name."""
+"""Named Darknet models: the cfgs shipped with kprune (``kprune/models/cfg``), found by name (built by
+:func:`kprune.darknet.builder.build_model`, or with any family's models by :func:`kprune.detectors.build`)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,3 @@ def cfg_path(name_or_path: str | os.PathLike) -> str:
     if text in available():
         return str(resources.files(_CFG_PACKAGE) / "cfg" / f"{text}.cfg")
     raise ValueError(f"{text!r} is neither a cfg file nor a zoo model; zoo models: {', '.join(available())}")
-
-
-def build(name: str, **overrides):
-    """Build a zoo model (or a cfg file) with :func:`kprune.darknet.builder.build_model` overrides."""
-    from kprune.darknet.builder import build_model
-
-    return build_model(cfg_path(name), **overrides)

@@ -12,7 +12,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from kprune.data.tfrecord import Manifest, read_manifest
+from kprune._keras import tf
+from kprune.data.tfrecord import Manifest, parse_example, read_manifest
 
 _DEFAULT_RESTARTS = 5
 _DEFAULT_ITERATIONS = 100
@@ -34,9 +35,6 @@ def box_sizes(data, split: str = "train", letterbox: bool = True) -> np.ndarray:
     Raises:
         ValueError: the split is missing or has no objects.
     """
-    from kprune._keras import tf
-    from kprune.data.tfrecord import parse_example
-
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
 
     def sizes(serialized):

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune.detectors import family_of
+from kprune.fileio import write_json_atomic
 from kprune.models.head import Detection, non_max_suppression, preprocess_image
 from kprune.models.inference import coco_results, draw_detections, read_image
 
@@ -95,7 +96,6 @@ def detect_files(
     import cv2
     from tqdm import tqdm
 
-    from kprune.fileio import write_json_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     all_detections, used = [], set()

@@ -46,10 +46,9 @@ class TrainConfig:
     ``pretrain_crop`` pixels (:func:`pretrain_trunk`), before any detection training.
 
     ``anchors``: ``kmeans`` fits the heads' anchors to the training boxes (YOLOv2's dimension
-    clusters, :mod:`kprune.data.anchors`; for SSD the default-box scales,
-    :mod:`kprune.detectors.ssd.anchors`), or for YOLO a list of (w, h) pairs in the head's units
-    (grid cells for YOLOv2, input pixels for YOLOv3); default: the model's. Only for heads trained
-    from scratch (``model``, or mode ``new-head``).
+    clusters, :mod:`kprune.data.anchors`), or a list of (w, h) pairs in the head's units (grid
+    cells for YOLOv2, input pixels for YOLOv3); default: the model's. Only for YOLO heads trained
+    from scratch (``model``, or mode ``new-head``); an SSD's default boxes belong to its architecture.
 
     ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
     AVX512-BF16 or AMX run faster (:mod:`kprune.models.variants`); saved models are float32.

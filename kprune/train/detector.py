@@ -69,8 +69,8 @@ def set_anchors(model, config: TrainConfig, manifest) -> Optional[dict]:
         return None
     family = detectors.family_of(model)
     if not hasattr(family, "fit_anchors"):
-        raise ValueError(f"anchors = {config.anchors!r}: a {family.name} model has no anchors to set (its default "
-                         "boxes are part of its architecture)")
+        raise ValueError(f"anchors = {config.anchors!r}: a model of the {family.name} family has no anchors to set "
+                         "(its default boxes are part of its architecture)")
     if config.anchors == "kmeans":
         return family.fit_anchors(model, manifest, letterbox=config.letterbox, seed=config.seed)
     return family.set_anchors(model, config.anchors)

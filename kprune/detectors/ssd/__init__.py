@@ -102,16 +102,6 @@ class SSDFamily(DetectorFamily):
         scores = tf.nn.softmax(output[..., 4:], axis=-1)[..., 1:]
         return boxes, scores
 
-    def fit_anchors(self, model, data, split="train", letterbox=True, seed=0) -> dict:
-        """Default-box sizes fitted to ``data`` (:mod:`kprune.detectors.ssd.anchors`); ``seed`` is unused."""
-        from kprune.detectors.ssd.anchors import fit_priors
-
-        return fit_priors(model, self.head(model), data, split, letterbox)
-
-    def set_anchors(self, model, anchors) -> dict:
-        raise ValueError(f"anchors = {anchors!r}: an SSD model's default boxes are fitted (anchors: kmeans), "
-                         "not given as pairs")
-
     def predictor_convs(self, model) -> Dict[str, object]:
         convs = {}
         for source in inbound_layers(self.head(model)):

@@ -11,7 +11,9 @@ from typing import Dict, List, Optional, Sequence
 
 from kprune._keras import keras
 from kprune.darknet import zoo
+from kprune.darknet.builder import build_model
 from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
+from kprune.detectors.yolo.anchors import fit_anchors
 from kprune.detectors.yolo.decode import decode_outputs
 from kprune.detectors.yolo.loss import LossOptions, YoloLoss
 from kprune.detectors.yolo.targets import TargetEncoder
@@ -35,8 +37,8 @@ class YoloFamily(DetectorFamily):
     def build(self, name, input_size=None, classes=None, width=1.0, names=None):
         if classes is not None and (int(classes) != classes or classes < 1):
             raise ValueError(f"classes {classes}: a detector needs at least one class")
-        model = zoo.build(name, width=width, **({"input_size": input_size} if input_size else {}),
-                          **({"classes": int(classes)} if classes else {}))
+        model = build_model(zoo.cfg_path(name), width=width, **({"input_size": input_size} if input_size else {}),
+                            **({"classes": int(classes)} if classes else {}))
         if names is not None:
             self.set_class_names(model, names)
         return model
@@ -105,8 +107,6 @@ class YoloFamily(DetectorFamily):
         return rebuilt(model, changes)
 
     def fit_anchors(self, model, data, split="train", letterbox=True, seed=0) -> dict:
-        from kprune.detectors.yolo.anchors import fit_anchors
-
         return fit_anchors(model, data, split, letterbox=letterbox, seed=seed)
 
     def set_anchors(self, model, anchors) -> dict:
