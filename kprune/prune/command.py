@@ -1,36 +1,47 @@
-"""``kprune prune``: prune a saved model by one method, optionally retrain, save, and report.
+"""``kprune prune``: prune a model by one method, optionally retrain, and report.
+
+:func:`prune` takes a model in memory and returns the pruned one; :func:`prune_model` is the adapter
+that reads a ``.keras`` file and saves the result.
 
 Methods:
     ``filters``: structured (:func:`kprune.prune.structured.prune_filters`, or in rounds with
-        fine-tuning: :mod:`kprune.prune.rounds`); the pruning history is written next to the model
-        as ``OUT.history.json``.
+        fine-tuning: :mod:`kprune.prune.rounds`); :func:`prune_model` writes the pruning history
+        next to the model as ``OUT.history.json``.
     ``threshold``, ``percentage``, ``global``: unstructured, one shot (tfmot); retraining keeps the
         zeros.
     ``tfmot-constant``, ``tfmot-polynomial``: unstructured during retraining, on tfmot's constant or
         cubic schedule reaching the target at the start of the last epoch (needs ``data`` and
         ``epochs``).
 
-With ``data`` and ``epochs`` the pruned model is retrained (:func:`kprune.train.train`, run folder
-``OUT.run/``) and the report gets the run's mAP.
+With ``data`` and ``epochs`` the pruned model is retrained (:func:`kprune.train.train_model`, run
+folder ``OUT.run/``) and the report gets the run's mAP.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Dict, Optional
 
+from kprune.evaluate import evaluate_loaded
+from kprune.fileio import json_safe, write_json_atomic
+from kprune.models import sparsity as S
 from kprune.models.counting import count_flops, count_params
+from kprune.models.io import load_model, save_model
+from kprune.prune import unstructured as U
+from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
+from kprune.prune.scope import layers_in_scope
+from kprune.prune.structured import prune_filters
 from kprune.train import TrainConfig, train_model
 
 METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
+ROUND_STRATEGIES = ("gradual", "iterative")
 
 
 def _measure(model) -> dict:
     params = count_params(model)
     return {"params": params["params"], "nonzero_params": params["nonzero_params"], "flops": count_flops(model)}
-
-
-ROUND_STRATEGIES = ("gradual", "iterative")
 
 
 def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
@@ -41,43 +52,17 @@ def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional
     return train_model(model, TrainConfig(**options), progress=progress, prepare=prepare)
 
 
-def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
-                threshold: Optional[float] = None, criterion: Optional[str] = None, strategy: str = "uniform",
-                scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
-                layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
-                epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
-                max_drop: Optional[float] = None, progress: bool = True) -> dict:
-    """Prune ``model_path`` into ``out`` (a ``.keras`` file); returns the report.
-
-    Args:
-        criterion: filter importance; None: ``l1-normalized`` for the gradual strategy, ``l1``
-            otherwise.
-        strategy: for ``filters``; ``gradual`` and ``iterative`` prune in rounds
-            (:mod:`kprune.prune.rounds`) with ``epochs`` of fine-tuning after each, in
-            ``OUT.run/round-K``. ``gradual``: ``rounds`` (4) rounds on the cubic schedule to
-            ``ratio``. ``iterative``: ``ratio`` more of every layer's filters per round, at most
-            ``rounds`` (10) rounds, stopping before the first whose mAP@0.5 drops more than
-            ``max_drop`` (0.02) below the unpruned model's.
-        data, epochs: retrain after pruning (``OUT.run/``); needed by the ``tfmot-*`` methods and
-            the round strategies.
-
-    The report has ``method``, ``params_before``, ``params_after``, ``flops_before``, ``flops_after``,
-    ``nonzero_params_after``, ``layers`` (per layer: name and channels or sparsity before and after)
-    and, after retraining, ``retrained`` (the run's metrics); the round strategies add ``rounds``.
+def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
+                  strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
+                  rounds: Optional[int] = None, max_drop: Optional[float] = None) -> None:
+    """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
 
     Raises:
-        ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
-            without data or epochs, or anything the pruning functions refuse.
+        ValueError: an unknown method, a missing ratio / threshold, retraining asked without data or
+            epochs, a method or strategy that trains without them, or round options without rounds.
     """
-    from kprune.models.io import load_model, save_model
-    from kprune.models import sparsity as S
-    from kprune.prune import unstructured as U
-    from kprune.prune.scope import layers_in_scope
-
     if method not in METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-    if not str(out).endswith(".keras"):
-        raise ValueError(f"--out {out}: must end in .keras")
     value = threshold if method == "threshold" else ratio
     if value is None and not (method == "filters" and strategy == "independent"):
         raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
@@ -90,23 +75,66 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         raise ValueError(f"strategy {strategy} fine-tunes after every round: give --data and --epochs")
     if (rounds is not None or max_drop is not None) and not in_rounds:
         raise ValueError("--rounds and --max-drop belong to the gradual and iterative strategies")
-    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
-    stem = str(out)[: -len(".keras")]
 
-    model = load_model(model_path)
+
+def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
+          criterion: Optional[str] = None, strategy: str = "uniform", scope: str = "all",
+          include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
+          layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None, epochs: Optional[int] = None,
+          train_options: Optional[dict] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
+          run_dir: Optional[str] = None, progress: bool = True):
+    """Prune ``model`` (in memory) by one method, optionally retrain; nothing is written but the
+    training runs in ``run_dir``.
+
+    Args:
+        method: one of :data:`METHODS` (see the module docstring).
+        ratio, threshold: how much to prune (``threshold`` for the ``threshold`` method).
+        criterion: filter importance; None: ``l1-normalized`` for the gradual strategy, ``l1``
+            otherwise.
+        strategy: for ``filters``; ``gradual`` and ``iterative`` prune in rounds
+            (:mod:`kprune.prune.rounds`) with ``epochs`` of fine-tuning after each, in
+            ``RUN_DIR/round-K``. ``gradual``: ``rounds`` (4) rounds on the cubic schedule to
+            ``ratio``. ``iterative``: ``ratio`` more of every layer's filters per round, at most
+            ``rounds`` (10) rounds, stopping before the first whose mAP@0.5 drops more than
+            ``max_drop`` (0.02) below that of ``model``.
+        scope, include_outputs, round_to, max_ratio, layer_ratios: as in
+            :func:`kprune.prune.structured.prune_filters` and :mod:`kprune.prune.scope`.
+        data, epochs: retrain after pruning (in ``run_dir``); needed by the ``tfmot-*`` methods and
+            the round strategies.
+        train_options: further :class:`kprune.train.TrainConfig` settings for retraining.
+        run_dir: the training run folder; needed whenever there is retraining.
+
+    Returns:
+        ``(pruned model, report, history)``: the pruned model is a new one; the report has
+        ``method``, ``params_before``, ``params_after``, ``flops_before``, ``flops_after``,
+        ``nonzero_params_before``, ``nonzero_params_after``, ``layers`` (per layer: name and channels
+        or sparsity before and after) and, after retraining, ``retrained`` (the run's metrics); the
+        round strategies add ``rounds`` and ``stopped``, the iterative one ``baseline_map50`` and
+        ``max_drop``; the history (``filters`` only, else None) maps layers to the kept filters of
+        ``model`` (:func:`kprune.prune.surgeon.apply_history`).
+
+    Raises:
+        ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
+            without data, epochs or ``run_dir``, or anything the pruning functions refuse.
+    """
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop)
+    if data is not None and run_dir is None:
+        raise ValueError(f"method {method} retrains here: give run_dir, the folder of the training run")
+    value = threshold if method == "threshold" else ratio
+    in_rounds = method == "filters" and strategy in ROUND_STRATEGIES
+    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
+
     before = _measure(model)
-    report = {"method": method, "model": str(model_path)}
+    report = {"method": method}
     history = None
     prepare = None
     if in_rounds:
         report.update(criterion=criterion, strategy=strategy)
-        pruned, history = _prune_in_rounds(model, model_path, stem, report, ratio, criterion, strategy, scope,
+        pruned, history = _prune_in_rounds(model, str(run_dir), report, ratio, criterion, strategy, scope,
                                            round_to, max_ratio, data, epochs, train_options, rounds, max_drop,
                                            progress)
         data = None  # fine-tuned already
     elif method == "filters":
-        from kprune.prune.structured import prune_filters
-
         result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
         pruned, history = result.model, result.history
         report["layers"] = result.layers
@@ -131,7 +159,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
 
     if data is not None:
-        pruned, report["retrained"] = retrain(pruned, stem + ".run", data, epochs, train_options, progress,
+        pruned, report["retrained"] = retrain(pruned, str(run_dir), data, epochs, train_options, progress,
                                                keep_sparsity=method in ("threshold", "percentage", "global"),
                                                prepare=prepare)
 
@@ -142,35 +170,60 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
             row["sparsity_after"] = after_sparsity[row["name"]]
     report.update(params_before=before["params"], params_after=after["params"], flops_before=before["flops"],
                   flops_after=after["flops"], nonzero_params_before=before["nonzero_params"],
-                  nonzero_params_after=after["nonzero_params"], out=str(out))
+                  nonzero_params_after=after["nonzero_params"])
+    return pruned, report, history
+
+
+def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
+                threshold: Optional[float] = None, criterion: Optional[str] = None, strategy: str = "uniform",
+                scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
+                layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
+                epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
+                max_drop: Optional[float] = None, progress: bool = True) -> dict:
+    """Load ``model_path``, :func:`prune` it, and save the result as ``out`` (a ``.keras`` file);
+    returns the report.
+
+    Retraining runs in ``OUT.run/`` (the round strategies' in ``OUT.run/round-K``); a ``filters``
+    history is written as ``OUT.history.json``. Arguments as in :func:`prune`.
+
+    Returns:
+        :func:`prune`'s report with ``model`` (the path) second, ``out`` and, with a history file,
+        ``history`` (its path) last.
+
+    Raises:
+        ValueError: as :func:`prune` (checked before the model is loaded), ``out`` not ending in
+            ``.keras``, or a model that cannot be read.
+    """
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop)
+    if not str(out).endswith(".keras"):
+        raise ValueError(f"--out {out}: must end in .keras")
+    stem = str(out)[: -len(".keras")]
+    pruned, pruned_report, history = prune(
+        load_model(model_path), method, ratio=ratio, threshold=threshold, criterion=criterion, strategy=strategy,
+        scope=scope, include_outputs=include_outputs, round_to=round_to, max_ratio=max_ratio,
+        layer_ratios=layer_ratios, data=data, epochs=epochs, train_options=train_options, rounds=rounds,
+        max_drop=max_drop, run_dir=stem + ".run", progress=progress)
+    report = {"method": method, "model": str(model_path), **pruned_report, "out": str(out)}
     save_model(pruned, out)
     if history is not None:
-        from kprune.fileio import write_json_atomic
-
         write_json_atomic(stem + ".history.json", history)
         report["history"] = stem + ".history.json"
     return report
 
 
-def _prune_in_rounds(model, model_path, stem, report, ratio, criterion, strategy, scope, round_to, max_ratio,
+def _prune_in_rounds(model, run_dir, report, ratio, criterion, strategy, scope, round_to, max_ratio,
                      data, epochs, train_options, rounds, max_drop, progress):
     """The gradual and iterative strategies; fills ``report`` and returns (model, history)."""
-    import sys
-
-    from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
-
     if strategy == "gradual":
         targets, inner, baseline = cubic_targets(ratio, rounds or 4), "global", None
     else:
-        from kprune.evaluate import evaluate_model
-
         targets, inner = linear_targets(ratio, rounds or 10), "uniform"
         max_drop = 0.02 if max_drop is None else max_drop
-        baseline = evaluate_model(str(model_path), data)["map50"]
+        baseline = evaluate_loaded(model, data)["map50"]
         report.update(baseline_map50=baseline, max_drop=max_drop)
 
     def finetune(pruned, t):
-        return retrain(pruned, f"{stem}.run/round-{t}", data, epochs, train_options, progress)
+        return retrain(pruned, os.path.join(run_dir, f"round-{t}"), data, epochs, train_options, progress)
 
     log = (lambda line: print(line, file=sys.stderr)) if progress else None
     result = prune_in_rounds(model, targets, finetune, criterion, inner, scope, round_to, max_ratio,
@@ -206,6 +259,5 @@ def summary(report: dict) -> str:
 
 
 def dumps(report: dict) -> str:
-    from kprune.fileio import json_safe
-
+    """The report as JSON (non-finite numbers as null)."""
     return json.dumps(json_safe(report), indent=1, allow_nan=False)

@@ -11,8 +11,8 @@
 
 Every round prunes the current (already pruned, fine-tuned) model; ``max_ratio`` still caps each
 layer against its original width, and the history refers to the original model throughout.
-The fine-tuning is a function given by the caller (``kprune prune`` trains with
-:func:`kprune.train.train`), so the rounds can be tested without a dataset.
+The fine-tuning is a function given by the caller (:func:`kprune.prune.command.prune` trains with
+:func:`kprune.train.train_model`), so the rounds can be tested without a dataset.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from kprune.models.counting import count_flops, count_params
 from kprune.prune.graph import ChannelGraph
 from kprune.prune.scope import layers_in_scope
 from kprune.prune.strategies import group_sizes, prunable_channels
@@ -95,8 +96,6 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
     Raises:
         ValueError: bad targets or strategy, or ``max_drop`` without ``baseline_map``.
     """
-    from kprune.models.counting import count_flops, count_params
-
     if strategy not in ("uniform", "global"):
         raise ValueError(f"strategy {strategy!r} in rounds: choose uniform or global")
     if not targets or any(not 0.0 <= t < 1.0 for t in targets) or list(targets) != sorted(targets):

@@ -12,6 +12,17 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import numpy as np
+from tqdm import tqdm
+
+from kprune._keras import tf
+from kprune.data.tfrecord import Manifest, read_manifest
+from kprune.evaluate import evaluate_loaded
+from kprune.prune.graph import ChannelGraph
+from kprune.prune.scope import layers_in_scope
+from kprune.prune.strategies import plan_filters, prunable_groups
+from kprune.prune.surgeon import silence_channels
+
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -35,17 +46,6 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
     Raises:
         ValueError: a ratio outside (0, 1), or nothing prunable in scope.
     """
-    import numpy as np
-    from tqdm import tqdm
-
-    from kprune._keras import tf
-    from kprune.data.tfrecord import Manifest, read_manifest
-    from kprune.evaluate import evaluate_loaded
-    from kprune.prune.graph import ChannelGraph
-    from kprune.prune.scope import layers_in_scope
-    from kprune.prune.strategies import plan_filters, prunable_groups
-    from kprune.prune.surgeon import silence_channels
-
     ratios = [float(r) for r in ratios]
     bad = [r for r in ratios if not 0.0 < r < 1.0]
     if not ratios or bad:
