@@ -160,3 +160,27 @@ def test_export_errors_are_one_line(tiny_keras, tmp_path):
         result = _export(tiny_keras, *args)
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_export_in_memory_and_the_file_adapter(tiny_keras, tmp_path):
+    import json
+
+    from kprune.export.command import export, export_model
+
+    model = load_model(tiny_keras)
+    in_memory = export(model, str(tmp_path / "m.tflite"))
+    from_file = export_model(str(tiny_keras), str(tmp_path / "f.tflite"))
+    # the adapter's report: the file's path first and its size after out, as kprune export printed it
+    assert list(from_file) == ["model", "format", "quant", "io", "sparse", "out", "keras_bytes", "family",
+                               "description", "check", "io_quantization", "metadata_file", "bytes"]
+    assert from_file["model"] == str(tiny_keras) and from_file["keras_bytes"] == tiny_keras.stat().st_size
+    assert list(in_memory) == [k for k in from_file if k not in ("model", "keras_bytes")]
+    assert {k: v for k, v in from_file.items() if k not in ("model", "keras_bytes", "out", "metadata_file")} == {
+        k: v for k, v in in_memory.items() if k not in ("out", "metadata_file")}
+    assert in_memory["metadata_file"] == str(tmp_path / "m.json") and in_memory["bytes"] == (tmp_path / "m.tflite").stat().st_size
+    # the same model converts to the same bytes, with the same metadata beside it
+    assert (tmp_path / "m.tflite").read_bytes() == (tmp_path / "f.tflite").read_bytes()
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "f.json").read_text())
+    with pytest.raises(ValueError, match="give --data"):
+        export(model, str(tmp_path / "q.tflite"), quant="int8")
+    assert not (tmp_path / "q.tflite").exists()

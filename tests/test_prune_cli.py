@@ -118,3 +118,26 @@ def test_gradual_and_iterative_rounds(dense, tiny_synth_data, tmp_path):
     assert 0 <= report["baseline_map50"] <= 1 and report["max_drop"] == -1
     assert len(report["rounds"]) == 1 and "round 0 is kept" in report["stopped"]
     assert report["params_after"] == report["params_before"] and "retrained" not in report
+
+
+def test_prune_in_memory_and_the_file_adapter(dense, tmp_path):
+    from kprune.prune.command import prune
+
+    model = load_model(dense)
+    weights = model.get_weights()
+    pruned, report, history = prune(model, "filters", ratio=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))  # the input is left as it was
+    out = tmp_path / "p.keras"
+    result = _run(dense, "--method", "filters", "--ratio", "0.5", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(result.output)
+    # the adapter's report: prune's, with the model's path second, then the files it wrote
+    assert list(saved) == ["method", "model", *list(report)[1:], "out", "history"]
+    assert saved["model"] == str(dense) and saved["out"] == str(out)
+    assert {k: v for k, v in saved.items() if k not in ("model", "out", "history")} == json.loads(json.dumps(report))
+    assert json.loads((tmp_path / "p.history.json").read_text()) == json.loads(json.dumps(history))
+    x = np.random.default_rng(1).random((1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(pruned(x).numpy(), load_model(out)(x).numpy())
+    with pytest.raises(ValueError, match="give run_dir"):  # retraining writes a run: it needs a folder
+        prune(model, "global", ratio=0.5, data=str(tmp_path), epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.history.json", "p.keras"]
