@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
 from kprune.boxes import iou_matrix, xywh_to_xyxy, xyxy_to_xywh
+from kprune.models.litert import TFLiteRunner
+
+# The metrics (and ``kprune evaluate --detections``) need no TensorFlow, which takes seconds to
+# import: the functions that run models import the modules that load it (data, detectors,
+# models.head, models.io) when they are called.
 
 SCORE_THRESHOLD = 0.001
 MAX_DETECTIONS = 100
@@ -163,9 +173,6 @@ def coco_detections(detections: Sequence[ImageDetections]) -> List[dict]:
 def coco_evaluate(ground_truth: dict, results: List[dict]) -> dict:
     """COCO AP with pycocotools: ``coco_map`` (AP@[.5:.95]), ``coco_ap50``, ``coco_ap75`` and the
     printed summary; zeros when there are no detections."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     if not results:
         return {"coco_map": 0.0, "coco_ap50": 0.0, "coco_ap75": 0.0, "coco_summary": "no detections"}
     quiet = io.StringIO()
@@ -272,9 +279,7 @@ def predict_dataset(
         (detections, truths): lists of :class:`ImageDetections` and :class:`ImageTruth`; image ids are
         positions in the split; ignore regions apply to any class.
     """
-    from tqdm import tqdm
-
-    from kprune._keras import tf
+    from kprune._keras import tf  # TensorFlow: see the note at the imports
     from kprune.data.pipeline import make_dataset
     from kprune.data.tfrecord import Manifest, read_manifest
     from kprune.detectors import family_of
@@ -321,8 +326,6 @@ def tflite_predict(path: str, model):
     Raises:
         ValueError: the file cannot be loaded, or its inputs / outputs do not match ``model``.
     """
-    from kprune.models.litert import TFLiteRunner
-
     with open(path, "rb") as handle:
         content = handle.read()
     try:
@@ -344,9 +347,7 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
         ValueError: unknown file type, missing Keras model for a .tflite file, or classes that do not
             fit the dataset.
     """
-    import os
-
-    from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.data.tfrecord import Manifest, read_manifest  # TensorFlow: see the note at the imports
     from kprune.models.io import load_model
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
@@ -376,7 +377,7 @@ def evaluate_loaded(model, data, split: str = "val", batch_size: int = 8, letter
     Raises:
         ValueError: classes that do not fit the dataset.
     """
-    from kprune.data.tfrecord import Manifest, read_manifest
+    from kprune.data.tfrecord import Manifest, read_manifest  # TensorFlow: see the note at the imports
     from kprune.detectors import family_of
     from kprune.models.head import class_mapping
 
@@ -415,9 +416,6 @@ def evaluate_files(detections_path: str, ground_truth_path: str) -> dict:
     Raises:
         ValueError: a file is missing or not the expected JSON, or refers to unknown images.
     """
-    import json
-    import os
-
     def load(path, kind):
         if not os.path.isfile(path):
             raise ValueError(f"{kind} file {path} does not exist")

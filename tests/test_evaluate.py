@@ -204,3 +204,15 @@ def test_a_tflite_model_is_evaluated_through_litert_like_its_keras_model(tmp_pat
         assert abs(tflite_result["per_class"][name]["detections"] - row["detections"]) <= 1
     with pytest.raises(ValueError, match="needs the .keras model it was converted from"):
         evaluate_model(str(tmp_path / "m.tflite"), tmp_path / "data", keras_path=str(tmp_path / "x.keras"))
+
+
+def test_metrics_import_without_tensorflow():
+    """Scoring detection files needs no TensorFlow: kprune.evaluate imports it only to run models."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, kprune.evaluate; print(sorted(m for m in ('tensorflow', 'tf_keras') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "[]"

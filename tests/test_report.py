@@ -66,3 +66,27 @@ def test_report_command(tmp_path, tiny_synth_data):
     assert lines[0].split(" | ")[-3:] == ["tflite 2t ms", "mAP@0.5", "COCO mAP |"]
     cells = lines[2].split(" | ")
     assert cells[0] == "| tiny.keras" and cells[1] == f"{row['params']:,}" and cells[-2] == f"{row['map50']:.4f}"
+
+
+def test_measure_a_model_in_memory(tmp_path, monkeypatch):
+    from kprune._keras import keras
+    from kprune.report.command import measure_model, report_models
+
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    randomize(model, seed=4, scale=0.05)
+    path = tmp_path / "tiny.keras"
+    save_model(model, path)
+    from_file = measure_model(str(path), threads=())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded again")
+
+    monkeypatch.setattr(keras.models, "load_model", no_load)
+    in_memory = measure_model(str(path), threads=(), model=model)
+    assert in_memory == from_file  # the sizes come from the file, the counts from the model
+    assert in_memory["keras_size"]["bytes"] == os.path.getsize(path)
+    assert in_memory["params"] == count_params(model)["params"] and in_memory["latency"] == {}
+    with pytest.raises(ValueError, match="1 models given for 2 paths"):
+        report_models([path, path], threads=(), models=[model])
+    with pytest.raises(ValueError, match="takes .keras models"):
+        measure_model(str(tmp_path / "tiny.tflite"), threads=(), model=model)

@@ -12,20 +12,35 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
+from kprune.evaluate import evaluate_loaded
+from kprune.export.tflite import convert
+from kprune.models.counting import count_flops, count_params
+from kprune.models.io import load_model
+from kprune.report.latency import side_by_side
+from kprune.report.metrics import compressed_sizes, file_sizes
+
 THREADS = (1, 2)
 
 
-def _figures(path: str, data: Optional[str], progress: bool):
-    """Everything but latency for one model: (figures, TFLite flatbuffer, loaded Keras model)."""
-    from kprune.export.tflite import convert
-    from kprune.models.io import load_model
-    from kprune.models.counting import count_flops, count_params
-    from kprune.report.metrics import compressed_sizes, file_sizes
-
+def _check_path(path) -> str:
     if not str(path).endswith(".keras"):
         raise ValueError(f"{path}: kprune report takes .keras models (a .tflite of the same name is used too)")
-    model = load_model(path)
-    tflite_path = str(path)[: -len(".keras")] + ".tflite"
+    return str(path)
+
+
+def figures(model, path: str, data: Optional[str] = None, progress: bool = False):
+    """Everything but latency for ``model``, held in memory and saved as ``path`` (whose file gives
+    the sizes).
+
+    Returns:
+        (figures, TFLite flatbuffer): the flatbuffer is the ``.tflite`` of the same name as ``path``
+        if there is one, else ``model`` converted to float32 here.
+
+    Raises:
+        ValueError: ``path`` is not a ``.keras`` file, or a dataset that does not fit.
+    """
+    path = _check_path(path)
+    tflite_path = path[: -len(".keras")] + ".tflite"
     if os.path.isfile(tflite_path):
         with open(tflite_path, "rb") as handle:
             content = handle.read()
@@ -33,29 +48,36 @@ def _figures(path: str, data: Optional[str], progress: bool):
     else:
         content, tflite_source = convert(model), "float32, converted for this report"
     params = count_params(model)
-    result = {"model": str(path), "params": params["params"], "nonzero_params": params["nonzero_params"],
+    result = {"model": path, "params": params["params"], "nonzero_params": params["nonzero_params"],
               "flops": count_flops(model), "input_size": int(model.input_shape[1]),
               "keras_size": file_sizes(path), "tflite_size": compressed_sizes(content), "tflite": tflite_source,
               "latency": {}}
     if data is not None:
-        from kprune.evaluate import evaluate_loaded
-
-        scores = evaluate_loaded(model, data, progress=progress, source=str(path))
+        scores = evaluate_loaded(model, data, progress=progress, source=path)
         result.update(map50=scores["map50"], coco_map=scores["coco_map"])
-    return result, content, model
+    return result, content
 
 
 def report_models(paths: Sequence[str], data: Optional[str] = None, runs: int = 20,
-                  threads: Sequence[int] = THREADS, progress: bool = False) -> List[dict]:
+                  threads: Sequence[int] = THREADS, progress: bool = False,
+                  models: Optional[Sequence] = None) -> List[dict]:
     """All figures of each ``.keras`` model (see the module docstring), the models timed side by side
     (:func:`kprune.report.latency.side_by_side`); no latency for empty ``threads``.
 
-    Raises:
-        ValueError: not a ``.keras`` file, or a model / dataset that cannot be read.
-    """
-    from kprune.report.latency import side_by_side
+    Args:
+        models: the models of ``paths`` (same order) already in memory, so that they are not
+            loaded again; an entry None (or no list) loads that file.
 
-    measured = [_figures(str(p), data, progress) for p in paths]
+    Raises:
+        ValueError: not a ``.keras`` file, ``models`` not one per path, or a model / dataset that
+            cannot be read.
+    """
+    paths = [_check_path(p) for p in paths]
+    models = list(models) if models is not None else [None] * len(paths)
+    if len(models) != len(paths):
+        raise ValueError(f"{len(models)} models given for {len(paths)} paths: give one per path (None: load it)")
+    loaded = [load_model(p) if m is None else m for p, m in zip(paths, models)]
+    measured = [(*figures(model, path, data, progress), model) for path, model in zip(paths, loaded)]
     if threads:
         latency = side_by_side({r["model"]: (content, model) for r, content, model in measured}, threads, runs)
         for r, _, _ in measured:
@@ -64,9 +86,10 @@ def report_models(paths: Sequence[str], data: Optional[str] = None, runs: int = 
 
 
 def measure_model(path: str, data: Optional[str] = None, runs: int = 20, threads: Sequence[int] = THREADS,
-                  progress: bool = False) -> dict:
-    """:func:`report_models` of one model."""
-    return report_models([path], data, runs, threads, progress)[0]
+                  progress: bool = False, model=None) -> dict:
+    """:func:`report_models` of one model; ``model``: the model of ``path`` already in memory (not
+    loaded again)."""
+    return report_models([path], data, runs, threads, progress, models=[model])[0]
 
 
 def table(rows: List[dict]) -> str:

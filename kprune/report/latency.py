@@ -20,6 +20,10 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from kprune._keras import tf
+from kprune.models.io import load_model
+from kprune.models.litert import TFLiteRunner
+
 WARMUP = 3
 RUNS = 20
 
@@ -67,8 +71,6 @@ def tflite_latency(content: bytes, model, threads: int, runs: int = RUNS, warmup
 def tflite_latencies(flatbuffers: Dict[str, tuple], threads: int, runs: int = RUNS,
                      warmup: int = WARMUP) -> Dict[str, Dict[str, float]]:
     """Interleaved batch-1 latencies of several TFLite flatbuffers (name -> (content, Keras model))."""
-    from kprune.models.litert import TFLiteRunner
-
     passes = {}
     for name, (content, model) in flatbuffers.items():
         runner, image = TFLiteRunner(content, model, threads=threads), _image(model.input_shape[1])
@@ -123,12 +125,9 @@ def side_by_side(models: Dict[str, tuple], threads: Sequence[int], runs: int = R
 
 
 def _measure_here(model_paths, threads: int, runs: int, warmup: int) -> Dict[str, Dict[str, float]]:
-    from kprune._keras import tf
-
+    # before TensorFlow runs its first op (importing it does not fix the thread pools yet)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from kprune.models.io import load_model
-
     passes = {}
     for path in model_paths:
         model = load_model(path)

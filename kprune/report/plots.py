@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
+from kprune.fileio import atomic_path
+
 
 def _figure(width: float = 7.0, height: float = 4.5, rows: int = 1, columns: int = 1):
+    # matplotlib is imported here, not with the module: choosing the Agg backend at import would
+    # change the backend of whoever imports kprune (a notebook, say)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,8 +20,6 @@ def _figure(width: float = 7.0, height: float = 4.5, rows: int = 1, columns: int
 
 
 def _save(plt, fig, path: str | os.PathLike) -> str:
-    from kprune.fileio import atomic_path
-
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
