@@ -141,3 +141,18 @@ def test_prune_in_memory_and_the_file_adapter(dense, tmp_path):
     with pytest.raises(ValueError, match="give run_dir"):  # retraining writes a run: it needs a folder
         prune(model, "global", ratio=0.5, data=str(tmp_path), epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.history.json", "p.keras"]
+
+
+def test_unstructured_prune_in_memory_is_a_detector(dense, tmp_path):
+    from kprune.models.layers import detection_heads
+    from kprune.prune.command import prune
+
+    model = load_model(dense)
+    pruned, report, _ = prune(model, "global", ratio=0.6)
+    # its own layers: the head is found among the outputs, as in the saved and reloaded model
+    (head,) = detection_heads(pruned)
+    assert head.name == detection_heads(model)[0].name and len(head._inbound_nodes) == 1
+    save_model(pruned, tmp_path / "g.keras")
+    x = np.random.default_rng(2).random((1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(pruned(x).numpy(), load_model(tmp_path / "g.keras")(x).numpy())
+    assert report["nonzero_params_after"] == count_params(pruned)["nonzero_params"] < report["nonzero_params_before"]

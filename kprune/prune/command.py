@@ -29,6 +29,7 @@ from kprune.fileio import json_safe, write_json_atomic
 from kprune.models import sparsity as S
 from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model, save_model
+from kprune.models.variants import variant
 from kprune.prune import unstructured as U
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
 from kprune.prune.scope import layers_in_scope
@@ -155,7 +156,10 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             targets = U.layer_sparsities(model, method, value, names)
             wrapped = S.wrap(model, {n: U.make_schedule("constant", s) for n, s in targets.items()})
             U.prune_now(wrapped)
-            pruned = S.strip(wrapped)
+            # tfmot's strip reuses the wrapped model's layer objects, so a head layer's ``output`` is
+            # still the wrapped model's tensor and the detector is not recognised; a copy with its
+            # own layers (as a saved and reloaded model has) is
+            pruned = variant(S.strip(wrapped))
         report["layers"] = [{"name": n, "sparsity_before": before_sparsity[n]} for n in names]
 
     if data is not None:
