@@ -3,7 +3,8 @@
 A config (a small diff from a base, see :mod:`kprune.config`) names a dataset, a baseline (trained
 by a training config, or an existing ``.keras`` model) and a sweep: for each method x ratio, a
 *cell* runs prune -> evaluate without retraining -> retrain -> evaluate -> export -> measure; at the
-end every model is timed, side by side.
+end every model is timed, side by side. A cell loads the baseline once and keeps its model in memory
+from pruning to measuring; it saves ``final.keras`` once, beside the exported ``.tflite`` files.
 Every cell writes ``cells/<label>/result.json`` last, so a rerun of the same config skips the
 cells already done (and the baseline, once trained). The run folder then gets ``results.json``,
 ``results.csv``, ``report.md`` and the plots (:mod:`kprune.report.plots`).
@@ -35,13 +36,26 @@ have no "without retraining" figure; their fine-tuning uses the ``retrain`` sett
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from kprune.prune.command import METHODS
+from kprune.config import build, dump_yaml, read_yaml
+from kprune.evaluate import evaluate_loaded
+from kprune.export.command import export
+from kprune.export.tflite import QUANT_MODES
+from kprune.fileio import atomic_path, write_json_atomic
+from kprune.models.io import load_model, save_model
+from kprune.models.litert import TFLiteRunner
+from kprune.prune.command import METHODS, prune, retrain
+from kprune.report.command import measure_model
+from kprune.report.experiment import write_report
+from kprune.report.latency import side_by_side
+from kprune.train import TrainConfig, resolve_dataset, train
 
 SWEEP_KEYS = ("method", "ratios", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
               "round_to", "include_outputs", "epochs")
@@ -66,8 +80,6 @@ class ExperimentConfig:
     out: str = "runs/experiment"
 
     def __post_init__(self):
-        from kprune.export.tflite import QUANT_MODES
-
         if set(self.baseline) - {"model"} not in (set(), *TRAINING_SPECS) or not self.baseline:
             raise ValueError("experiment baseline: give either {model: MODEL.keras} or a training config "
                              "({train: {...}} and / or {config: TRAIN.yaml}), or both: the model, and the "
@@ -99,8 +111,6 @@ class ExperimentConfig:
 
 def load_config(path: str) -> ExperimentConfig:
     """Read and validate an experiment config (``base:`` inheritance, unknown keys refused)."""
-    from kprune.config import build, read_yaml
-
     values = read_yaml(path)
     folder = os.path.dirname(str(path))
 
@@ -136,8 +146,6 @@ def cells(config: ExperimentConfig) -> List[dict]:
 def training_values(spec: dict) -> dict:
     """The training config values of a baseline or ``compare`` spec: ``config`` (read with its
     ``base:`` chain) with ``train`` on top; empty for ``{model: ...}``."""
-    from kprune.config import read_yaml
-
     values = dict(read_yaml(spec["config"])) if "config" in spec else {}
     values.update(spec.get("train") or {})
     return values
@@ -154,8 +162,6 @@ def retrain_options(config: ExperimentConfig) -> dict:
 
 
 def _done(path: Path) -> Optional[dict]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -163,17 +169,12 @@ class Experiment:
     """One sweep in its run folder; :meth:`run` does whatever is not done yet."""
 
     def __init__(self, config: ExperimentConfig, progress: bool = True, log=print):
-        from kprune.train import resolve_dataset
-
         self.config, self.progress, self.log = config, progress, log
         self.out = Path(config.out)
         self.data = resolve_dataset(config.dataset)
         self.cells = cells(config)
 
     def _train(self, spec: dict, run_dir: Path, what: str) -> dict:
-        from kprune.config import build
-        from kprune.train import TrainConfig, train
-
         values = {**training_values(spec), "dataset": self.data, "out": str(run_dir)}
         self.log(f"[{self.config.name}] training {what} in {run_dir}")
         return train(build(TrainConfig, values, f"experiment {what}"), progress=self.progress)
@@ -195,31 +196,27 @@ class Experiment:
         return self._write(folder, result)
 
     def baseline(self) -> dict:
-        """Train or take the baseline model, then evaluate, export and measure it (once)."""
+        """Train or take the baseline model, then evaluate, export and measure it (once); its
+        ``model.keras`` is what every cell prunes."""
         folder = self.out / "baseline"
         done = _done(folder / "result.json")
         if done:
             return done
-        from kprune.models.io import load_model, save_model
-
         folder.mkdir(parents=True, exist_ok=True)
-        model_path = folder / "model.keras"
         if "model" in self.config.baseline:
-            save_model(load_model(str(self.config.baseline["model"])), model_path)
+            model = load_model(str(self.config.baseline["model"]))
             trained = None
         else:
             trained = self._train(self.config.baseline, folder / "run", "baseline")
-            save_model(load_model(str(folder / "run" / "final.keras")), model_path)
+            model = load_model(str(folder / "run" / "final.keras"))
         result = {"label": "baseline", "family": "baseline", "ratio": 0.0, "trained": trained}
-        result.update(self._finish(folder, model_path))
+        result.update(self._finish(folder, model))
+        _copy(folder / "final.keras", folder / "model.keras")
         return self._write(folder, result)
 
     def cell(self, cell: dict) -> dict:
-        """Run one cell (or return its stored result)."""
-        from kprune.evaluate import evaluate_loaded
-        from kprune.models.io import load_model
-        from kprune.prune.command import prune_model, retrain
-
+        """Run one cell (or return its stored result): the baseline is loaded once, and pruned,
+        evaluated, retrained, saved (``final.keras``), exported and measured in memory."""
         folder = self.out / "cells" / cell["label"]
         done = _done(folder / "result.json")
         if done:
@@ -229,61 +226,52 @@ class Experiment:
         trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
         options = {k: cell[k] for k in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
                                         "round_to", "include_outputs") if k in cell}
-        pruned_path = folder / "pruned.keras"
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label']}: pruning")
-        report = prune_model(str(self.out / "baseline" / "model.keras"), str(pruned_path), cell["method"],
-                             ratio=cell["ratio"], data=self.data if trains_itself else None,
-                             epochs=max(epochs, 1) if trains_itself else None,
-                             train_options=retrain_options(self.config), progress=self.progress, **options)
+        model, report, history = prune(load_model(str(self.out / "baseline" / "model.keras")), cell["method"],
+                                       ratio=cell["ratio"], data=self.data if trains_itself else None,
+                                       epochs=max(epochs, 1) if trains_itself else None,
+                                       train_options=retrain_options(self.config), run_dir=str(folder / "pruned.run"),
+                                       progress=self.progress, **options)
+        if history is not None:
+            write_json_atomic(folder / "pruned.history.json", history)
         result = {"label": cell["label"], "family": cell["family"], "ratio": cell["ratio"], "method": cell["method"],
                   "strategy": cell.get("strategy"), "prune_seconds": time.perf_counter() - start,
                   "layers": report["layers"], "rounds": report.get("rounds")}
-        model_path = pruned_path
         if trains_itself:
             result["map50_pruned"] = None
         else:
-            result["map50_pruned"] = evaluate_loaded(load_model(str(pruned_path)), self.data)["map50"]
+            result["map50_pruned"] = evaluate_loaded(model, self.data)["map50"]
             if epochs > 0:
                 self.log(f"[{self.config.name}] {cell['label']}: retraining {epochs} epochs")
-                model, _ = retrain(load_model(str(pruned_path)), str(folder / "run"), self.data, epochs,
-                                   retrain_options(self.config), self.progress,
-                                   keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
-                from kprune.models.io import save_model
-
-                model_path = folder / "retrained.keras"
-                save_model(model, model_path)
+                model, _ = retrain(model, str(folder / "run"), self.data, epochs, retrain_options(self.config),
+                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
         result["retrained"] = trains_itself or epochs > 0
-        result.update(self._finish(folder, model_path))
+        result.update(self._finish(folder, model))
         return self._write(folder, result)
 
-    def _finish(self, folder: Path, model_path: Path) -> dict:
-        """Evaluate, export (every quantization) and measure a cell's final model."""
-        from kprune.evaluate import evaluate_model
-        from kprune.export.command import export_model
-        from kprune.report.command import measure_model
-
+    def _finish(self, folder: Path, model) -> dict:
+        """Save a cell's final model as ``final.keras``, then evaluate, export (every quantization;
+        each file evaluated as LiteRT runs it) and measure it, all from memory."""
         final = folder / "final.keras"
-        if model_path != final:
-            os.replace(model_path, final) if model_path.name == "retrained.keras" else _copy(model_path, final)
-        scores = evaluate_model(str(final), self.data)
+        save_model(model, final)
+        scores = evaluate_loaded(model, self.data, source=str(final))
         result = {"model": str(final), "map50": scores["map50"], "coco_map": scores["coco_map"], "export": {}}
         for quant in self.config.export:
             out = folder / ("final.tflite" if quant == "none" else f"final-{quant}.tflite")
-            exported = export_model(str(final), str(out), "tflite", quant, self.data if quant == "int8" else None)
+            exported = export(model, str(out), "tflite", quant, self.data if quant == "int8" else None)
             entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
-            entry["map50"] = evaluate_model(str(out), self.data, keras_path=str(final))["map50"]
+            runner = TFLiteRunner(out.read_bytes(), model)  # the file as written
+            entry["map50"] = evaluate_loaded(model, self.data, predict=runner, source=str(out))["map50"]
             result["export"][quant] = entry
-        result["measure"] = measure_model(str(final), None, threads=())  # latency: side by side, see latency()
+        # latency: side by side after the cells, see latency(); the float .tflite written above is measured
+        result["measure"] = measure_model(str(final), None, threads=(), model=model)
         return result
 
     def latency(self, rows: List[dict]) -> None:
         """Time every model of the sweep side by side — Keras and the float TFLite file, at each
         thread count, runs interleaved across the models — and put the figures into the rows.
         Measured anew on every run of the experiment, so that all models share the same conditions."""
-        from kprune.models.io import load_model
-        from kprune.report.latency import side_by_side
-
         self.log(f"[{self.config.name}] timing {len(rows)} models side by side")
         models = {r["model"]: (Path(r["model"]).with_suffix(".tflite").read_bytes(), load_model(r["model"]))
                   for r in rows}
@@ -292,16 +280,11 @@ class Experiment:
             r["measure"]["latency"] = latency[r["model"]]
 
     def _write(self, folder: Path, result: dict) -> dict:
-        from kprune.fileio import write_json_atomic
-
         write_json_atomic(folder / "result.json", result)
         return result
 
     def run(self) -> dict:
         """Baseline, every cell, then results, plots and report; returns the results."""
-        from kprune.config import dump_yaml
-        from kprune.report.experiment import write_report
-
         self.out.mkdir(parents=True, exist_ok=True)
         dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
         compared = [self.compared(label) for label in self.config.compare]
@@ -314,9 +297,5 @@ class Experiment:
 
 
 def _copy(source: Path, target: Path) -> None:
-    import shutil
-
-    from kprune.fileio import atomic_path
-
     with atomic_path(target, suffix=".keras") as tmp:
         shutil.copyfile(source, tmp)

@@ -6,10 +6,19 @@ except the sample detections drawn for the plots.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import yaml
+
+from kprune.detectors.inference import detect
+from kprune.export.tflite import calibration_images
+from kprune.fileio import write_bytes_atomic, write_csv_atomic, write_json_atomic
+from kprune.models.inference import draw_detections
+from kprune.models.io import load_model
+from kprune.report import plots
 
 PLOTS = {
     "map_vs_params": "map_vs_params.png",
@@ -102,12 +111,6 @@ def sample_detections(rows: List[dict], data, count: int, path) -> Optional[str]
     first ``count`` validation images, side by side."""
     if count < 1:
         return None
-    from kprune.export.tflite import calibration_images
-    from kprune.detectors.inference import detect
-    from kprune.models.inference import draw_detections
-    from kprune.models.io import load_model
-    from kprune.report.plots import image_grid
-
     base = rows[0]
     candidates = [r for r in rows[1:] if r.get("method") == "filters"] or rows[1:]
     after = min(candidates, key=lambda r: r["measure"]["flops"]) if candidates else None
@@ -121,7 +124,7 @@ def sample_detections(rows: List[dict], data, count: int, path) -> Optional[str]
             (dets,) = detect(model, [image], score_threshold=0.3)
             drawn.append(draw_detections(image, dets))
             titles.append(f"{row['label']}: {len(dets)} detections")
-    return image_grid(drawn, titles, len(chosen), path)
+    return plots.image_grid(drawn, titles, len(chosen), path)
 
 
 def compared_table(compared: List[dict]) -> str:
@@ -139,11 +142,6 @@ def write_report(out: Path, config, rows: List[dict], data, samples: int, compar
 
     ``compared``: results of the trainings run beside the baseline (``compare`` in the config).
     """
-    import yaml
-
-    from kprune.fileio import write_bytes_atomic, write_csv_atomic, write_json_atomic
-    from kprune.report import plots
-
     out = Path(out)
     flat = flat_rows(rows)
     results = {"name": config.name, "rows": rows, "flat": flat, "compare": compared or []}
@@ -197,6 +195,4 @@ def write_report(out: Path, config, rows: List[dict], data, samples: int, compar
 
 
 def _config_dict(config) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(config)
