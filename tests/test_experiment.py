@@ -57,7 +57,8 @@ def test_shipped_experiments_load():
     from kprune.train import TrainConfig
 
     expected = {"demo": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov2_kitti": 3, "gradual_global": 9,
-                "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9}
+                "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
+                "ssd_gradual_global_synth": 9}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in yaml.safe_load(path.read_text()):
