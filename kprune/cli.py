@@ -1,4 +1,8 @@
-"""The ``kprune`` command line: parse arguments, call the library, print. No logic lives here."""
+"""The ``kprune`` command line: parse arguments, call the library, print. No logic lives here.
+
+Each command imports the library inside its function: the library imports TensorFlow (several
+seconds), which ``kprune --help`` and a mistyped option should not wait for.
+"""
 
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ import json
 
 import click
 
-from kprune.train import DATASETS, MODES, STRATEGIES, TrainingError
+from kprune.config import build, read_yaml
+from kprune.fileio import json_safe
+from kprune.train import DATASETS, MODES, STRATEGIES, TrainConfig, TrainingError, train
 
 _OPTIONS = ("dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "epochs", "batch_size",
             "lr", "strategy", "seed", "out", "multiscale")
@@ -26,9 +28,6 @@ _OPTIONS = ("dataset", "model", "init", "cfg", "weights", "input_size", "width",
 
 def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
     """Resolve the config (a resumed run starts from the one saved in its folder), train, print."""
-    from kprune.config import build, read_yaml
-    from kprune.train import TrainConfig, train
-
     if resume:
         saved = f"{values.get('out') or TrainConfig.out}/config.yaml"
         stored = read_yaml(saved)
@@ -69,8 +68,6 @@ def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
 def main(config_path, resume, quiet, as_json, **options):
     """Train or retrain a detector; the run directory gets config.yaml, log.csv, TensorBoard logs,
     checkpoints (last, best), best.keras, final.keras and metrics.json."""
-    from kprune.config import read_yaml
-
     try:
         values = read_yaml(config_path) if config_path else {}
         values.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
@@ -79,8 +76,6 @@ def main(config_path, resume, quiet, as_json, **options):
     except (ValueError, TrainingError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
-        from kprune.fileio import json_safe
-
         payload = json_safe({k: v for k, v in metrics.items() if k != "coco_summary"})
         click.echo(json.dumps(payload, indent=1, allow_nan=False))
 
