@@ -349,3 +349,15 @@ def test_anchors_are_refused_for_ssd(tiny_synth_data, tmp_path):
                          anchors="kmeans", batch_size=4, out=str(tmp_path))
     with pytest.raises(ValueError, match="anchors = .kmeans.: a model of the ssd family has no anchors to set"):
         TrainingRun(config, progress=False)
+
+
+def test_l2_normalisation_by_hand():
+    from kprune.models.layers import L2Normalization
+
+    layer = L2Normalization(20.0, name="norm")
+    x = np.array([[[[3.0, 4.0], [0.0, 0.0]]]], np.float32)  # one row, two positions
+    np.testing.assert_allclose(layer(x).numpy(), [[[[12.0, 16.0], [0.0, 0.0]]]], atol=1e-5)
+    layer.set_weights([np.array([1.0, 2.0], np.float32)])
+    np.testing.assert_allclose(layer(x).numpy(), [[[[0.6, 1.6], [0.0, 0.0]]]], atol=1e-6)
+    again = L2Normalization.from_config(layer.get_config())
+    assert (again.initial_scale, again.epsilon, again.name) == (20.0, 1e-10, "norm")
