@@ -264,7 +264,8 @@ class Experiment:
             runner = TFLiteRunner(out.read_bytes(), model)  # the file as written
             entry["map50"] = evaluate_loaded(model, self.data, predict=runner, source=str(out))["map50"]
             result["export"][quant] = entry
-        # latency: side by side after the cells, see latency(); the float .tflite written above is measured
+        # sizes of final.keras and of the float final.tflite written above; latency comes after the
+        # cells, side by side (see latency())
         result["measure"] = measure_model(str(final), None, threads=(), model=model)
         return result
 

@@ -37,7 +37,7 @@ def figures(model, path: str, data: Optional[str] = None, progress: bool = False
         if there is one, else ``model`` converted to float32 here.
 
     Raises:
-        ValueError: ``path`` is not a ``.keras`` file, or a dataset that does not fit.
+        ValueError: ``path`` is not a ``.keras`` file or does not exist, or a dataset that does not fit.
     """
     path = _check_path(path)
     tflite_path = path[: -len(".keras")] + ".tflite"
