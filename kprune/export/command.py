@@ -17,7 +17,7 @@ import numpy as np
 from kprune._keras import tf
 from kprune.data.tfrecord import read_manifest
 from kprune.detectors import family_of
-from kprune.export.tflite import calibration_images, compare, convert
+from kprune.export.tflite import calibration_images, compare, convert, differences
 from kprune.fileio import write_bytes_atomic, write_json_atomic
 from kprune.models.io import load_model
 from kprune.models.litert import TFLiteRunner
@@ -102,7 +102,7 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
 
     Returns:
         The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``family``, ``description``,
-        ``check`` (``max_abs_diff``, ``mean_abs_diff``, ``max_abs_output``, ``images``, ``on``),
+        ``check`` (``images``, ``on`` and :func:`~kprune.export.tflite.differences`),
         ``bytes``; for TFLite also ``io_quantization`` (dtype, scale, zero point of the input and
         outputs), ``metadata_file`` and, for int8, ``calibration_images``.
 
@@ -139,10 +139,7 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
             loaded = tf.saved_model.load(tmp)  # kept alive: .serve refers to its variables
             expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
             got = [o.numpy() for o in tf.nest.flatten(loaded.serve(tf.constant(images)))]
-            diffs = [np.abs(g - e) for g, e in zip(got, expected)]
-            report["check"] = {"images": len(images), "on": on, "max_abs_diff": float(max(d.max() for d in diffs)),
-                               "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
-                               "max_abs_output": float(max(np.abs(e).max() for e in expected))}
+            report["check"] = {"images": len(images), "on": on, **differences(expected, got)}
             _replace_dir(tmp, str(out))
         finally:
             if os.path.exists(tmp):

@@ -99,12 +99,19 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
         raise ValueError(f"TFLite conversion of {model.name} ({quant}) failed: {str(error).strip()[-400:]}") from None
 
 
-def compare(runner, model, images: np.ndarray) -> dict:
-    """The TFLite model (a :class:`kprune.models.litert.TFLiteRunner`) against Keras on ``images``: ``max_abs_diff`` and ``mean_abs_diff`` of the raw
-    outputs, and ``max_abs_output`` (their scale)."""
-    expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
-    got = runner(images)
-    diffs = [np.abs(g - e) for g, e in zip(got, expected)]
-    return {"images": int(len(images)), "max_abs_diff": float(max(d.max() for d in diffs)),
+def differences(expected: List[np.ndarray], got: List[np.ndarray]) -> dict:
+    """How far ``got`` (an export's outputs) is from ``expected`` (the Keras model's), output by
+    output: ``max_abs_diff``, ``mean_abs_diff``, and the outputs' own scale, ``max_abs_output`` and
+    ``mean_abs_output``."""
+    diffs = [np.abs(np.asarray(g, np.float64) - e) for g, e in zip(got, expected)]
+    return {"max_abs_diff": float(max(d.max() for d in diffs)),
             "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
-            "max_abs_output": float(max(np.abs(e).max() for e in expected))}
+            "max_abs_output": float(max(np.abs(e).max() for e in expected)),
+            "mean_abs_output": float(np.mean([np.abs(e).mean() for e in expected]))}
+
+
+def compare(runner, model, images: np.ndarray) -> dict:
+    """The TFLite model (a :class:`kprune.models.litert.TFLiteRunner`) against Keras on ``images``:
+    ``images`` and :func:`differences` of the raw outputs."""
+    expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
+    return {"images": int(len(images)), **differences(expected, runner(images))}
