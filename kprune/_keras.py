@@ -15,7 +15,10 @@ code and Python cannot run anything inside a library before its initialisers, so
 file descriptor 2 sent to a temporary file; afterwards everything written there is passed on except
 the C++ log lines below ``TF_CPP_MIN_LOG_LEVEL`` (2 unless the user set it) and Abseil's notice.
 Python warnings, tracebacks and C++ errors written during the import therefore still appear, only
-after the import has finished. ``TF_CPP_MIN_LOG_LEVEL=0`` turns the filter off (everything is shown
+after the import has finished. The physical devices are listed inside the same block: on a machine
+without an NVIDIA driver that is where CUDA's "failed call to cuInit" error appears, and it is dropped
+there (only when no ``/dev/nvidiactl`` exists, so a broken driver on a GPU machine still shows).
+``TF_CPP_MIN_LOG_LEVEL=0`` turns the filter off (everything is shown
 as it is written, which is also what to use if the import itself crashes).
 """
 
@@ -38,6 +41,7 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 _LOG_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d[\d.]* +\d+ [^\s\]]+:\d+\] ")
 _SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
 _ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_NO_DRIVER = b"failed call to cuInit"
 
 
 def _min_log_level() -> int:
@@ -51,9 +55,10 @@ def _filter_log(text: bytes, min_level: int) -> bytes:
     ``min_level`` (0 INFO, 1 WARNING, 2 ERROR; FATAL lines always stay). Every other line stays."""
     if min_level <= 0:
         return text
+    no_gpu = not os.path.exists("/dev/nvidiactl")
     kept = []
     for line in text.splitlines(keepends=True):
-        if line.rstrip(b"\r\n") == _ABSL_NOTICE:
+        if line.rstrip(b"\r\n") == _ABSL_NOTICE or (no_gpu and _NO_DRIVER in line):
             continue
         match = _LOG_LINE.match(line)
         if match and _SEVERITY[match.group(1)] < min(min_level, 3):
@@ -106,6 +111,7 @@ def _startup_log_filtered(min_level: int):
 with _startup_log_filtered(0 if "tensorflow" in sys.modules else _min_log_level()):
     import tensorflow as tf  # noqa: E402
     import tf_keras as keras  # noqa: E402
+    tf.config.list_physical_devices("GPU")
 
 
 def _check_keras_version() -> None:

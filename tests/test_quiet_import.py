@@ -17,14 +17,18 @@ NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are 
 INFO = b"I0000 00:00:1796285265.778342    2434 port.cc:153] oneDNN custom operations are on.\n"
 WARNING = b"W0000 00:00:1796285265.779998    2434 env.cc:7] a C++ warning\n"
 ERROR = b"E0514 12:34:56.789012    2434 cuda_platform.cc:52] a C++ error\n"
+NO_DRIVER = (b"E0000 00:00:1796341556.740408   23119 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+             b"CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
 FATAL = b"F0000 00:00:1796285265.779998    2434 check.cc:1] Check failed: x\n"
 PYTHON = b"/x/y.py:3: UserWarning: a Python warning\n  warnings.warn('a Python warning')\n"
 
 
 def run_import(**env) -> subprocess.CompletedProcess:
-    """`import kprune._keras`, then a Python warning, in a process without any TF_* variable."""
+    """`import kprune._keras`, a first TensorFlow op, then a Python warning, in a process without any
+    TF_* variable."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "PYTHON"))}
-    code = "import warnings, kprune._keras; warnings.warn('emitted after the import')"
+    code = ("import warnings, kprune._keras; kprune._keras.tf.constant(1.0) + 1.0; "
+            "warnings.warn('emitted after the import')")
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
@@ -54,6 +58,12 @@ def test_a_user_set_log_level_still_wins():
 ])
 def test_filter_drops_only_log_lines_below_the_level(level, expected):
     assert _keras._filter_log(NOTICE + INFO + WARNING + ERROR + FATAL + PYTHON, level) == expected
+
+
+@pytest.mark.parametrize("driver, expected", [(False, WARNING + PYTHON), (True, WARNING + NO_DRIVER + PYTHON)])
+def test_cuinit_failure_is_dropped_only_where_there_is_no_nvidia_driver(monkeypatch, driver, expected):
+    monkeypatch.setattr(_keras.os.path, "exists", lambda path: driver and path == "/dev/nvidiactl")
+    assert _keras._filter_log(WARNING + NO_DRIVER + PYTHON, 1) == expected
 
 
 @pytest.mark.parametrize("value, level", [("2", 2), (" 3", 3), ("1abc", 1), ("abc", 0), ("", 0), ("-1", -1)])

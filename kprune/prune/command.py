@@ -45,6 +45,15 @@ def _measure(model) -> dict:
     return {"params": params["params"], "nonzero_params": params["nonzero_params"], "flops": count_flops(model)}
 
 
+def _pruning_wrapper(kind: str, value: float, names, epochs: int):
+    """The function that wraps a detector in tfmot's pruning for training: ``(detector, steps per
+    epoch) -> wrapped``, the sparsity reaching ``value`` one epoch before the end."""
+    def wrap(detector, steps):
+        end = steps * max(int(epochs) - 1, 1)
+        return S.wrap(detector, {n: U.make_schedule(kind, value, 0, end) for n in names})
+    return wrap
+
+
 def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
             keep_sparsity: bool = False, prepare=None):
     """Train ``model`` in memory with :func:`kprune.train.train_model` in ``run_dir``; returns (model, metrics)."""
@@ -128,7 +137,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     before = _measure(model)
     report = {"method": method}
     history = None
-    prepare = None
+    wrap_for_training = None  # set for the tfmot methods, which prune while they train
     if in_rounds:
         report.update(criterion=criterion, strategy=strategy)
         pruned, history = _prune_in_rounds(model, str(run_dir), report, ratio, criterion, strategy, scope,
@@ -146,11 +155,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         before_sparsity = S.sparsity(model, names)
         if method.startswith("tfmot-"):
             kind = method[len("tfmot-"):]
-
-            def prepare(detector, steps):
-                end = steps * max(int(epochs) - 1, 1)
-                return S.wrap(detector, {n: U.make_schedule(kind, value, 0, end) for n in names})
-
+            wrap_for_training = _pruning_wrapper(kind, value, names, epochs)
             pruned = model
         else:
             targets = U.layer_sparsities(model, method, value, names)
@@ -165,7 +170,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     if data is not None:
         pruned, report["retrained"] = retrain(pruned, str(run_dir), data, epochs, train_options, progress,
                                                keep_sparsity=method in ("threshold", "percentage", "global"),
-                                               prepare=prepare)
+                                               prepare=wrap_for_training)
 
     after = _measure(pruned)
     if method != "filters":
