@@ -266,9 +266,14 @@ class L2Normalization(keras.layers.Layer):
     """x / ||x|| over the channels, times a learned per-channel scale (SSD's conv4_3_norm, Liu et al.
     2016: ParseNet's normalisation, the scale initialised to 20).
 
+    Computed as ``tf.math.l2_normalize`` (x / sqrt(max(sum x^2, epsilon))), which TFLite converts to
+    its L2_NORMALIZATION op: a division by the norm would become an int8 DIV, which fails wherever
+    the quantized norm rounds to zero.
+
     Args:
         scale: initial value of every channel's scale.
-        epsilon: added to the norm, so an all-zero position stays zero.
+        epsilon: floor of the squared norm (Caffe's Normalize adds 1e-10 to it), so an all-zero
+            position stays zero.
     """
 
     def __init__(self, scale: float = 20.0, epsilon: float = 1e-10, **kwargs):
@@ -282,8 +287,7 @@ class L2Normalization(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
-        norm = tf.sqrt(tf.reduce_sum(tf.square(inputs), axis=-1, keepdims=True)) + tf.cast(self.epsilon, inputs.dtype)
-        return inputs / norm * tf.cast(self.gamma, inputs.dtype)
+        return tf.math.l2_normalize(inputs, axis=-1, epsilon=self.epsilon) * tf.cast(self.gamma, inputs.dtype)
 
     def get_prunable_weights(self) -> list:
         """tfmot's PrunableLayer interface: the scale is one value per channel, never pruned."""
