@@ -51,6 +51,19 @@ def test_a_run_directory_has_everything(data, tmp_path):
     assert final.input_shape == (None, 64, 64, 3) and detection_heads(final)[0].names[0] == "ellipse"
 
 
+def test_two_runs_of_one_config_give_identical_weights(data, tmp_path):
+    """On one host, a config and its seed fix the run: initial weights, data order and augmentation,
+    and every update, bit for bit (across hosts CPU kernels round differently)."""
+    short = dict(epochs=1, steps_per_epoch=2, validate_every=2, recalibrate_bn=0)
+    runs = [TrainingRun(config(data, tmp_path / name, **short), progress=False) for name in ("a", "b")]
+    for run in runs:
+        run.fit()
+    for a, b in zip(weights_of(runs[0].detector), weights_of(runs[1].detector)):
+        np.testing.assert_array_equal(a, b)
+    first = weights_of(TrainingRun(config(data, tmp_path / "c", **short), progress=False).detector)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, weights_of(runs[0].detector)))  # it trained
+
+
 class KillAt(keras.callbacks.Callback):
     """Raises KeyboardInterrupt in the middle of an epoch, as a kill would stop the process."""
 
