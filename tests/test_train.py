@@ -371,8 +371,27 @@ def test_mixed_bfloat16_training_saves_a_float32_model(data, tmp_path):
     exact, rounded = final(images).numpy(), run.detector(images).numpy()
     gap = np.abs(exact - rounded).max() / np.abs(exact).max()
     assert 1e-5 < gap < 0.05  # bfloat16 keeps 8 significant bits: close, but not float32
-    with pytest.raises(ValueError, match="precision 'float16': choose one of float32, mixed_bfloat16"):
+    with pytest.raises(ValueError, match="precision 'float16': choose one of float32, mixed_bfloat16, auto"):
         TrainConfig(precision="float16")
+
+
+@pytest.mark.parametrize("flags, gpus, chosen", [
+    ({"avx512f", "avx512_bf16"}, 0, "mixed_bfloat16"), ({"amx_bf16"}, 0, "mixed_bfloat16"),
+    ({"avx512f", "avx2"}, 0, "float32"), (set(), 0, "float32"), ({"avx512_bf16"}, 1, "float32")])
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_has_it(flags, gpus, chosen):
+    from kprune.models.variants import resolve_policy
+
+    assert resolve_policy("auto", flags=flags, gpus=gpus) == chosen
+    assert resolve_policy("float32", flags=flags, gpus=gpus) == "float32"
+    assert resolve_policy("mixed_bfloat16", flags=flags, gpus=gpus) == "mixed_bfloat16"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from kprune.models.variants import cpu_flags
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t\t: x\n")
+    assert cpu_flags(str(tmp_path / "cpuinfo")) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
 
 
 def test_final_size_saves_and_evaluates_the_model_at_another_input_size(data, tmp_path):

@@ -51,7 +51,9 @@ class TrainConfig:
     from scratch (``model``, or mode ``new-head``); an SSD's default boxes belong to its architecture.
 
     ``precision``: ``mixed_bfloat16`` trains with bfloat16 compute (float32 weights), which CPUs with
-    AVX512-BF16 or AMX run faster (:mod:`kprune.models.variants`); saved models are float32.
+    AVX512-BF16 or AMX run faster and other CPUs about 7x slower (:mod:`kprune.models.variants`);
+    ``auto`` picks it only on a CPU-only machine whose CPU has native bfloat16, else float32, and
+    prints the choice. Saved models are float32.
 
     ``final_size``: the input size of the saved models (``best.keras``, ``final.keras``) and of every
     mAP evaluation, when it differs from the training size. The same weights run at any multiple of

@@ -30,7 +30,7 @@ from kprune.evaluate import evaluate_detections, predict_dataset
 from kprune.fileio import write_json_atomic
 from kprune.models.io import save_model
 from kprune.models.sparsity import keep_masks, pruning_wrappers, strip
-from kprune.models.variants import variant, with_policy
+from kprune.models.variants import BF16_FLAGS, resolve_policy, variant, with_policy
 from kprune.train.batchnorm import batch_norm_layers, recalibrate_batch_norm
 from kprune.train.config import TrainConfig, resolve_dataset
 from kprune.train.detector import build_detector, class_names, set_anchors, set_trainable, variable_input_view
@@ -129,7 +129,8 @@ class TrainingRun:
                 self.family.check_input_size(self.detector, config.final_size)
             self.loss_options = self.family.make_loss_options(self.detector, config.loss)
             self.anchor_fit = set_anchors(self.detector, config, self.manifest)
-            self.detector = with_policy(self.detector, config.precision)
+            self.precision = resolve_policy(config.precision)
+            self.detector = with_policy(self.detector, self.precision)
             self.steps = config.steps_per_epoch or max(1, self.manifest.num_images("train") // config.batch_size)
             # tfmot pruning wrappers: kept zeros, or a sparsity schedule from ``prepare(model, steps)``
             if config.keep_sparsity:
@@ -218,6 +219,9 @@ class TrainingRun:
             if self.progress and self.anchor_fit["mean_iou"] is not None:
                 fit = self.anchor_fit
                 print(f"{fit['text']} (mean IoU {fit['mean_iou_before']:.3f} with the model's, {fit['mean_iou']:.3f} now)")
+        if c.precision == "auto" and self.progress and self.chief:
+            print(f"precision auto: {self.precision} (bfloat16 only on a CPU with native bfloat16: "
+                  f"{', '.join(BF16_FLAGS)})")
         start = int(self.epoch.numpy())
         monitor = "val_map50" if c.eval_every else "val_loss"
         run_callback = RunCallback(self, monitor)
