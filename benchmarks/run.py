@@ -29,7 +29,7 @@ from kprune._keras import keras, tf
 from kprune.darknet.builder import build_model
 from kprune.darknet.weights import load_weights, save_weights
 from kprune.fileio import write_bytes_atomic
-from kprune.models.variants import with_policy
+from kprune.models.variants import cpuinfo, with_policy
 from kprune.report.latency import interleaved
 from kprune.models.counting import count_flops
 
@@ -471,11 +471,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
 
 def machine_info() -> Dict:
     """CPU count, platform, CPU model and library versions, so results from different machines compare."""
-    cpu_model = None
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            names = (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-            cpu_model = next(names, None)
+    cpu_model = cpuinfo("model name")
     try:
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True

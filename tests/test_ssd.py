@@ -5,9 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from kprune import detectors
 from kprune._keras import tf
+from kprune.cli import main
 from kprune.detectors.ssd.builders import mobilenet_feature_sizes, vgg16_feature_sizes
 from kprune.detectors.ssd.loss import MultiBoxLoss, MultiBoxOptions
 from kprune.detectors.ssd.priors import decode, encode
@@ -15,6 +17,13 @@ from kprune.detectors.ssd.targets import MultiBoxEncoder
 from kprune.models.io import load_model, save_model
 
 SSD = detectors.get("ssd")
+
+
+def cli(*args) -> str:
+    """Run ``kprune ARGS`` in process; its output (a failure shows it)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -227,29 +236,17 @@ def test_scopes_come_from_the_model_not_its_name():
 
 @pytest.fixture(scope="module")
 def ssdlite_file(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from kprune.cli import main
-
     path = tmp_path_factory.mktemp("ssdlite") / "ssdlite.keras"
-    result = CliRunner().invoke(main, ["init", "ssdlite-mobilenetv2", str(path), "--size", "64", "--classes", "5",
-                                       "--width", "0.35"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"wrote {path}: ssd model ssdlite-mobilenetv2, 64 px, 5 classes, ")
+    output = cli("init", "ssdlite-mobilenetv2", path, "--size", "64", "--classes", "5", "--width", "0.35")
+    assert output.startswith(f"wrote {path}: ssd model ssdlite-mobilenetv2, 64 px, 5 classes, ")
     return path
 
 
 def test_info_json_gives_boxes_for_every_family():
     import json
 
-    from click.testing import CliRunner
-
-    from kprune.cli import main
-
     def info(*args):
-        result = CliRunner().invoke(main, ["info", *args, "--json"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return json.loads(result.output)
+        return json.loads(cli("info", *args, "--json"))
 
     ssd = info("--cfg", "ssd300-vgg16", "--classes", "20")
     assert (ssd["params"], ssd["boxes"], ssd["family"], ssd["classes"]) == (26_285_486, 8732, "ssd", 20)
@@ -260,9 +257,6 @@ def test_info_json_gives_boxes_for_every_family():
 def test_ssdlite_trains_prunes_evaluates_and_exports(ssdlite_file, tiny_synth_data, tmp_path):
     import json
 
-    from click.testing import CliRunner
-
-    from kprune.cli import main
     from kprune.train import TrainConfig, TrainingRun
 
     run = TrainingRun(TrainConfig(dataset=tiny_synth_data, init=str(ssdlite_file), epochs=3, batch_size=4, lr=2e-3,
@@ -272,11 +266,6 @@ def test_ssdlite_trains_prunes_evaluates_and_exports(ssdlite_file, tiny_synth_da
     assert len(log) == 3 and log[-1] < log[0]  # the validation loss falls
     assert set(metrics) >= {"map50", "coco_map"}
     trained = tmp_path / "run" / "final.keras"
-
-    def cli(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
 
     report = json.loads(cli("prune", trained, "--method", "filters", "--ratio", "0.25", "--strategy", "global",
                             "--out", tmp_path / "pruned.keras", "--json"))
@@ -308,15 +297,7 @@ def test_ssd300_trains_prunes_evaluates_and_exports_int8(tiny_synth_data, tmp_pa
     """SSD300 (VGG16 at width 0.125, the smallest input it takes) through the same commands as YOLO."""
     import json
 
-    from click.testing import CliRunner
-
-    from kprune.cli import main
     from kprune.train import TrainConfig, TrainingRun
-
-    def cli(*args):
-        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
 
     cli("init", "ssd300-vgg16", tmp_path / "ssd300.keras", "--size", "258", "--classes", "5", "--width", "0.125")
     run = TrainingRun(TrainConfig(dataset=tiny_synth_data, init=str(tmp_path / "ssd300.keras"), epochs=2,

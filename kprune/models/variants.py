@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kprune._keras import keras
+from kprune._keras import keras, tf
 from kprune.data.pipeline import check_input_size
 from kprune.models.layers import HEAD_LAYERS
 
@@ -32,16 +32,23 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-    """The CPU's feature flags, empty where ``cpuinfo`` cannot be read (not Linux)."""
+def cpuinfo(field: str, path: str = "/proc/cpuinfo") -> Optional[str]:
+    """The value of the first ``field`` line of ``path`` (Linux's CPU description), None where there
+    is none or the file cannot be read (not Linux)."""
     try:
-        with open(cpuinfo) as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set:
+    """The CPU's feature flags, empty where they cannot be read."""
+    return set((cpuinfo("flags", path) or "").split())
 
 
 def resolve_policy(policy: str, flags: Optional[set] = None, gpus: Optional[int] = None) -> str:
@@ -52,8 +59,6 @@ def resolve_policy(policy: str, flags: Optional[set] = None, gpus: Optional[int]
     if policy != "auto":
         return policy
     if gpus is None:
-        from kprune._keras import tf
-
         gpus = len(tf.config.list_physical_devices("GPU"))
     flags = cpu_flags() if flags is None else flags
     return "mixed_bfloat16" if not gpus and any(f in flags for f in BF16_FLAGS) else "float32"
