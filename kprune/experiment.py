@@ -26,11 +26,24 @@ Config keys (see :class:`ExperimentConfig`)::
     latency_runs: 20
     latency_threads: [1, 2]
     samples: 2                           # validation images drawn before / after pruning
+    seeds: 1                             # every training (baseline, controls, cells, compare) N times
+    control: true                        # dense controls: the baseline retrained as long as the cells
+    spread: null                         # std of one run's mAP@0.5, measured elsewhere; used with 1 seed
     out: runs/demo
 
 Retraining uses the baseline's training settings (loss, augmentation, batch size, batch-norm
 handling) with the ``retrain`` keys on top. Methods whose pruning already trains (``tfmot-*``, the ``gradual`` and ``iterative`` strategies)
 have no "without retraining" figure; their fine-tuning uses the ``retrain`` settings.
+
+Controls and seeds (Liu et al., "Rethinking the value of network pruning"): a pruned model that was
+retrained for E epochs is compared with the *dense control*, the baseline retrained for the same E
+epochs with the same settings (``controls/dense-Eep``); a cell without retraining is compared with
+the baseline itself. The round strategies count the epochs of all the rounds their model went
+through (their learning-rate schedule restarts every round, the control's does not). With
+``seeds: N`` every training runs N times, with the training config's ``seed`` plus 0 .. N-1 (seed k's
+cells prune seed k's baseline; a given baseline model is the same for all); folders of seed k > 0
+end in ``.seedK``. The report gives mean ± standard deviation and calls a change better or worse
+only when it is larger than the spread (:mod:`kprune.report.stats`).
 """
 
 from __future__ import annotations
@@ -77,6 +90,9 @@ class ExperimentConfig:
     latency_runs: int = 20
     latency_threads: List[int] = field(default_factory=lambda: [1, 2])
     samples: int = 2
+    seeds: int = 1
+    control: bool = True
+    spread: Optional[float] = None
     out: str = "runs/experiment"
 
     def __post_init__(self):
@@ -107,6 +123,14 @@ class ExperimentConfig:
             raise ValueError(f"latency_threads {self.latency_threads}: must include 2 (the report compares at 2)")
         if self.latency_runs < 1:
             raise ValueError(f"latency_runs {self.latency_runs}: need at least 1")
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ValueError(f"experiment seeds {self.seeds!r}: give the number of runs of every training, >= 1")
+        if self.spread is not None and (isinstance(self.spread, bool) or not isinstance(self.spread, (int, float))
+                                        or not 0 <= self.spread < 1):
+            raise ValueError(f"experiment spread {self.spread!r}: give the standard deviation of one run's "
+                             "mAP@0.5, a number in [0, 1), or null")
+        if not isinstance(self.control, bool):
+            raise ValueError(f"experiment control {self.control!r}: true or false")
 
 
 def load_config(path: str) -> ExperimentConfig:
@@ -162,7 +186,13 @@ def retrain_options(config: ExperimentConfig) -> dict:
 
 
 def _done(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A stored result, or None; results written before seeds and controls read as seed 0's."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    result.setdefault("kind", "baseline" if result.get("label") == "baseline" else "cell")
+    result.setdefault("seed_index", 0)
+    return result
 
 
 class Experiment:
@@ -173,80 +203,128 @@ class Experiment:
         self.out = Path(config.out)
         self.data = resolve_dataset(config.dataset)
         self.cells = cells(config)
+        self.first_seed = int(retrain_options(config).get("seed", 0))
+        self.given = "model" in config.baseline  # a baseline model, the same for every seed
 
-    def _train(self, spec: dict, run_dir: Path, what: str) -> dict:
+    def seed(self, k: int) -> int:
+        """The training seed of run ``k`` (0 .. seeds - 1)."""
+        return self.first_seed + k
+
+    def _options(self, k: int) -> dict:
+        return {**retrain_options(self.config), "seed": self.seed(k)}
+
+    def _train(self, spec: dict, run_dir: Path, what: str, k: int) -> dict:
         values = {**training_values(spec), "dataset": self.data, "out": str(run_dir)}
+        values["seed"] = int(values.get("seed", 0)) + k
         self.log(f"[{self.config.name}] training {what} in {run_dir}")
         return train(build(TrainConfig, values, f"experiment {what}"), progress=self.progress)
 
-    def compared(self, label: str) -> dict:
-        """Train and evaluate one ``compare`` entry (or return its stored result)."""
-        folder = self.out / "compare" / label
+    def compared(self, label: str, k: int = 0) -> dict:
+        """Train and evaluate one ``compare`` entry with seed ``k`` (or return its stored result)."""
+        folder = self.out / "compare" / (label + _suffix(k))
         done = _done(folder / "result.json")
         if done:
             return done
         spec = self.config.compare[label]
         values = training_values(spec)
-        metrics = self._train(spec, folder / "run", label)
+        metrics = self._train(spec, folder / "run", label, k)
         result = {"label": label, "mode": values.get("mode", "full"), "epochs": metrics.get("epochs"),
-                  "train_seconds": metrics.get("train_seconds"), "map50": metrics["map50"],
+                  "seed_index": k, "train_seconds": metrics.get("train_seconds"), "map50": metrics["map50"],
                   "map50_11pt": metrics.get("map50_11pt"), "coco_map": metrics["coco_map"],
                   "model": str(folder / "run" / "final.keras")}
         folder.mkdir(parents=True, exist_ok=True)
         return self._write(folder, result)
 
-    def baseline(self) -> dict:
-        """Train or take the baseline model, then evaluate, export and measure it (once); its
-        ``model.keras`` is what every cell prunes."""
-        folder = self.out / "baseline"
+    def _baseline_folder(self, k: int) -> Path:
+        return self.out / ("baseline" if self.given else "baseline" + _suffix(k))
+
+    def baseline(self, k: int = 0) -> dict:
+        """Train (with seed ``k``) or take the baseline model, then evaluate, export and measure it
+        (once); its ``model.keras`` is what seed ``k``'s cells prune and its controls retrain."""
+        folder = self._baseline_folder(k)
         done = _done(folder / "result.json")
         if done:
             return done
         folder.mkdir(parents=True, exist_ok=True)
-        if "model" in self.config.baseline:
+        if self.given:
             model = load_model(str(self.config.baseline["model"]))
             trained = None
         else:
-            trained = self._train(self.config.baseline, folder / "run", "baseline")
+            trained = self._train(self.config.baseline, folder / "run", "baseline" + _suffix(k), k)
             model = load_model(str(folder / "run" / "final.keras"))
-        result = {"label": "baseline", "family": "baseline", "ratio": 0.0, "trained": trained}
+        result = {"label": "baseline", "family": "baseline", "kind": "baseline", "ratio": 0.0,
+                  "seed_index": 0 if self.given else k, "seed": None if self.given else self.seed(k),
+                  "train_epochs": 0, "trained": trained}
         result.update(self._finish(folder, model))
         _copy(folder / "final.keras", folder / "model.keras")
         return self._write(folder, result)
 
-    def cell(self, cell: dict) -> dict:
-        """Run one cell (or return its stored result): the baseline is loaded once, and pruned,
-        evaluated, retrained, saved (``final.keras``), exported and measured in memory."""
-        folder = self.out / "cells" / cell["label"]
+    def cell(self, cell: dict, k: int = 0) -> dict:
+        """Run one cell with seed ``k`` (or return its stored result): seed ``k``'s baseline is
+        loaded once, and pruned, evaluated, retrained, saved (``final.keras``), exported and measured
+        in memory."""
+        folder = self.out / "cells" / (cell["label"] + _suffix(k))
+        epochs = int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
+        trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
+        done = _done(folder / "result.json")
+        if done:
+            if "train_epochs" not in done:  # stored before controls: the one-shot epochs, rounds unknown
+                done["train_epochs"] = 0 if trains_itself else epochs
+                done["control"] = None if trains_itself else control_label(epochs)
+            return done
+        folder.mkdir(parents=True, exist_ok=True)
+        options = {k_: cell[k_] for k_ in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
+                                           "round_to", "include_outputs") if k_ in cell}
+        start = time.perf_counter()
+        self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
+        model, report, history = prune(load_model(str(self._baseline_folder(k) / "model.keras")), cell["method"],
+                                       ratio=cell["ratio"], data=self.data if trains_itself else None,
+                                       epochs=max(epochs, 1) if trains_itself else None,
+                                       train_options=self._options(k), run_dir=str(folder / "pruned.run"),
+                                       progress=self.progress, **options)
+        if history is not None:
+            write_json_atomic(folder / "pruned.history.json", history)
+        result = {"label": cell["label"], "family": cell["family"], "kind": "cell", "ratio": cell["ratio"],
+                  "method": cell["method"], "strategy": cell.get("strategy"), "seed_index": k,
+                  "seed": self.seed(k), "prune_seconds": time.perf_counter() - start,
+                  "layers": report["layers"], "rounds": report.get("rounds")}
+        if trains_itself:
+            result["map50_pruned"] = None
+            rounds = report.get("rounds")
+            # the epochs the returned model went through: the rounds kept, or one training (tfmot)
+            result["train_epochs"] = (max(epochs, 1) * (len(rounds) - bool(report.get("stopped")))
+                                      if rounds is not None else max(epochs, 1))
+        else:
+            result["map50_pruned"] = evaluate_loaded(model, self.data)["map50"]
+            result["train_epochs"] = epochs
+            if epochs > 0:
+                self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: retraining {epochs} epochs")
+                model, _ = retrain(model, str(folder / "run"), self.data, epochs, self._options(k),
+                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
+        result["retrained"] = trains_itself or epochs > 0
+        result["control"] = control_label(result["train_epochs"]) if self.config.control else None
+        result.update(self._finish(folder, model))
+        return self._write(folder, result)
+
+    def control(self, epochs: int, k: int = 0) -> dict:
+        """The dense control of ``epochs`` with seed ``k`` (or its stored result): seed ``k``'s
+        baseline retrained for ``epochs`` with the cells' retraining settings, then evaluated,
+        exported and measured like a cell."""
+        label = control_label(epochs)
+        if label == "baseline":
+            return self.baseline(k)
+        folder = self.out / "controls" / (label + _suffix(k))
         done = _done(folder / "result.json")
         if done:
             return done
         folder.mkdir(parents=True, exist_ok=True)
-        epochs = int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
-        trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
-        options = {k: cell[k] for k in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
-                                        "round_to", "include_outputs") if k in cell}
+        self.log(f"[{self.config.name}] {label + _suffix(k)}: retraining the baseline {epochs} epochs")
         start = time.perf_counter()
-        self.log(f"[{self.config.name}] {cell['label']}: pruning")
-        model, report, history = prune(load_model(str(self.out / "baseline" / "model.keras")), cell["method"],
-                                       ratio=cell["ratio"], data=self.data if trains_itself else None,
-                                       epochs=max(epochs, 1) if trains_itself else None,
-                                       train_options=retrain_options(self.config), run_dir=str(folder / "pruned.run"),
-                                       progress=self.progress, **options)
-        if history is not None:
-            write_json_atomic(folder / "pruned.history.json", history)
-        result = {"label": cell["label"], "family": cell["family"], "ratio": cell["ratio"], "method": cell["method"],
-                  "strategy": cell.get("strategy"), "prune_seconds": time.perf_counter() - start,
-                  "layers": report["layers"], "rounds": report.get("rounds")}
-        if trains_itself:
-            result["map50_pruned"] = None
-        else:
-            result["map50_pruned"] = evaluate_loaded(model, self.data)["map50"]
-            if epochs > 0:
-                self.log(f"[{self.config.name}] {cell['label']}: retraining {epochs} epochs")
-                model, _ = retrain(model, str(folder / "run"), self.data, epochs, retrain_options(self.config),
-                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
-        result["retrained"] = trains_itself or epochs > 0
+        model, _ = retrain(load_model(str(self._baseline_folder(k) / "model.keras")), str(folder / "run"),
+                           self.data, epochs, self._options(k), self.progress)
+        result = {"label": label, "family": "dense control", "kind": "control", "ratio": 0.0, "seed_index": k,
+                  "seed": self.seed(k), "train_epochs": epochs, "train_seconds": time.perf_counter() - start,
+                  "retrained": True, "map50_pruned": None}
         result.update(self._finish(folder, model))
         return self._write(folder, result)
 
@@ -270,31 +348,53 @@ class Experiment:
         return result
 
     def latency(self, rows: List[dict]) -> None:
-        """Time every model of the sweep side by side — Keras and the float TFLite file, at each
-        thread count, runs interleaved across the models — and put the figures into the rows.
-        Measured anew on every run of the experiment, so that all models share the same conditions."""
-        self.log(f"[{self.config.name}] timing {len(rows)} models side by side")
+        """Time every architecture of the sweep side by side — the baseline and each cell of the
+        first seed, Keras and the float TFLite file, at each thread count, runs interleaved across the
+        models — and put the figures into the rows (other seeds' models are the same architecture:
+        they take their cell's figures; a dense control takes the baseline's). Measured anew on every
+        run of the experiment, so that all models share the same conditions."""
+        timed = [r for r in rows if r["kind"] != "control" and r.get("seed_index", 0) == 0]
+        self.log(f"[{self.config.name}] timing {len(timed)} models side by side")
         models = {r["model"]: (Path(r["model"]).with_suffix(".tflite").read_bytes(), load_model(r["model"]))
-                  for r in rows}
+                  for r in timed}
         latency = side_by_side(models, self.config.latency_threads, self.config.latency_runs)
+        by_label = {r["label"]: latency[r["model"]] for r in timed}
         for r in rows:
-            r["measure"]["latency"] = latency[r["model"]]
+            r["measure"]["latency"] = by_label["baseline" if r["kind"] == "control" else r["label"]]
 
     def _write(self, folder: Path, result: dict) -> dict:
         write_json_atomic(folder / "result.json", result)
         return result
 
     def run(self) -> dict:
-        """Baseline, every cell, then results, plots and report; returns the results."""
+        """For each seed: the baseline, every cell, then the dense controls the cells need; then
+        results, plots and report; returns the results."""
         self.out.mkdir(parents=True, exist_ok=True)
         dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
-        compared = [self.compared(label) for label in self.config.compare]
-        baseline = self.baseline()
-        rows = [baseline]
-        for cell in self.cells:
-            rows.append(self.cell(cell))
+        seeds = range(self.config.seeds)
+        compared = [self.compared(label, k) for label in self.config.compare for k in seeds]
+        rows = []
+        for k in seeds:
+            baseline = self.baseline(k)
+            if k == 0 or not self.given:
+                rows.append(baseline)
+            done = [self.cell(cell, k) for cell in self.cells]
+            if self.config.control:
+                epochs = sorted({r["train_epochs"] for r in done if r["train_epochs"] > 0})
+                rows.extend(self.control(e, k) for e in epochs)
+            rows.extend(done)
+        rows.sort(key=lambda r: ({"baseline": 0, "control": 1}.get(r["kind"], 2), r.get("seed_index", 0)))
         self.latency(rows)
         return write_report(self.out, self.config, rows, self.data, self.config.samples, compared)
+
+
+def control_label(epochs: int) -> str:
+    """The dense control of a cell retrained ``epochs`` epochs (the baseline itself for none)."""
+    return f"dense-{epochs}ep" if epochs > 0 else "baseline"
+
+
+def _suffix(k: int) -> str:
+    return "" if k == 0 else f".seed{k}"
 
 
 def _copy(source: Path, target: Path) -> None:

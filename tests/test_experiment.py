@@ -82,17 +82,28 @@ def test_shipped_experiments_load():
 def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     other = {"model": "yolov2-tiny", "input_size": 64, "width": 0.25, "epochs": 1, "batch_size": 4, "lr": 0.003,
              "recalibrate_bn": 2}
-    path = _config(tmp_path, tiny_synth_data, compare={"higher-lr": {"train": other}})
+    path = _config(tmp_path, tiny_synth_data, compare={"higher-lr": {"train": other}}, spread=0.02)
     result = CliRunner().invoke(main, ["experiment", str(path), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     flat = {r["label"]: r for r in results["flat"]}
-    assert list(flat) == ["baseline", "filters-uniform-l1-0.5", "global-0.6"]
+    # the filter cell retrained 1 epoch: its dense control is the baseline retrained 1 epoch; the
+    # sparse cell was not retrained: its control is the baseline itself
+    assert list(flat) == ["baseline", "dense-1ep", "filters-uniform-l1-0.5", "global-0.6"]
     base, filters, sparse = flat["baseline"], flat["filters-uniform-l1-0.5"], flat["global-0.6"]
+    control = flat["dense-1ep"]
+    assert control["kind"] == "control" and control["params"] == base["params"] and control["n"] == 1
+    assert filters["control"] == "dense-1ep" and sparse["control"] == "baseline"
+    assert filters["vs_control"]["change"] == pytest.approx(filters["map50"] - control["map50"])
+    assert sparse["vs_control"]["change"] == pytest.approx(sparse["map50"] - base["map50"])
+    for r in (filters, sparse, control):  # one run each: the given spread of 0.02 decides (a z-test)
+        assert r["vs_baseline"]["test"] == "z" and r["vs_baseline"]["p"] is not None
+    assert (run / "controls" / "dense-1ep" / "run" / "final.keras").is_file()
+    assert json.loads((run / "controls" / "dense-1ep" / "result.json").read_text())["train_epochs"] == 1
     assert filters["flops_removed"] > 0.5 and filters["params"] < base["params"]  # 8 -> 8 in conv_0: not 75 %
     assert sparse["flops_removed"] == 0 and sparse["params"] == base["params"]
-    assert sparse["map50"] == sparse["map50_pruned"] and results["rows"][2]["retrained"] is False
+    assert sparse["map50"] == sparse["map50_pruned"] and results["rows"][3]["retrained"] is False
     assert sparse["nonzero_removed"] == pytest.approx(0.6 * 0.97, abs=0.05)  # kernels are ~97 % of the weights
     for row in results["rows"]:  # timed side by side at the end: every model, the same runs
         assert sorted(row["measure"]["latency"]) == ["keras_2t", "tflite_2t"]
@@ -104,18 +115,20 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     (compared,) = results["compare"]
     assert compared["label"] == "higher-lr" and compared["mode"] == "full" and compared["epochs"] == 1
     assert 0 <= compared["map50"] <= 1
+    assert "a change larger than 5.5 points" in report  # 1.96 * 0.02 * sqrt(2)
     for section in ("## Results", "## Findings", "## Retraining compared", "## Accuracy against size", "## Kept filters per layer",
                     "## Quantization (TFLite)", "## Latency", "## Sizes", "## Sample detections", "## Configuration"):
         assert section in report, section
     sections = {part.split("\n", 1)[0]: part for part in report.split("\n## ")[1:]}
-    for name, rows, text_columns in (("Results", 3, 1), ("Retraining compared", 1, 2), ("Quantization (TFLite)", 3, 1),
-                                     ("Latency", 3, 1), ("Sizes", 3, 1)):
+    for name, rows, text_columns in (("Results", 4, 1), ("Retraining compared", 1, 2), ("Quantization (TFLite)", 4, 1),
+                                     ("Latency", 3, 1), ("Sizes", 4, 1)):
         table = [line for line in sections[name].splitlines() if line.startswith("|")][2:]
         assert len(table) == rows, name
         for line in table:  # every cell past the label holds a number (or the dash of "not measured")
             cells_ = [c.strip() for c in line.strip("|").split("|")][text_columns:]
             assert all(any(ch.isdigit() for ch in c) or c == "–" for c in cells_), line
-            assert sum(c == "–" for c in cells_) <= 1, line  # only "mAP pruned" of the baseline
+            # "mAP pruned" of the baseline and of the control, their changes against a control
+            assert sum(c == "–" for c in cells_) <= (3 if line.startswith(("| baseline", "| dense")) else 1), line
     assert "goal is within 1 point: " in sections["Findings"]
     for name in ("map_vs_params", "map_vs_flops", "latency_vs_flops", "kept_filters", "samples"):
         assert (run / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -123,8 +136,55 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
 
     # one sample image: the baseline and the most pruned structured model side by side (3.2 x 3.4 in at 120 dpi)
     assert cv2.imread(str(run / "samples.png")).shape == (408, 768, 3)
-    assert (run / "results.csv").read_text().count("\n") == 4
+    assert (run / "results.csv").read_text().count("\n") == 5
     # a rerun finds every cell done: same results, no new training
     stamp = (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns
     again = CliRunner().invoke(main, ["experiment", str(path), "--quiet"], catch_exceptions=False)
     assert again.exit_code == 0 and (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, tiny_synth_data, monkeypatch):
+    """``seeds: 2`` with a given baseline model: the cells and the dense controls run once per seed
+    (seeds 7 and 8 from the config's 7), each seed's controls match its cells' epochs, and the report
+    averages over the seeds. Retraining is replaced by a recorder (the real one is tested above)."""
+    import kprune.experiment as E
+    from kprune.darknet.builder import build_model
+    from kprune.models.io import save_model
+    from tests.conftest import cfg_path, randomize
+
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    randomize(model, seed=2, scale=0.05)
+    save_model(model, tmp_path / "given.keras")
+    calls = []
+
+    def recorded(model, run_dir, data, epochs, options, progress, keep_sparsity=False, prepare=None):
+        calls.append((Path(run_dir).relative_to(tmp_path / "run").as_posix(), epochs, options["seed"]))
+        return model, {}
+
+    monkeypatch.setattr(E, "retrain", recorded)
+    config = E.ExperimentConfig(
+        name="seeds", dataset=tiny_synth_data, baseline={"model": str(tmp_path / "given.keras"), "train": {"seed": 7}},
+        sweep=[{"method": "global", "ratios": [0.6], "epochs": 3}],
+        retrain={"epochs": 1, "batch_size": 4}, export=["none"], latency_runs=1, latency_threads=[2], samples=0,
+        seeds=2, out=str(tmp_path / "run"))
+    results = E.Experiment(config, progress=False, log=lambda line: None).run()
+    assert calls == [("cells/global-0.6/run", 3, 7), ("controls/dense-3ep/run", 3, 7),
+                     ("cells/global-0.6.seed1/run", 3, 8), ("controls/dense-3ep.seed1/run", 3, 8)]
+    runs = [(r["label"], r["seed"]) for r in results["runs"]]
+    assert runs == [("baseline", None), ("dense-3ep", 7), ("dense-3ep", 8), ("global-0.6", 7), ("global-0.6", 8)]
+    summary = {r["label"]: r for r in results["flat"]}
+    assert [summary[k]["n"] for k in summary] == [1, 2, 2]
+    # the recorder returns the model unchanged: a control scores as the baseline, a sparse cell as
+    # itself on both seeds (std 0), so against its control the test is Welch's with a certain answer
+    base, sparse = summary["baseline"]["map50"], summary["global-0.6"]
+    assert summary["dense-3ep"]["map50"] == base and summary["dense-3ep"]["map50_std"] == 0
+    assert sparse["control"] == "dense-3ep" and sparse["vs_control"]["test"] == "welch"
+    assert sparse["vs_control"]["change"] == pytest.approx(sparse["map50"] - base)
+    assert sparse["vs_control"]["verdict"] == ("within spread" if sparse["map50"] == base else
+                                               "better" if sparse["map50"] > base else "worse")
+    # one baseline model for both seeds: its vs_baseline against itself is not asked; the control's is 0
+    assert summary["baseline"]["vs_baseline"] is None and summary["dense-3ep"]["vs_baseline"]["change"] == 0
+    # a rerun finds everything done
+    calls.clear()
+    E.Experiment(config, progress=False, log=lambda line: None).run()
+    assert calls == []
