@@ -281,6 +281,9 @@ def _layer_ratio(ctx, param, values):
     ["threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters"]),
     help="filters: remove whole filters (structured); the others zero weights inside kernels (tfmot).")
 @click.option("--ratio", type=float, help="Fraction of filters (filters) or of weights (sparsity) to remove.")
+@click.option("--remove-flops", type=float, metavar="FRACTION",
+              help="Instead of --ratio (method filters; strategy uniform, global or independent): remove at least "
+                   "this fraction of the FLOPs, with the smallest ratio that does.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]),
               help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise].")
@@ -306,8 +309,8 @@ def _layer_ratio(ctx, param, values):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
-def prune(model_path, method, ratio, threshold, criterion, strategy, rounds, max_drop, layer_ratio, scope,
-          include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
+def prune(model_path, method, ratio, remove_flops, threshold, criterion, strategy, rounds, max_drop, layer_ratio,
+          scope, include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
 
@@ -315,7 +318,7 @@ def prune(model_path, method, ratio, threshold, criterion, strategy, rounds, max
                          strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
                          max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
                          train_options={"lr": lr, "batch_size": batch_size}, rounds=rounds, max_drop=max_drop,
-                         progress=not quiet and not as_json)
+                         progress=not quiet and not as_json, remove_flops=remove_flops)
     click.echo(dumps(report) if as_json else summary(report))
 
 

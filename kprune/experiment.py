@@ -21,6 +21,7 @@ Config keys (see :class:`ExperimentConfig`)::
       - {method: filters, strategy: uniform, criterion: l1, ratios: [0.3, 0.5]}
       - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
       - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
+      - {method: filters, strategy: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
     latency_runs: 20
@@ -64,13 +65,13 @@ from kprune.export.tflite import QUANT_MODES
 from kprune.fileio import atomic_path, write_json_atomic
 from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
-from kprune.prune.command import METHODS, prune, retrain
+from kprune.prune.command import METHODS, check_options, prune, retrain
 from kprune.report.command import measure_model
 from kprune.report.experiment import write_report
 from kprune.report.latency import side_by_side
 from kprune.train import TrainConfig, resolve_dataset, train
 
-SWEEP_KEYS = ("method", "ratios", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
+SWEEP_KEYS = ("method", "ratios", "remove_flops", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
               "round_to", "include_outputs", "epochs")
 TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
@@ -112,8 +113,12 @@ class ExperimentConfig:
                 raise ValueError(f"sweep entry {k}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
             if entry.get("method") not in METHODS:
                 raise ValueError(f"sweep entry {k}: method {entry.get('method')!r}; choose one of {', '.join(METHODS)}")
-            if not entry.get("ratios") and entry.get("method") != "threshold":
-                raise ValueError(f"sweep entry {k}: give ratios: [...]")
+            for budget in entry.get("remove_flops") or []:
+                check_options(entry["method"], strategy=entry.get("strategy", "uniform"), remove_flops=budget)
+            if entry.get("ratios") and entry.get("remove_flops"):
+                raise ValueError(f"sweep entry {k}: give either ratios or remove_flops (FLOPs budgets), not both")
+            if not entry.get("ratios") and not entry.get("remove_flops") and entry.get("method") != "threshold":
+                raise ValueError(f"sweep entry {k}: give ratios: [...] (or remove_flops: [...] for filters)")
         bad = [q for q in self.export if q not in QUANT_MODES]
         if bad:
             raise ValueError(f"experiment export {bad}: choose from {', '.join(QUANT_MODES)}")
@@ -154,10 +159,12 @@ def cells(config: ExperimentConfig) -> List[dict]:
     """The sweep expanded: one dict per (entry, ratio) with a unique ``label``."""
     out = []
     for entry in config.sweep:
-        base = {k: v for k, v in entry.items() if k != "ratios"}
+        base = {k: v for k, v in entry.items() if k not in ("ratios", "remove_flops")}
         name = entry.get("label") or "-".join(
             str(v) for v in (entry["method"], entry.get("strategy"), entry.get("criterion"), entry.get("scope")) if v)
-        for ratio in entry.get("ratios") or [None]:
+        for budget in entry.get("remove_flops") or []:  # the ratio is found when the cell runs
+            out.append({**base, "ratio": None, "remove_flops": budget, "family": name, "label": f"{name}-flops{budget}"})
+        for ratio in entry.get("ratios") or ([] if entry.get("remove_flops") else [None]):
             value = entry.get("threshold") if ratio is None else ratio
             out.append({**base, "ratio": ratio, "family": name, "label": f"{name}-{value}"})
     labels = [c["label"] for c in out]
@@ -274,7 +281,7 @@ class Experiment:
             return done
         folder.mkdir(parents=True, exist_ok=True)
         options = {k_: cell[k_] for k_ in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
-                                           "round_to", "include_outputs") if k_ in cell}
+                                           "round_to", "include_outputs", "remove_flops") if k_ in cell}
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
         model, report, history = prune(load_model(str(self._baseline_folder(k) / "model.keras")), cell["method"],
@@ -284,7 +291,8 @@ class Experiment:
                                        progress=self.progress, **options)
         if history is not None:
             write_json_atomic(folder / "pruned.history.json", history)
-        result = {"label": cell["label"], "family": cell["family"], "kind": "cell", "ratio": cell["ratio"],
+        result = {"label": cell["label"], "family": cell["family"], "kind": "cell",
+                  "ratio": report.get("ratio", cell["ratio"]), "remove_flops": cell.get("remove_flops"),
                   "method": cell["method"], "strategy": cell.get("strategy"), "seed_index": k,
                   "seed": self.seed(k), "prune_seconds": time.perf_counter() - start,
                   "layers": report["layers"], "rounds": report.get("rounds")}

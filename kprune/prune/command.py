@@ -30,6 +30,7 @@ from kprune.models import sparsity as S
 from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model, save_model
 from kprune.models.variants import variant
+from kprune.prune.budgets import meet_flops_budget
 from kprune.prune import unstructured as U
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
 from kprune.prune.scope import layers_in_scope
@@ -38,6 +39,8 @@ from kprune.train import TrainConfig, train_model
 
 METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
 ROUND_STRATEGIES = ("gradual", "iterative")
+BUDGET_STRATEGIES = ("uniform", "global", "independent")
+MAX_BUDGET_RATIO = 0.99  # the search's upper end; max_ratio still caps every layer
 
 
 def _measure(model) -> dict:
@@ -64,15 +67,24 @@ def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional
 
 def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
                   strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
-                  rounds: Optional[int] = None, max_drop: Optional[float] = None) -> None:
+                  rounds: Optional[int] = None, max_drop: Optional[float] = None,
+                  remove_flops: Optional[float] = None) -> None:
     """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
 
     Raises:
         ValueError: an unknown method, a missing ratio / threshold, retraining asked without data or
-            epochs, a method or strategy that trains without them, or round options without rounds.
+            epochs, a method or strategy that trains without them, round options without rounds, or a
+            FLOPs budget with a ratio or with a method or strategy that does not take one.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    if remove_flops is not None:
+        if method != "filters" or strategy not in BUDGET_STRATEGIES:
+            raise ValueError(f"--remove-flops: only method filters removes FLOPs, with strategy "
+                             f"{', '.join(BUDGET_STRATEGIES)} (got {method}, {strategy})")
+        if ratio is not None:
+            raise ValueError("give either --ratio or --remove-flops, not both")
+        ratio = 0.0  # found by the budget search
     value = threshold if method == "threshold" else ratio
     if value is None and not (method == "filters" and strategy == "independent"):
         raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
@@ -92,7 +104,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
           include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
           layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None, epochs: Optional[int] = None,
           train_options: Optional[dict] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
-          run_dir: Optional[str] = None, progress: bool = True):
+          run_dir: Optional[str] = None, progress: bool = True, remove_flops: Optional[float] = None):
     """Prune ``model`` (in memory) by one method, optionally retrain; nothing is written but the
     training runs in ``run_dir``.
 
@@ -113,6 +125,10 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             the round strategies.
         train_options: further :class:`kprune.train.TrainConfig` settings for retraining.
         run_dir: the training run folder; needed whenever there is retraining.
+        remove_flops: instead of ``ratio`` (method ``filters``, strategies ``uniform``, ``global``,
+            ``independent``): remove at least this fraction of the FLOPs, with the smallest ratio
+            (for ``independent``: the largest of ``layer_ratios`` scaled) that does
+            (:mod:`kprune.prune.budgets`); the report adds ``remove_flops`` and the ``ratio`` found.
 
     Returns:
         ``(pruned model, report, history)``: the pruned model is a new one; the report has
@@ -127,7 +143,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
             without data, epochs or ``run_dir``, or anything the pruning functions refuse.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops)
     if data is not None and run_dir is None:
         raise ValueError(f"method {method} retrains here: give run_dir, the folder of the training run")
     value = threshold if method == "threshold" else ratio
@@ -145,7 +161,12 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
                                            progress)
         data = None  # fine-tuned already
     elif method == "filters":
-        result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+        if remove_flops is None:
+            result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+        else:
+            result = _meet_flops(model, remove_flops, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+            report.update(remove_flops=remove_flops, ratio=result.ratio)
+            result = result.result
         pruned, history = result.model, result.history
         report["layers"] = result.layers
         report.update(criterion=criterion, strategy=strategy, protected=result.protected,
@@ -183,12 +204,27 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     return pruned, report, history
 
 
+def _meet_flops(model, target, criterion, strategy, scope, round_to, max_ratio, layer_ratios):
+    """:func:`kprune.prune.budgets.meet_flops_budget` over the one number ``strategy`` takes."""
+    if strategy == "independent":
+        top = max((layer_ratios or {}).values(), default=0.0) or 1.0  # none: prune_filters says what is missing
+
+        def attempt(x):  # the per-layer ratios scaled so that the largest is x
+            scaled = {k: v * x / top for k, v in (layer_ratios or {}).items()}
+            return prune_filters(model, 0.0, criterion, strategy, scope, round_to, max_ratio, scaled)
+
+        return meet_flops_budget(model, target, attempt, high=MAX_BUDGET_RATIO)
+    return meet_flops_budget(
+        model, target, lambda x: prune_filters(model, x, criterion, strategy, scope, round_to, max_ratio),
+        high=MAX_BUDGET_RATIO)
+
+
 def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
                 threshold: Optional[float] = None, criterion: Optional[str] = None, strategy: str = "uniform",
                 scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
                 layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
                 epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
-                max_drop: Optional[float] = None, progress: bool = True) -> dict:
+                max_drop: Optional[float] = None, progress: bool = True, remove_flops: Optional[float] = None) -> dict:
     """Load ``model_path``, :func:`prune` it, and save the result as ``out`` (a ``.keras`` file);
     returns the report.
 
@@ -203,7 +239,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         ValueError: as :func:`prune` (checked before the model is loaded), ``out`` not ending in
             ``.keras``, or a model that cannot be read.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops)
     if not str(out).endswith(".keras"):
         raise ValueError(f"--out {out}: must end in .keras")
     stem = str(out)[: -len(".keras")]
@@ -211,7 +247,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         load_model(model_path), method, ratio=ratio, threshold=threshold, criterion=criterion, strategy=strategy,
         scope=scope, include_outputs=include_outputs, round_to=round_to, max_ratio=max_ratio,
         layer_ratios=layer_ratios, data=data, epochs=epochs, train_options=train_options, rounds=rounds,
-        max_drop=max_drop, run_dir=stem + ".run", progress=progress)
+        max_drop=max_drop, run_dir=stem + ".run", progress=progress, remove_flops=remove_flops)
     report = {"method": method, "model": str(model_path), **pruned_report, "out": str(out)}
     save_model(pruned, out)
     if history is not None:
@@ -250,6 +286,9 @@ def summary(report: dict) -> str:
         f"non-zero {report['nonzero_params_before']:,} -> {report['nonzero_params_after']:,}, "
         f"FLOPs {report['flops_before'] / 1e9:.3f} -> {report['flops_after'] / 1e9:.3f} G",
     ]
+    if report.get("remove_flops") is not None:
+        lines.append(f"FLOPs budget: {report['remove_flops']:.1%} asked, "
+                     f"{1 - report['flops_after'] / report['flops_before']:.1%} removed (ratio {report['ratio']:.4f})")
     for row in report["layers"]:
         if "channels_before" in row:
             if row["channels_before"] != row["channels_after"]:
