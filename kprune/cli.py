@@ -11,6 +11,8 @@ import os
 
 import click
 
+from kprune.prune.importance import CRITERIA  # the registry; it loads without TensorFlow
+
 
 class _Group(click.Group):
     """Bad input raises ValueError in the library; show it as a one-line error, not a traceback."""
@@ -285,8 +287,9 @@ def _layer_ratio(ctx, param, values):
               help="Instead of --ratio (method filters; strategy uniform, global or independent): remove at least "
                    "this fraction of the FLOPs, with the smallest ratio that does.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]),
-              help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise].")
+@click.option("--criterion", type=click.Choice(list(CRITERIA)),
+              help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise]; "
+                   "taylor scores on the first batches of --data.")
 @click.option("--strategy", type=click.Choice(["uniform", "independent", "global", "gradual", "iterative"]),
               default="uniform", show_default=True,
               help="How filters are chosen across layers (method filters). gradual: --rounds rounds on the cubic "
@@ -306,18 +309,23 @@ def _layer_ratio(ctx, param, values):
 @click.option("--epochs", type=int, help="Retraining epochs (with --data); per round for gradual and iterative.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Retraining learning rate.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Retraining batch size.")
+@click.option("--distill", type=float, metavar="WEIGHT",
+              help="Retraining also learns the unpruned model's outputs (distillation), this weight times the "
+                   "divergence added to the loss.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
 def prune(model_path, method, ratio, remove_flops, threshold, criterion, strategy, rounds, max_drop, layer_ratio,
-          scope, include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, out, as_json, quiet):
+          scope, include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, distill, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
 
     report = prune_model(model_path, out, method, ratio=ratio, threshold=threshold, criterion=criterion,
                          strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
                          max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
-                         train_options={"lr": lr, "batch_size": batch_size}, rounds=rounds, max_drop=max_drop,
+                         train_options={"lr": lr, "batch_size": batch_size,
+                                        **({"distill": {"teacher": "dense", "weight": distill}} if distill else {})},
+                         rounds=rounds, max_drop=max_drop,
                          progress=not quiet and not as_json, remove_flops=remove_flops)
     click.echo(dumps(report) if as_json else summary(report))
 
@@ -394,7 +402,7 @@ def _ratios(ctx, param, value):
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Converted dataset folder.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True, callback=_ratios,
               help="Fractions of each layer's filters to remove, comma-separated.")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-gamma", "l1-normalized"]), default="l1",
+@click.option("--criterion", type=click.Choice(list(CRITERIA)), default="l1",
               show_default=True, help="Which filters go first.")
 @click.option("--scope", default="all", show_default=True,
               help="all, backbone, head, or a regular expression on layer names.")

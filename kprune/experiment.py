@@ -22,7 +22,7 @@ Config keys (see :class:`ExperimentConfig`)::
       - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
       - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
       - {method: filters, strategy: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
-    retrain: {epochs: 4, lr: 0.001, batch_size: 8}
+    retrain: {epochs: 4, lr: 0.001, batch_size: 8}     # + distill: {teacher: dense, weight: 1.0}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
     latency_runs: 20
     latency_threads: [1, 2]
@@ -65,7 +65,8 @@ from kprune.export.tflite import QUANT_MODES
 from kprune.fileio import atomic_path, write_json_atomic
 from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
-from kprune.prune.command import METHODS, check_options, prune, retrain
+from kprune.prune.command import METHODS, check_options, dense_teacher, prune, retrain
+from kprune.prune.importance import get_criterion
 from kprune.report.command import measure_model
 from kprune.report.experiment import write_report
 from kprune.report.latency import side_by_side
@@ -113,6 +114,8 @@ class ExperimentConfig:
                 raise ValueError(f"sweep entry {k}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
             if entry.get("method") not in METHODS:
                 raise ValueError(f"sweep entry {k}: method {entry.get('method')!r}; choose one of {', '.join(METHODS)}")
+            if entry.get("criterion") is not None:
+                get_criterion(entry["criterion"])
             for budget in entry.get("remove_flops") or []:
                 check_options(entry["method"], strategy=entry.get("strategy", "uniform"), remove_flops=budget)
             if entry.get("ratios") and entry.get("remove_flops"):
@@ -284,8 +287,10 @@ class Experiment:
                                            "round_to", "include_outputs", "remove_flops") if k_ in cell}
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
-        model, report, history = prune(load_model(str(self._baseline_folder(k) / "model.keras")), cell["method"],
-                                       ratio=cell["ratio"], data=self.data if trains_itself else None,
+        scored_on_data = get_criterion(cell.get("criterion") or "l1").needs_data
+        dense = load_model(str(self._baseline_folder(k) / "model.keras"))
+        model, report, history = prune(dense, cell["method"],
+                                       ratio=cell["ratio"], data=self.data if trains_itself or scored_on_data else None,
                                        epochs=max(epochs, 1) if trains_itself else None,
                                        train_options=self._options(k), run_dir=str(folder / "pruned.run"),
                                        progress=self.progress, **options)
@@ -308,7 +313,8 @@ class Experiment:
             if epochs > 0:
                 self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: retraining {epochs} epochs")
                 model, _ = retrain(model, str(folder / "run"), self.data, epochs, self._options(k),
-                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"))
+                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"),
+                                   teacher=dense_teacher(dense, self._options(k)))
         result["retrained"] = trains_itself or epochs > 0
         result["control"] = control_label(result["train_epochs"]) if self.config.control else None
         result.update(self._finish(folder, model))
@@ -328,8 +334,9 @@ class Experiment:
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"[{self.config.name}] {label + _suffix(k)}: retraining the baseline {epochs} epochs")
         start = time.perf_counter()
-        model, _ = retrain(load_model(str(self._baseline_folder(k) / "model.keras")), str(folder / "run"),
-                           self.data, epochs, self._options(k), self.progress)
+        dense = load_model(str(self._baseline_folder(k) / "model.keras"))
+        model, _ = retrain(dense, str(folder / "run"), self.data, epochs, self._options(k), self.progress,
+                           teacher=dense_teacher(dense, self._options(k)))
         result = {"label": label, "family": "dense control", "kind": "control", "ratio": 0.0, "seed_index": k,
                   "seed": self.seed(k), "train_epochs": epochs, "train_seconds": time.perf_counter() - start,
                   "retrained": True, "map50_pruned": None}

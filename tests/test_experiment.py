@@ -157,7 +157,7 @@ def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, 
     save_model(model, tmp_path / "given.keras")
     calls = []
 
-    def recorded(model, run_dir, data, epochs, options, progress, keep_sparsity=False, prepare=None):
+    def recorded(model, run_dir, data, epochs, options, progress, keep_sparsity=False, prepare=None, teacher=None):
         calls.append((Path(run_dir).relative_to(tmp_path / "run").as_posix(), epochs, options["seed"]))
         return model, {}
 

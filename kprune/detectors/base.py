@@ -102,6 +102,11 @@ class DetectorFamily:
         The callable has ``terms``, the names of what it returns (``loss`` last)."""
         raise NotImplementedError
 
+    def distillation(self, model) -> Callable:
+        """``distill(student_outputs, teacher_outputs)`` -> ``{"distill": ...}``, a divergence of the
+        raw outputs that is zero when they are equal (:mod:`kprune.detectors.distill`)."""
+        raise NotImplementedError
+
     def make_loss_options(self, model, values: Optional[dict] = None):
         """The family's loss options for ``model`` with ``values`` (a config's ``loss:``) applied.
 

@@ -32,10 +32,13 @@ from kprune.models.io import load_model, save_model
 from kprune.models.variants import variant
 from kprune.prune.budgets import meet_flops_budget
 from kprune.prune import unstructured as U
+from kprune.prune.importance import get_criterion
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
+from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
 from kprune.prune.structured import prune_filters
 from kprune.train import TrainConfig, train_model
+from kprune.train.config import DENSE_TEACHER
 
 METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
 ROUND_STRATEGIES = ("gradual", "iterative")
@@ -58,23 +61,33 @@ def _pruning_wrapper(kind: str, value: float, names, epochs: int):
 
 
 def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional[dict], progress: bool,
-            keep_sparsity: bool = False, prepare=None):
-    """Train ``model`` in memory with :func:`kprune.train.train_model` in ``run_dir``; returns (model, metrics)."""
+            keep_sparsity: bool = False, prepare=None, teacher=None):
+    """Train ``model`` in memory with :func:`kprune.train.train_model` in ``run_dir``; returns (model, metrics).
+
+    ``teacher``: the dense model, for ``distill: {teacher: dense}`` in ``train_options``."""
     options = {**(train_options or {}), "dataset": data, "epochs": int(epochs), "out": str(run_dir),
                "keep_sparsity": keep_sparsity}
-    return train_model(model, TrainConfig(**options), progress=progress, prepare=prepare)
+    return train_model(model, TrainConfig(**options), progress=progress, prepare=prepare, teacher=teacher)
+
+
+def dense_teacher(model, train_options: Optional[dict]):
+    """A frozen copy of ``model`` when ``train_options`` distil from the dense model, else None."""
+    if ((train_options or {}).get("distill") or {}).get("teacher") != DENSE_TEACHER:
+        return None
+    return variant(model)
 
 
 def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
                   strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
                   rounds: Optional[int] = None, max_drop: Optional[float] = None,
-                  remove_flops: Optional[float] = None) -> None:
+                  remove_flops: Optional[float] = None, criterion: Optional[str] = None) -> None:
     """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
 
     Raises:
         ValueError: an unknown method, a missing ratio / threshold, retraining asked without data or
-            epochs, a method or strategy that trains without them, round options without rounds, or a
-            FLOPs budget with a ratio or with a method or strategy that does not take one.
+            epochs, a method or strategy that trains without them, round options without rounds, a
+            FLOPs budget with a ratio or with a method or strategy that does not take one, an unknown
+            criterion, or a data-driven criterion without data.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
@@ -88,7 +101,10 @@ def check_options(method: str, ratio: Optional[float] = None, threshold: Optiona
     value = threshold if method == "threshold" else ratio
     if value is None and not (method == "filters" and strategy == "independent"):
         raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
-    if (data is None) != (epochs is None):
+    scored_on_data = criterion is not None and get_criterion(criterion).needs_data
+    if scored_on_data and data is None:
+        raise ValueError(f"criterion {criterion} scores filters on training data: give --data")
+    if (data is None) != (epochs is None) and not (scored_on_data and epochs is None):
         raise ValueError("retraining needs both --data and --epochs")
     if method.startswith("tfmot-") and data is None:
         raise ValueError(f"method {method} prunes while training: give --data and --epochs")
@@ -122,8 +138,11 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         scope, include_outputs, round_to, max_ratio, layer_ratios: as in
             :func:`kprune.prune.structured.prune_filters` and :mod:`kprune.prune.scope`.
         data, epochs: retrain after pruning (in ``run_dir``); needed by the ``tfmot-*`` methods and
-            the round strategies.
-        train_options: further :class:`kprune.train.TrainConfig` settings for retraining.
+            the round strategies. A data-driven ``criterion`` (``taylor``) scores filters on the first
+            batches of ``data`` (:mod:`kprune.prune.sample`), with or without ``epochs``.
+        train_options: further :class:`kprune.train.TrainConfig` settings for retraining; with
+            ``distill: {teacher: dense, weight: W}`` every retraining (and round) also learns the
+            outputs of a frozen copy of ``model``.
         run_dir: the training run folder; needed whenever there is retraining.
         remove_flops: instead of ``ratio`` (method ``filters``, strategies ``uniform``, ``global``,
             ``independent``): remove at least this fraction of the FLOPs, with the smallest ratio
@@ -143,14 +162,18 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
             without data, epochs or ``run_dir``, or anything the pruning functions refuse.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion)
+    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
+    sample = DetectionSample(data) if method == "filters" and get_criterion(criterion).needs_data else None
+    if epochs is None:
+        data = None  # given only to score filters on
     if data is not None and run_dir is None:
         raise ValueError(f"method {method} retrains here: give run_dir, the folder of the training run")
     value = threshold if method == "threshold" else ratio
     in_rounds = method == "filters" and strategy in ROUND_STRATEGIES
-    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
 
     before = _measure(model)
+    teacher = dense_teacher(model, train_options) if data is not None else None
     report = {"method": method}
     history = None
     wrap_for_training = None  # set for the tfmot methods, which prune while they train
@@ -158,13 +181,15 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         report.update(criterion=criterion, strategy=strategy)
         pruned, history = _prune_in_rounds(model, str(run_dir), report, ratio, criterion, strategy, scope,
                                            round_to, max_ratio, data, epochs, train_options, rounds, max_drop,
-                                           progress)
+                                           progress, sample, teacher)
         data = None  # fine-tuned already
     elif method == "filters":
         if remove_flops is None:
-            result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+            result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
+                                   sample=sample)
         else:
-            result = _meet_flops(model, remove_flops, criterion, strategy, scope, round_to, max_ratio, layer_ratios)
+            result = _meet_flops(model, remove_flops, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
+                                 sample)
             report.update(remove_flops=remove_flops, ratio=result.ratio)
             result = result.result
         pruned, history = result.model, result.history
@@ -190,6 +215,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
 
     if data is not None:
         pruned, report["retrained"] = retrain(pruned, str(run_dir), data, epochs, train_options, progress,
+                                               teacher=teacher,
                                                keep_sparsity=method in ("threshold", "percentage", "global"),
                                                prepare=wrap_for_training)
 
@@ -204,18 +230,19 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     return pruned, report, history
 
 
-def _meet_flops(model, target, criterion, strategy, scope, round_to, max_ratio, layer_ratios):
+def _meet_flops(model, target, criterion, strategy, scope, round_to, max_ratio, layer_ratios, sample):
     """:func:`kprune.prune.budgets.meet_flops_budget` over the one number ``strategy`` takes."""
     if strategy == "independent":
         top = max((layer_ratios or {}).values(), default=0.0) or 1.0  # none: prune_filters says what is missing
 
         def attempt(x):  # the per-layer ratios scaled so that the largest is x
             scaled = {k: v * x / top for k, v in (layer_ratios or {}).items()}
-            return prune_filters(model, 0.0, criterion, strategy, scope, round_to, max_ratio, scaled)
+            return prune_filters(model, 0.0, criterion, strategy, scope, round_to, max_ratio, scaled, sample=sample)
 
         return meet_flops_budget(model, target, attempt, high=MAX_BUDGET_RATIO)
     return meet_flops_budget(
-        model, target, lambda x: prune_filters(model, x, criterion, strategy, scope, round_to, max_ratio),
+        model, target, lambda x: prune_filters(model, x, criterion, strategy, scope, round_to, max_ratio,
+                                               sample=sample),
         high=MAX_BUDGET_RATIO)
 
 
@@ -239,7 +266,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         ValueError: as :func:`prune` (checked before the model is loaded), ``out`` not ending in
             ``.keras``, or a model that cannot be read.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion)
     if not str(out).endswith(".keras"):
         raise ValueError(f"--out {out}: must end in .keras")
     stem = str(out)[: -len(".keras")]
@@ -257,7 +284,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
 
 
 def _prune_in_rounds(model, run_dir, report, ratio, criterion, strategy, scope, round_to, max_ratio,
-                     data, epochs, train_options, rounds, max_drop, progress):
+                     data, epochs, train_options, rounds, max_drop, progress, sample, teacher):
     """The gradual and iterative strategies; fills ``report`` and returns (model, history)."""
     if strategy == "gradual":
         targets, inner, baseline = cubic_targets(ratio, rounds or 4), "global", None
@@ -268,11 +295,12 @@ def _prune_in_rounds(model, run_dir, report, ratio, criterion, strategy, scope, 
         report.update(baseline_map50=baseline, max_drop=max_drop)
 
     def finetune(pruned, t):
-        return retrain(pruned, os.path.join(run_dir, f"round-{t}"), data, epochs, train_options, progress)
+        return retrain(pruned, os.path.join(run_dir, f"round-{t}"), data, epochs, train_options, progress,
+                       teacher=teacher)
 
     log = (lambda line: print(line, file=sys.stderr)) if progress else None
     result = prune_in_rounds(model, targets, finetune, criterion, inner, scope, round_to, max_ratio,
-                             baseline_map=baseline, max_drop=max_drop, log=log)
+                             baseline_map=baseline, max_drop=max_drop, log=log, sample=sample)
     report.update(rounds=result.rounds, stopped=result.stopped, layers=result.layers)
     if result.metrics:
         report["retrained"] = result.metrics

@@ -74,7 +74,7 @@ class RoundsResult:
 def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criterion: str = "l1-normalized",
                     strategy: str = "global", scope: str = "all", round_to: int = 8, max_ratio: float = 0.9,
                     baseline_map: Optional[float] = None, max_drop: Optional[float] = None,
-                    log: Optional[Callable[[str], None]] = None) -> RoundsResult:
+                    log: Optional[Callable[[str], None]] = None, sample=None) -> RoundsResult:
     """Prune ``model`` (left unchanged) in rounds to the given fractions of its filters.
 
     Args:
@@ -86,6 +86,7 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
         baseline_map, max_drop: stop at the first round whose mAP@0.5 (``finetune``'s ``map50``)
             is more than ``max_drop`` below ``baseline_map``, and return the round before.
         log: receives one line per round.
+        sample: training data for a data-driven criterion, scored anew on each round's model.
 
     Returns:
         :class:`RoundsResult`; each round has ``round``, ``target``, ``ratio`` (the fraction of the
@@ -112,7 +113,7 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
         current = prunable_channels(ChannelGraph(result.model), layers)
         ratio = min(max(0.0, 1.0 - (1.0 - target) * total / current), MAX_ROUND_RATIO) if current else 0.0
         pruned = prune_filters(result.model, ratio, criterion, strategy, scope, round_to, max_ratio,
-                               history=result.history, original=original)
+                               history=result.history, original=original, sample=sample)
         tuned, metrics = finetune(pruned.model, t)
         record = {"round": t, "target": target, "ratio": ratio,
                   "removed": 1.0 - prunable_channels(ChannelGraph(tuned), layers) / total,

@@ -19,6 +19,8 @@ from kprune._keras import tf
 from kprune.data.tfrecord import Manifest, read_manifest
 from kprune.evaluate import evaluate_loaded
 from kprune.prune.graph import ChannelGraph
+from kprune.prune.importance import get_criterion
+from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
 from kprune.prune.strategies import plan_filters, prunable_groups
 from kprune.prune.surgeon import silence_channels
@@ -35,7 +37,8 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
         data: a converted dataset folder or its manifest.
         ratios: fractions of the group's filters to remove, each in (0, 1).
         criterion, scope, round_to: as in :func:`kprune.prune.structured.prune_filters` (by
-            default no rounding, so that the ratios are what they say).
+            default no rounding, so that the ratios are what they say); a data-driven criterion
+            scores on the first training batches of ``data``, once per layer and ratio.
         split, batch_size, limit: the images evaluated (``limit``: the first that many).
 
     Returns:
@@ -55,6 +58,7 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
     groups = prunable_groups(graph, layers_in_scope(model, scope))
     if not groups:
         raise ValueError(f"scope {scope!r}: no layer with prunable filters")
+    sample = DetectionSample(manifest) if get_criterion(criterion).needs_data else None
     predict = tf.function(lambda images: model(images, training=False))  # traced once, weights change in place
 
     def score() -> float:
@@ -70,7 +74,7 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
                        "channels": len(graph.producers[group.producers[0]]), "kept": [], "map50": []}
                 for ratio in ratios:
                     plan = plan_filters(model, graph, ratio, criterion, "uniform", list(group.producers), round_to,
-                                        max_ratio=max(0.9, ratio))
+                                        max_ratio=max(0.9, ratio), sample=sample)
                     silence_channels(model, graph, plan.removed)
                     row["kept"].append(plan.channels[group.producers[0]][1])
                     row["map50"].append(score())

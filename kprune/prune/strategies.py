@@ -72,7 +72,7 @@ def _validate(ratio: float, round_to: int, max_ratio: float) -> None:
 def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str = "l1", strategy: str = "uniform",
                  layers: Optional[List[str]] = None, round_to: int = 8, max_ratio: float = 0.9,
                  ratios: Optional[Dict[str, float]] = None,
-                 original: Optional[Dict[str, int]] = None) -> FilterPlan:
+                 original: Optional[Dict[str, int]] = None, sample=None) -> FilterPlan:
     """Choose the units to remove.
 
     Args:
@@ -82,6 +82,7 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
         ratios: for ``independent``, layer name or regular expression -> ratio.
         original: for a model pruned before, the units of each group in the original model
             (:func:`group_sizes` of it), so that ``max_ratio`` caps the total over all prunings.
+        sample: training data for a criterion that needs it (:class:`kprune.prune.importance.Sample`).
 
     Raises:
         ValueError: bad ratio, strategy or criterion, or ``independent`` without ``ratios``.
@@ -90,7 +91,7 @@ def plan_filters(model, graph: ChannelGraph, ratio: float = 0.5, criterion: str 
         raise ValueError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     _validate(ratio, round_to, max_ratio)
     groups = prunable_groups(graph, layers)
-    scores = filter_scores(model, [p for g in groups for p in g.producers], criterion)
+    scores = filter_scores(model, [p for g in groups for p in g.producers], criterion, sample)
     ranked = {id(g): sorted(g.units, key=lambda u: unit_score(u, scores)) for g in groups}
 
     wanted: Dict[int, int] = {}

@@ -25,7 +25,8 @@ class PruneResult:
 
 def prune_filters(model, ratio: float, criterion: str = "l1", strategy: str = "uniform", scope: str = "all",
                   round_to: int = 8, max_ratio: float = 0.9, ratios: Optional[Dict[str, float]] = None,
-                  history: Optional[History] = None, original: Optional[Dict[str, int]] = None) -> PruneResult:
+                  history: Optional[History] = None, original: Optional[Dict[str, int]] = None,
+                  sample=None) -> PruneResult:
     """Remove filters from ``model`` (which is left unchanged) and return the smaller model.
 
     Args:
@@ -34,10 +35,11 @@ def prune_filters(model, ratio: float, criterion: str = "l1", strategy: str = "u
         history: the history ``model`` already carries (when pruning a pruned model again), so
             that the result's history still refers to the dense model.
         original: see :func:`plan_filters` (``max_ratio`` over several prunings).
+        sample: training data for a data-driven criterion (see :func:`plan_filters`).
     """
     graph = ChannelGraph(model)
     plan = plan_filters(model, graph, ratio, criterion, strategy, layers_in_scope(model, scope), round_to,
-                        max_ratio, ratios, original)
+                        max_ratio, ratios, original, sample)
     pruned, new_history = remove_units(model, graph, plan.removed)
     layers = [{"name": name, "channels_before": before, "channels_after": after}
               for name, (before, after) in plan.channels.items()]

@@ -13,6 +13,8 @@ from kprune.data.pipeline import Augment
 from kprune.models.variants import check_policy
 
 MODES = ("full", "head", "new-head")
+DISTILL_KEYS = {"teacher", "weight"}
+DENSE_TEACHER = "dense"  # distill.teacher: the unpruned model, passed in memory by the pruning
 STRATEGIES = ("default", "mirrored", "multi-worker")
 # Dataset names and the folders `make data-synth` / the data_tools converters write them to.
 DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti", "voc0712": "data/voc0712"}
@@ -58,6 +60,11 @@ class TrainConfig:
     ``final_size``: the input size of the saved models (``best.keras``, ``final.keras``) and of every
     mAP evaluation, when it differs from the training size. The same weights run at any multiple of
     32; run larger than trained, YOLOv2 sees small objects bigger.
+
+    ``distill``: ``{teacher: T, weight: W}`` adds ``W`` x the divergence of the model's raw outputs
+    from the teacher's (:mod:`kprune.detectors.distill`) to every training step's loss; the teacher
+    (a ``.keras`` file, or ``dense``: the unpruned model, where a pruning passes it in memory) is
+    frozen and runs in inference mode. Validation losses stay the detection loss alone.
     """
 
     dataset: str = "synth"
@@ -95,6 +102,7 @@ class TrainConfig:
     anchors: Union[None, str, List[List[float]]] = None
     precision: str = "float32"
     final_size: Optional[int] = None
+    distill: Optional[Dict[str, object]] = None
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -127,6 +135,18 @@ class TrainConfig:
             raise ValueError(f"final_size = {self.final_size}: must be a whole number of pixels, at least 32")
         self._check_nested("loss", self._loss_options())
         self._check_nested("augment", Augment)
+        self._check_distill()
+
+    def _check_distill(self) -> None:
+        if self.distill is None:
+            return
+        if not isinstance(self.distill, dict) or set(self.distill) - DISTILL_KEYS or "teacher" not in self.distill:
+            raise ValueError(f"distill = {self.distill!r}: expected {{teacher: MODEL.keras or dense, weight: W}} "
+                             f"(keys {', '.join(sorted(DISTILL_KEYS))})")
+        weight = self.distill.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"distill weight = {weight!r}: a number > 0")
+        self.distill = {"teacher": str(self.distill["teacher"]), "weight": float(weight)}
 
     def _coerce(self):
         """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""

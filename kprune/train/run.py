@@ -28,11 +28,11 @@ from kprune.data.pipeline import Augment, make_dataset
 from kprune.data.tfrecord import read_manifest
 from kprune.evaluate import evaluate_detections, predict_dataset
 from kprune.fileio import write_json_atomic
-from kprune.models.io import save_model
+from kprune.models.io import load_model, save_model
 from kprune.models.sparsity import keep_masks, pruning_wrappers, strip
 from kprune.models.variants import BF16_FLAGS, resolve_policy, variant, with_policy
 from kprune.train.batchnorm import batch_norm_layers, recalibrate_batch_norm
-from kprune.train.config import TrainConfig, resolve_dataset
+from kprune.train.config import DENSE_TEACHER, TrainConfig, resolve_dataset
 from kprune.train.detector import build_detector, class_names, set_anchors, set_trainable, variable_input_view
 from kprune.train.distribute import is_chief, make_strategy
 from kprune.train.pretrain import pretrain_trunk
@@ -97,7 +97,8 @@ GIVEN_MODEL = "(a model given in memory)"
 class TrainingRun:
     """One training run in its directory (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, prepare=None, model=None):
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, prepare=None, model=None,
+                 teacher=None):
         if model is not None:  # the model in memory replaces the config's source
             config = dataclasses.replace(config, model=None, cfg=None, weights=None, names=None, init=GIVEN_MODEL)
         self.config, self.progress = config, progress
@@ -144,7 +145,11 @@ class TrainingRun:
                     layer.momentum = config.bn_momentum
             # multi-scale batches need a model that takes any size; it shares the detector's layers
             network = variable_input_view(self.detector) if config.multiscale else self.detector
-            self.trainer = DetectorTrainer(network, self._loss())
+            teacher = self._teacher(teacher)
+            if teacher is not None and config.multiscale:
+                teacher = variable_input_view(teacher)
+            self.trainer = DetectorTrainer(network, self._loss(), teacher=teacher,
+                                           distill_weight=(config.distill or {}).get("weight", 1.0))
             self.encoder = self.family.target_encoder(self.detector, self.loss_options)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
@@ -171,6 +176,22 @@ class TrainingRun:
 
     def _loss(self):
         return self.family.loss(self.detector, self.loss_options)
+
+    def _teacher(self, given):
+        """The distillation teacher: ``given`` (a model in memory) or the config's ``.keras`` file."""
+        if not self.config.distill:
+            return None
+        name = self.config.distill["teacher"]
+        if given is not None:
+            return given
+        if name == DENSE_TEACHER:
+            raise ValueError("distill teacher: dense is the unpruned model of a pruning (kprune prune --distill, "
+                             "or an experiment's retrain); for a training run give a .keras file")
+        teacher = load_model(name)
+        if teacher.input_shape[1:] != self.detector.input_shape[1:] and not self.config.multiscale:
+            raise ValueError(f"distill teacher {name}: input {teacher.input_shape[1:]}, the model's is "
+                             f"{self.detector.input_shape[1:]}")
+        return teacher
 
     def dataset(self, split: str, training: bool, start_epoch: int = 0, fixed_size: bool = False):
         c = self.config
@@ -266,16 +287,17 @@ class TrainingRun:
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, callbacks: Sequence = (),
-          prepare=None) -> dict:
+          prepare=None, teacher=None) -> dict:
     """Run (or resume) a training run; returns the final metrics. ``prepare(model, steps_per_epoch)``
     may return the detector with tfmot pruning wrappers (see :mod:`kprune.prune.unstructured`);
     they are then trained with their schedules and stripped from every saved model."""
-    return TrainingRun(config, resume=resume, progress=progress, prepare=prepare).fit(callbacks)
+    return TrainingRun(config, resume=resume, progress=progress, prepare=prepare, teacher=teacher).fit(callbacks)
 
 
-def train_model(model, config: TrainConfig, progress: bool = True, callbacks: Sequence = (), prepare=None):
+def train_model(model, config: TrainConfig, progress: bool = True, callbacks: Sequence = (), prepare=None,
+                teacher=None):
     """Train a model in memory as ``config`` says (its ``model`` / ``init`` / ``cfg`` are not used);
     returns ``(trained model, metrics)``. The run directory is written as by :func:`train`."""
-    run = TrainingRun(config, progress=progress, prepare=prepare, model=model)
+    run = TrainingRun(config, progress=progress, prepare=prepare, model=model, teacher=teacher)
     metrics = run.fit(callbacks)
     return run.final_model, metrics

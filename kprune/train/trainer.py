@@ -15,13 +15,22 @@ class DetectorTrainer(keras.Model):
         detector: a functional model of a detector family.
         loss: the loss, a callable ``loss(targets, outputs)`` with ``terms`` (default: the family's,
             with its default options).
+        teacher, distill_weight: distillation (:mod:`kprune.detectors.distill`): a frozen model with
+            the detector's outputs, whose predictions the detector also learns, the divergence
+            weighted by ``distill_weight`` and added to the training loss as the ``distill`` term.
     """
 
-    def __init__(self, detector, loss=None, **kwargs):
+    def __init__(self, detector, loss=None, teacher=None, distill_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.detector = detector
         self.detector_loss = loss or detectors.family_of(detector).loss(detector)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.detector_loss.terms}
+        self.teacher, self.distill_weight = teacher, float(distill_weight)
+        terms = list(self.detector_loss.terms)
+        if teacher is not None:
+            teacher.trainable = False
+            self.distill = detectors.family_of(detector).distillation(detector)
+            terms.insert(len(terms) - 1, "distill")  # "loss" stays last
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in terms}
 
     def call(self, images, training=False):
         return self.detector(images, training=training)
@@ -38,7 +47,12 @@ class DetectorTrainer(keras.Model):
     def train_step(self, data):
         images, targets = data
         with tf.GradientTape() as tape:
-            terms = self.detector_loss(targets, self.detector(images, training=True))
+            outputs = self.detector(images, training=True)
+            terms = dict(self.detector_loss(targets, outputs))
+            if self.teacher is not None:
+                distilled = self.distill(outputs, self.teacher(images, training=False))["distill"]
+                terms["distill"] = self.distill_weight * distilled
+                terms["loss"] = terms["loss"] + terms["distill"]
             # each replica averages over its own images; gradients are summed over replicas
             scaled = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.detector.trainable_variables

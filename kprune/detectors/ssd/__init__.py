@@ -15,6 +15,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
 from kprune.detectors.ssd import builders
+from kprune.detectors.ssd.distill import ssd_distillation
 from kprune.detectors.ssd.loss import MultiBoxLoss, MultiBoxOptions
 from kprune.detectors.ssd.priors import decode, priors
 from kprune.detectors.ssd.targets import MultiBoxEncoder
@@ -92,6 +93,9 @@ class SSDFamily(DetectorFamily):
 
     def loss(self, model, options: Optional[MultiBoxOptions] = None):
         return MultiBoxLoss(options or MultiBoxOptions(), key=self.head(model).name)
+
+    def distillation(self, model):
+        return ssd_distillation(model)
 
     def decode(self, model, outputs):
         if isinstance(outputs, (list, tuple)):

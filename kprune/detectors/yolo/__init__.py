@@ -15,6 +15,7 @@ from kprune.darknet.builder import build_model
 from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
 from kprune.detectors.yolo.anchors import fit_anchors
 from kprune.detectors.yolo.decode import decode_outputs
+from kprune.detectors.yolo.distill import yolo_distillation
 from kprune.detectors.yolo.loss import LossOptions, YoloLoss
 from kprune.detectors.yolo.targets import TargetEncoder
 from kprune.models.layers import DetectionHead
@@ -77,6 +78,9 @@ class YoloFamily(DetectorFamily):
 
     def loss(self, model, options=None):
         return YoloLoss.from_model(model, options or self.default_loss_options(model))
+
+    def distillation(self, model):
+        return yolo_distillation(model)
 
     def decode(self, model, outputs):
         return decode_outputs(model, outputs)

@@ -1,0 +1,34 @@
+"""Distillation of a YOLO model's head outputs (see :mod:`kprune.detectors.distill`)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+from kprune._keras import tf
+from kprune.detectors.distill import as_float_list, bernoulli_kl, softmax_kl
+from kprune.models.layers import detection_heads
+
+
+def yolo_distillation(model) -> Callable[[Sequence, Sequence], Dict[str, tf.Tensor]]:
+    """``distill(student_outputs, teacher_outputs) -> {"distill": ...}`` for a YOLO model's heads
+    (region: softmax classes; yolo: sigmoid classes)."""
+    heads = [(h.kind, h.num_anchors, h.classes) for h in detection_heads(model)]
+
+    def distill(student, teacher):
+        total = 0.0
+        for (kind, anchors, classes), s, t in zip(heads, as_float_list(student), as_float_list(teacher)):
+            shape = tf.concat([tf.shape(s)[:3], [anchors, 5 + classes]], 0)
+            s, t = tf.reshape(s, shape), tf.reshape(t, shape)
+            weight = tf.stop_gradient(tf.sigmoid(t[..., 4]))
+            objects = bernoulli_kl(t[..., 4], s[..., 4])
+            boxes = (tf.reduce_sum(tf.square(tf.sigmoid(s[..., 0:2]) - tf.sigmoid(t[..., 0:2])), -1)
+                     + tf.reduce_sum(tf.square(s[..., 2:4] - t[..., 2:4]), -1))
+            if kind == "region":
+                kinds = softmax_kl(t[..., 5:], s[..., 5:])
+            else:
+                kinds = tf.reduce_sum(bernoulli_kl(t[..., 5:], s[..., 5:]), -1)
+            images = tf.cast(tf.shape(s)[0], tf.float32)
+            total += tf.reduce_sum(objects + weight * (boxes + kinds)) / images
+        return {"distill": total}
+
+    return distill

@@ -1,0 +1,87 @@
+"""Distillation from the dense model: divergences that vanish when the student equals the teacher,
+hand-computed values, and training with a teacher."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kprune import detectors
+from kprune._keras import tf
+from kprune.darknet.builder import build_model
+from tests.conftest import cfg_path
+
+
+def _outputs(model, seed):
+    rng = np.random.default_rng(seed)
+    shapes = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
+    return [tf.constant(rng.normal(0, 2, (2, *s[1:])), tf.float32) for s in shapes]
+
+
+@pytest.mark.parametrize("name", ["yolov2-tiny", "yolov3-tiny", "ssdlite"])
+def test_the_divergence_is_zero_for_the_teacher_itself_and_positive_otherwise(name):
+    if name == "ssdlite":
+        model = detectors.build("ssdlite-mobilenetv2", input_size=96, classes=3, width=0.35)
+    else:
+        model = build_model(cfg_path(name), input_size=64, width=0.25, classes=5)
+    distill = detectors.family_of(model).distillation(model)
+    teacher, student = _outputs(model, 0), _outputs(model, 1)
+    assert abs(float(distill(teacher, teacher)["distill"])) < 1e-5
+    assert float(distill(student, teacher)["distill"]) > 0.1
+
+
+def test_yolo_objectness_is_a_bernoulli_kl_and_boxes_count_where_the_teacher_sees_objects():
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)  # region head, 5 anchors
+    distill = detectors.family_of(model).distillation(model)
+    teacher = np.zeros((1, 2, 2, 5 * 10), np.float32)  # every objectness 0.5, uniform classes
+    student = teacher.copy()
+    student[0, 1, 0, 4] = math.log(3.0)  # objectness 0.75 at anchor 0 of one cell
+    # KL(0.5 || 0.75) = 0.5 ln(0.5 / 0.75) + 0.5 ln(0.5 / 0.25) = 0.5 ln(4 / 3)
+    assert float(distill([student], [teacher])["distill"]) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+    # a raw width 1 off at anchor 2 of another cell: squared error 1, weighted by the teacher's 0.5
+    student = teacher.copy()
+    student[0, 0, 1, 2 * 10 + 2] = 1.0
+    assert float(distill([student], [teacher])["distill"]) == pytest.approx(0.5, rel=1e-5)
+    teacher[0, 0, 1, 2 * 10 + 4] = -30.0  # where the teacher sees no object, the box does not count
+    student[0, 0, 1, 2 * 10 + 4] = -30.0
+    assert float(distill([student], [teacher])["distill"]) < 1e-6
+
+
+def test_ssd_boxes_are_weighted_by_the_teacher_foreground():
+    model = detectors.build("ssdlite-mobilenetv2", input_size=96, classes=3, width=0.35)
+    distill = detectors.family_of(model).distillation(model)
+    priors = model.output_shape[1]
+    teacher = np.zeros((1, priors, 4 + 4), np.float32)  # uniform over background + 3 classes: foreground 0.75
+    student = teacher.copy()
+    student[0, 7, 1] = 2.0  # smooth L1 of 2 = 1.5
+    expected = 0.75 * 1.5 / (0.75 * priors)
+    assert float(distill([student], [teacher])["distill"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_training_with_a_teacher_adds_the_distill_term(tmp_path, tiny_synth_data):
+    from kprune.models.io import save_model
+    from kprune.train import TrainConfig, train_model
+    from tests.conftest import randomize
+
+    teacher = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    randomize(teacher, seed=4, scale=0.05)
+    save_model(teacher, tmp_path / "teacher.keras")
+    for bad, message in (({"teacher": "t.keras", "temperature": 2}, "keys teacher, weight"),
+                         ({"teacher": "t.keras", "weight": 0}, "distill weight = 0"),
+                         ({"weight": 1}, "expected {teacher")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(dataset=tiny_synth_data, distill=bad)
+    student = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
+    config = dict(dataset=tiny_synth_data, epochs=1, batch_size=4, recalibrate_bn=0, seed=0)
+    with pytest.raises(ValueError, match="teacher: dense is the unpruned model of a pruning"):
+        train_model(student, TrainConfig(**config, distill={"teacher": "dense"}, out=str(tmp_path / "a")))
+    _, metrics = train_model(student, TrainConfig(**config, distill={"teacher": str(tmp_path / "teacher.keras"),
+                                                                     "weight": 2.0}, out=str(tmp_path / "b")),
+                             progress=False)
+    log = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    header, first = log[0].split(","), log[1].split(",")
+    distilled = float(first[header.index("distill")])
+    assert distilled > 0  # an untrained student against a random teacher
+    # the training loss is the detection terms plus the distill term
+    terms = sum(float(first[header.index(t)]) for t in ("coordinates", "objects", "no_objects", "classes"))
+    assert float(first[header.index("loss")]) == pytest.approx(terms + distilled, rel=1e-4)
