@@ -65,6 +65,10 @@ class TrainConfig:
     from the teacher's (:mod:`kprune.detectors.distill`) to every training step's loss; the teacher
     (a ``.keras`` file, or ``dense``: the unpruned model, where a pruning passes it in memory) is
     frozen and runs in inference mode. Validation losses stay the detection loss alone.
+
+    ``slimming``: λ of an L1 penalty on the batch-norm scales (network slimming,
+    :mod:`kprune.train.slimming`), for a later ``bn-gamma`` pruning; the run's metrics give the
+    distribution of |gamma| before and after (``bn_gamma_before``, ``bn_gamma_after``).
     """
 
     dataset: str = "synth"
@@ -103,6 +107,7 @@ class TrainConfig:
     precision: str = "float32"
     final_size: Optional[int] = None
     distill: Optional[Dict[str, object]] = None
+    slimming: float = 0.0
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -127,6 +132,8 @@ class TrainConfig:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr = {self.lr}: must be > 0")
+        if self.slimming < 0:
+            raise ValueError(f"slimming = {self.slimming}: the L1 weight on batch-norm scales must be >= 0")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"bn_momentum = {self.bn_momentum}: must be in [0, 1)")
         self._check_anchors()
@@ -154,7 +161,7 @@ class TrainConfig:
                  "pretrain_epochs": int, "pretrain_crop": int,
                  "eval_every": int, "validate_every": int, "early_stopping": int, "steps_per_epoch": int,
                  "final_size": int,
-                 "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float}
+                 "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float, "slimming": float}
         for name, kind in kinds.items():
             value = getattr(self, name)
             if value is None or isinstance(value, bool):

@@ -32,6 +32,7 @@ from kprune.models.io import load_model, save_model
 from kprune.models.sparsity import keep_masks, pruning_wrappers, strip
 from kprune.models.variants import BF16_FLAGS, resolve_policy, variant, with_policy
 from kprune.train.batchnorm import batch_norm_layers, recalibrate_batch_norm
+from kprune.train.slimming import gamma_stats
 from kprune.train.config import DENSE_TEACHER, TrainConfig, resolve_dataset
 from kprune.train.detector import build_detector, class_names, set_anchors, set_trainable, variable_input_view
 from kprune.train.distribute import is_chief, make_strategy
@@ -149,7 +150,9 @@ class TrainingRun:
             if teacher is not None and config.multiscale:
                 teacher = variable_input_view(teacher)
             self.trainer = DetectorTrainer(network, self._loss(), teacher=teacher,
-                                           distill_weight=(config.distill or {}).get("weight", 1.0))
+                                           distill_weight=(config.distill or {}).get("weight", 1.0),
+                                           slimming=config.slimming)
+            self.gamma_before = gamma_stats(self.detector) if config.slimming else None
             self.encoder = self.family.target_encoder(self.detector, self.loss_options)
             schedule = WarmupCosine(
                 config.lr, self.steps * config.epochs, int(round(config.warmup_epochs * self.steps)),
@@ -282,6 +285,8 @@ class TrainingRun:
                         "input_size": c.final_size or self.detector.input_shape[1],
                         "images_per_second": (int(self.epoch.numpy()) - start) * self.steps * c.batch_size / max(seconds, 1e-9)})
         metrics.pop("coco_summary", None)
+        if c.slimming:
+            metrics.update(bn_gamma_before=self.gamma_before, bn_gamma_after=gamma_stats(self.final_model))
         self.write_json("metrics.json", metrics)
         return metrics
 

@@ -6,6 +6,7 @@ from typing import Dict
 
 from kprune import detectors
 from kprune._keras import keras, tf
+from kprune.train.slimming import gamma_penalty
 
 
 class DetectorTrainer(keras.Model):
@@ -18,9 +19,12 @@ class DetectorTrainer(keras.Model):
         teacher, distill_weight: distillation (:mod:`kprune.detectors.distill`): a frozen model with
             the detector's outputs, whose predictions the detector also learns, the divergence
             weighted by ``distill_weight`` and added to the training loss as the ``distill`` term.
+        slimming: λ of the ``slimming`` term ``λ * sum |gamma|`` over the batch norms
+            (:mod:`kprune.train.slimming`); 0: none.
     """
 
-    def __init__(self, detector, loss=None, teacher=None, distill_weight: float = 1.0, **kwargs):
+    def __init__(self, detector, loss=None, teacher=None, distill_weight: float = 1.0, slimming: float = 0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.detector = detector
         self.detector_loss = loss or detectors.family_of(detector).loss(detector)
@@ -30,6 +34,9 @@ class DetectorTrainer(keras.Model):
             teacher.trainable = False
             self.distill = detectors.family_of(detector).distillation(detector)
             terms.insert(len(terms) - 1, "distill")  # "loss" stays last
+        self.slimming = float(slimming)
+        if self.slimming:
+            terms.insert(len(terms) - 1, "slimming")
         self.trackers = {name: keras.metrics.Mean(name=name) for name in terms}
 
     def call(self, images, training=False):
@@ -53,6 +60,9 @@ class DetectorTrainer(keras.Model):
                 distilled = self.distill(outputs, self.teacher(images, training=False))["distill"]
                 terms["distill"] = self.distill_weight * distilled
                 terms["loss"] = terms["loss"] + terms["distill"]
+            if self.slimming:
+                terms["slimming"] = self.slimming * gamma_penalty(self.detector)
+                terms["loss"] = terms["loss"] + terms["slimming"]
             # each replica averages over its own images; gradients are summed over replicas
             scaled = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.detector.trainable_variables
