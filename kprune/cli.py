@@ -287,6 +287,9 @@ def _layer_ratio(ctx, param, values):
               help="Instead of --ratio (method filters; strategy uniform, global or independent): remove at least "
                    "this fraction of the FLOPs, with the smallest ratio that does.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
+@click.option("--reconstruct", is_flag=True,
+              help="After filter pruning, re-fit the convs that lost inputs to the dense model's outputs on "
+                   "training images of --data (least squares).")
 @click.option("--criterion", type=click.Choice(list(CRITERIA)),
               help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise]; "
                    "taylor scores on the first batches of --data.")
@@ -315,7 +318,7 @@ def _layer_ratio(ctx, param, values):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
-def prune(model_path, method, ratio, remove_flops, threshold, criterion, strategy, rounds, max_drop, layer_ratio,
+def prune(model_path, method, ratio, remove_flops, threshold, reconstruct, criterion, strategy, rounds, max_drop, layer_ratio,
           scope, include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, distill, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
@@ -326,7 +329,7 @@ def prune(model_path, method, ratio, remove_flops, threshold, criterion, strateg
                          train_options={"lr": lr, "batch_size": batch_size,
                                         **({"distill": {"teacher": "dense", "weight": distill}} if distill else {})},
                          rounds=rounds, max_drop=max_drop,
-                         progress=not quiet and not as_json, remove_flops=remove_flops)
+                         progress=not quiet and not as_json, remove_flops=remove_flops, reconstruct=reconstruct)
     click.echo(dumps(report) if as_json else summary(report))
 
 

@@ -72,8 +72,8 @@ from kprune.report.experiment import write_report
 from kprune.report.latency import side_by_side
 from kprune.train import TrainConfig, resolve_dataset, train
 
-SWEEP_KEYS = ("method", "ratios", "remove_flops", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label",
-              "round_to", "include_outputs", "epochs")
+SWEEP_KEYS = ("method", "ratios", "remove_flops", "reconstruct", "strategy", "criterion", "scope", "rounds",
+              "max_drop", "threshold", "label", "round_to", "include_outputs", "epochs")
 TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
@@ -284,10 +284,11 @@ class Experiment:
             return done
         folder.mkdir(parents=True, exist_ok=True)
         options = {k_: cell[k_] for k_ in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
-                                           "round_to", "include_outputs", "remove_flops") if k_ in cell}
+                                           "round_to", "include_outputs", "remove_flops", "reconstruct")
+                   if k_ in cell}
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
-        scored_on_data = get_criterion(cell.get("criterion") or "l1").needs_data
+        scored_on_data = get_criterion(cell.get("criterion") or "l1").needs_data or bool(cell.get("reconstruct"))
         dense = load_model(str(self._baseline_folder(k) / "model.keras"))
         model, report, history = prune(dense, cell["method"],
                                        ratio=cell["ratio"], data=self.data if trains_itself or scored_on_data else None,
@@ -300,7 +301,8 @@ class Experiment:
                   "ratio": report.get("ratio", cell["ratio"]), "remove_flops": cell.get("remove_flops"),
                   "method": cell["method"], "strategy": cell.get("strategy"), "seed_index": k,
                   "seed": self.seed(k), "prune_seconds": time.perf_counter() - start,
-                  "layers": report["layers"], "rounds": report.get("rounds")}
+                  "layers": report["layers"], "rounds": report.get("rounds"),
+                  "reconstruction": report.get("reconstruction")}
         if trains_itself:
             result["map50_pruned"] = None
             rounds = report.get("rounds")

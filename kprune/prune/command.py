@@ -33,6 +33,7 @@ from kprune.models.variants import variant
 from kprune.prune.budgets import meet_flops_budget
 from kprune.prune import unstructured as U
 from kprune.prune.importance import get_criterion
+from kprune.prune.reconstruct import reconstruct as fit_pruned
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
 from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
@@ -80,7 +81,8 @@ def dense_teacher(model, train_options: Optional[dict]):
 def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
                   strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
                   rounds: Optional[int] = None, max_drop: Optional[float] = None,
-                  remove_flops: Optional[float] = None, criterion: Optional[str] = None) -> None:
+                  remove_flops: Optional[float] = None, criterion: Optional[str] = None,
+                  reconstruct: bool = False) -> None:
     """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
 
     Raises:
@@ -101,10 +103,15 @@ def check_options(method: str, ratio: Optional[float] = None, threshold: Optiona
     value = threshold if method == "threshold" else ratio
     if value is None and not (method == "filters" and strategy == "independent"):
         raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
-    scored_on_data = criterion is not None and get_criterion(criterion).needs_data
-    if scored_on_data and data is None:
+    if reconstruct and (method != "filters" or strategy in ROUND_STRATEGIES):
+        raise ValueError(f"--reconstruct re-fits the convs after a one-shot filter pruning (method filters, "
+                         f"strategy {', '.join(BUDGET_STRATEGIES)}), not {method} {strategy}")
+    if reconstruct and data is None:
+        raise ValueError("--reconstruct fits the pruned convs on training images: give --data")
+    uses_data = (criterion is not None and get_criterion(criterion).needs_data) or reconstruct
+    if criterion is not None and get_criterion(criterion).needs_data and data is None:
         raise ValueError(f"criterion {criterion} scores filters on training data: give --data")
-    if (data is None) != (epochs is None) and not (scored_on_data and epochs is None):
+    if (data is None) != (epochs is None) and not (uses_data and epochs is None):
         raise ValueError("retraining needs both --data and --epochs")
     if method.startswith("tfmot-") and data is None:
         raise ValueError(f"method {method} prunes while training: give --data and --epochs")
@@ -120,7 +127,8 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
           include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
           layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None, epochs: Optional[int] = None,
           train_options: Optional[dict] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
-          run_dir: Optional[str] = None, progress: bool = True, remove_flops: Optional[float] = None):
+          run_dir: Optional[str] = None, progress: bool = True, remove_flops: Optional[float] = None,
+          reconstruct: bool = False):
     """Prune ``model`` (in memory) by one method, optionally retrain; nothing is written but the
     training runs in ``run_dir``.
 
@@ -148,6 +156,10 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             ``independent``): remove at least this fraction of the FLOPs, with the smallest ratio
             (for ``independent``: the largest of ``layer_ratios`` scaled) that does
             (:mod:`kprune.prune.budgets`); the report adds ``remove_flops`` and the ``ratio`` found.
+        reconstruct: after a one-shot filter pruning, re-fit the convs that lost input channels to
+            the dense model's outputs on the first training images of ``data``
+            (:mod:`kprune.prune.reconstruct`); the report adds ``reconstruction`` (per layer, the
+            relative output error on held-out positions before and after).
 
     Returns:
         ``(pruned model, report, history)``: the pruned model is a new one; the report has
@@ -162,9 +174,11 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
             without data, epochs or ``run_dir``, or anything the pruning functions refuse.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
+                  reconstruct)
     criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
-    sample = DetectionSample(data) if method == "filters" and get_criterion(criterion).needs_data else None
+    sample = (DetectionSample(data) if method == "filters" and (get_criterion(criterion).needs_data or reconstruct)
+              else None)
     if epochs is None:
         data = None  # given only to score filters on
     if data is not None and run_dir is None:
@@ -193,6 +207,9 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             report.update(remove_flops=remove_flops, ratio=result.ratio)
             result = result.result
         pruned, history = result.model, result.history
+        if reconstruct:
+            report["reconstruction"] = fit_pruned(model, pruned, history,
+                                                  lambda: (images for images, _ in sample.batches(model)))
         report["layers"] = result.layers
         report.update(criterion=criterion, strategy=strategy, protected=result.protected,
                       unhandled=result.unhandled, capped=result.capped)
@@ -251,7 +268,8 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
                 scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
                 layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
                 epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
-                max_drop: Optional[float] = None, progress: bool = True, remove_flops: Optional[float] = None) -> dict:
+                max_drop: Optional[float] = None, progress: bool = True, remove_flops: Optional[float] = None,
+                reconstruct: bool = False) -> dict:
     """Load ``model_path``, :func:`prune` it, and save the result as ``out`` (a ``.keras`` file);
     returns the report.
 
@@ -266,7 +284,8 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         ValueError: as :func:`prune` (checked before the model is loaded), ``out`` not ending in
             ``.keras``, or a model that cannot be read.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion)
+    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
+                  reconstruct)
     if not str(out).endswith(".keras"):
         raise ValueError(f"--out {out}: must end in .keras")
     stem = str(out)[: -len(".keras")]
@@ -274,7 +293,8 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         load_model(model_path), method, ratio=ratio, threshold=threshold, criterion=criterion, strategy=strategy,
         scope=scope, include_outputs=include_outputs, round_to=round_to, max_ratio=max_ratio,
         layer_ratios=layer_ratios, data=data, epochs=epochs, train_options=train_options, rounds=rounds,
-        max_drop=max_drop, run_dir=stem + ".run", progress=progress, remove_flops=remove_flops)
+        max_drop=max_drop, run_dir=stem + ".run", progress=progress, remove_flops=remove_flops,
+        reconstruct=reconstruct)
     report = {"method": method, "model": str(model_path), **pruned_report, "out": str(out)}
     save_model(pruned, out)
     if history is not None:
@@ -314,6 +334,9 @@ def summary(report: dict) -> str:
         f"non-zero {report['nonzero_params_before']:,} -> {report['nonzero_params_after']:,}, "
         f"FLOPs {report['flops_before'] / 1e9:.3f} -> {report['flops_after'] / 1e9:.3f} G",
     ]
+    for row in report.get("reconstruction", []):
+        lines.append(f"  reconstructed {row['name']:<12} output error {row['error_before']:.4f} -> {row['error_after']:.4f} "
+                     f"({row['rows']} positions)")
     if report.get("remove_flops") is not None:
         lines.append(f"FLOPs budget: {report['remove_flops']:.1%} asked, "
                      f"{1 - report['flops_after'] / report['flops_before']:.1%} removed (ratio {report['ratio']:.4f})")
