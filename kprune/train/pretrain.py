@@ -31,11 +31,12 @@ def object_crops(manifest, split: str, size: int, limit: Optional[int] = None):
 
 
 def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: int = 32, lr: float = 2e-3,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, seed: int = 0) -> dict:
     """Train the detector's trunk (everything up to its first head conv) as a classifier of the
     ground-truth objects, cut out and resized to ``crop`` pixels, under a global-average-pooling
     softmax layer that is then thrown away. The analogue of Darknet's ImageNet pre-training: a thin
-    YOLOv2 learns shapes far faster this way than from detection alone.
+    YOLOv2 learns shapes far faster this way than from detection alone. ``seed`` fixes the
+    classifier layer's initial weights and the order of the crops, so a run is repeatable.
 
     Returns:
         ``crops``, ``epochs``, ``accuracy`` (last epoch, on the crops), ``seconds``.
@@ -46,12 +47,18 @@ def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: 
     images, labels = object_crops(manifest, "train", crop)
     conv = next(iter(detectors.family_of(detector).predictor_convs(detector).values()))
     trunk = keras.Model(detector.input, conv.input)
+    # the classifier's weights and fit's shuffling draw from the global seed; it is cleared after,
+    # because the detection pipeline seeds its own ops (and tf.data refuses tensor seeds under a global one)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((crop, crop, detector.input_shape[-1]))
     features = keras.models.clone_model(trunk, input_tensors=inputs, clone_function=lambda layer: layer).output
     pooled = keras.layers.GlobalAveragePooling2D()(features)
     classifier = keras.Model(inputs, keras.layers.Dense(len(manifest.classes))(pooled))
     classifier.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                        metrics=["accuracy"])
-    history = classifier.fit(images, labels, batch_size=batch_size, epochs=epochs, verbose=1 if progress else 0)
+    try:
+        history = classifier.fit(images, labels, batch_size=batch_size, epochs=epochs, verbose=1 if progress else 0)
+    finally:
+        tf.random.set_seed(None)
     return {"crops": len(images), "epochs": epochs, "accuracy": float(history.history["accuracy"][-1]),
             "seconds": time.perf_counter() - began}

@@ -261,7 +261,7 @@ class TrainingRun:
         if start == 0 and c.pretrain_epochs and not self.state.get("pretrained"):
             with self.strategy.scope():
                 self.state["pretrained"] = pretrain_trunk(self.detector, self.manifest, c.pretrain_epochs,
-                                                          c.pretrain_crop, progress=self.progress)
+                                                          c.pretrain_crop, progress=self.progress, seed=c.seed)
         if start < c.epochs and not self.state.get("stopped_early"):
             self.trainer.fit(
                 self.dataset("train", True, start), validation_data=self.dataset("val", False),
