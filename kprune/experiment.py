@@ -98,6 +98,8 @@ class ExperimentConfig:
     out: str = "runs/experiment"
 
     def __post_init__(self):
+        # a config based on another removes a key of the base's baseline by setting it to null
+        self.baseline = {k: v for k, v in (self.baseline or {}).items() if v is not None}
         if set(self.baseline) - {"model"} not in (set(), *TRAINING_SPECS) or not self.baseline:
             raise ValueError("experiment baseline: give either {model: MODEL.keras} or a training config "
                              "({train: {...}} and / or {config: TRAIN.yaml}), or both: the model, and the "

@@ -58,7 +58,7 @@ def test_shipped_experiments_load():
 
     expected = {"demo": 2, "demo_seeds": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov2_kitti": 3, "gradual_global": 9,
                 "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
-                "ssd_gradual_global_synth": 9}
+                "ssd_gradual_global_synth": 9, "recovery": 4, "recovery_distill": 4, "recovery_slimming": 2}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in read_yaml(path):  # training configs
@@ -75,6 +75,9 @@ def test_shipped_experiments_load():
         build(TrainConfig, {**retrain_options(config), "init": "pruned.keras", "dataset": "unused"}, path.name)
         if path.stem == "yolov2_kitti":
             assert modes == {"baseline": "new-head", "head": "head", "full": "full"}
+        if path.stem == "recovery_slimming":  # the base's baseline model removed: trained here, with slimming
+            assert "model" not in config.baseline and training_values(config.baseline)["slimming"] == 0.0001
+            assert retrain_options(config)["slimming"] == 0.0
     assert found == expected
 
 

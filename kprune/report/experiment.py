@@ -37,9 +37,12 @@ def flat_rows(rows: List[dict]) -> List[dict]:
     """One flat record per trained model (the first seed's baseline first), the columns of
     ``results.csv``."""
     base = rows[0]
+    # each run's change is against the baseline of its own seed (one baseline when it was given)
+    baselines = {r.get("seed_index", 0): r for r in rows if r["label"] == "baseline"}
     out = []
     for r in rows:
         m = r["measure"]
+        own = baselines.get(r.get("seed_index", 0), base)
         row = {
             "label": r["label"], "family": r["family"], "kind": r.get("kind", "cell"),
             "seed": r.get("seed"), "seed_index": r.get("seed_index", 0), "control": r.get("control"),
@@ -48,7 +51,7 @@ def flat_rows(rows: List[dict]) -> List[dict]:
             "flops_removed": 1.0 - m["flops"] / base["measure"]["flops"],
             "nonzero_removed": 1.0 - m["nonzero_params"] / base["measure"]["nonzero_params"],
             "map50_pruned": r.get("map50_pruned"), "map50": r["map50"], "coco_map": r["coco_map"],
-            "map50_change": r["map50"] - base["map50"],
+            "map50_change": r["map50"] - own["map50"],
             "keras_mb": m["keras_size"]["bytes"] / 1e6, "keras_gzip_mb": m["keras_size"]["gzip"] / 1e6,
             "keras_bzip2_mb": m["keras_size"]["bzip2"] / 1e6, "keras_xz_mb": m["keras_size"]["xz"] / 1e6,
             "tflite_mb": m["tflite_size"]["bytes"] / 1e6,

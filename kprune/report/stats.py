@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from scipy import stats
 
 ALPHA = 0.05
-BETTER, WORSE, WITHIN, UNTESTED = "better", "worse", "within spread", "not tested (1 run, no spread given)"
+BETTER, WORSE, WITHIN, UNTESTED = "better", "worse", "within spread", "untested: 1 run, no spread given"
 
 
 @dataclass(frozen=True)
