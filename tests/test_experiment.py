@@ -58,7 +58,8 @@ def test_shipped_experiments_load():
 
     expected = {"demo": 2, "demo_seeds": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov2_kitti": 3, "gradual_global": 9,
                 "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
-                "ssd_gradual_global_synth": 9, "recovery": 4, "recovery_distill": 4, "recovery_slimming": 2}
+                "ssd_gradual_global_synth": 9, "recovery": 4, "recovery_distill": 4, "recovery_slimming": 2,
+                "demo_recovery": 2, "demo_recovery_distill": 1}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in read_yaml(path):  # training configs
@@ -114,6 +115,10 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     for r in flat.values():
         assert 0 <= r["map50"] <= 1 and 0 <= r["int8_map50"] <= 1 and r["tflite_2t_ms"] > 0
         assert r["int8_tflite_mb"] < 0.4 * r["none_tflite_mb"]
+    for row in results["rows"]:  # the figures are those of the files as written
+        folder = Path(row["model"]).parent
+        assert row["export"]["int8"]["bytes"] == (folder / "final-int8.tflite").stat().st_size
+        assert row["measure"]["keras_size"]["bytes"] == (folder / "final.keras").stat().st_size
     report = (run / "report.md").read_text()
     (compared,) = results["compare"]
     assert compared["label"] == "higher-lr" and compared["mode"] == "full" and compared["epochs"] == 1
@@ -149,7 +154,8 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
 def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, tiny_synth_data, monkeypatch):
     """``seeds: 2`` with a given baseline model: the cells and the dense controls run once per seed
     (seeds 7 and 8 from the config's 7), each seed's controls match its cells' epochs, and the report
-    averages over the seeds. Retraining is replaced by a recorder (the real one is tested above)."""
+    averages over the seeds. Retraining is replaced by a recorder, export and timing by stand-ins
+    (the real ones are tested above)."""
     import kprune.experiment as E
     from kprune.darknet.builder import build_model
     from kprune.models.io import save_model
@@ -165,6 +171,25 @@ def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, 
         return model, {}
 
     monkeypatch.setattr(E, "retrain", recorded)
+
+    def finish(self, folder, model):  # saved and scored for real; export and timing stand-ins (tested above)
+        from kprune.evaluate import evaluate_loaded
+        from kprune.models.counting import count_flops, count_params
+
+        save_model(model, folder / "final.keras")
+        score = evaluate_loaded(model, self.data)["map50"]
+        sizes = {"bytes": 1, "gzip": 1, "bzip2": 1, "xz": 1}
+        return {"model": str(folder / "final.keras"), "map50": score, "coco_map": 0.0,
+                "export": {"none": {"bytes": 1, "max_abs_diff": 0.0, "map50": score}},
+                "measure": {**count_params(model), "flops": count_flops(model), "keras_size": sizes,
+                            "tflite_size": sizes}}
+
+    def latency(self, rows):
+        for r in rows:
+            r["measure"]["latency"] = {"keras_2t": {"median_ms": 2.0}, "tflite_2t": {"median_ms": 1.0}}
+
+    monkeypatch.setattr(E.Experiment, "_finish", finish)
+    monkeypatch.setattr(E.Experiment, "latency", latency)
     config = E.ExperimentConfig(
         name="seeds", dataset=tiny_synth_data, baseline={"model": str(tmp_path / "given.keras"), "train": {"seed": 7}},
         sweep=[{"method": "global", "ratios": [0.6], "epochs": 3}],

@@ -59,53 +59,43 @@ def test_ssd_boxes_are_weighted_by_the_teacher_foreground():
     assert float(distill([student], [teacher])["distill"]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_training_with_a_teacher_adds_the_distill_term(tmp_path, tiny_synth_data):
+def test_training_with_a_teacher_and_slimming_adds_both_terms(tmp_path, tiny_synth_data):
     from kprune.models.io import save_model
     from kprune.train import TrainConfig, train_model
+    from kprune.train.slimming import gamma_stats
     from tests.conftest import randomize
 
     teacher = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
     randomize(teacher, seed=4, scale=0.05)
     save_model(teacher, tmp_path / "teacher.keras")
-    for bad, message in (({"teacher": "t.keras", "temperature": 2}, "keys teacher, weight"),
-                         ({"teacher": "t.keras", "weight": 0}, "distill weight = 0"),
-                         ({"weight": 1}, "expected {teacher")):
+    for bad, message in (({"distill": {"teacher": "t.keras", "temperature": 2}}, "keys teacher, weight"),
+                         ({"distill": {"teacher": "t.keras", "weight": 0}}, "distill weight = 0"),
+                         ({"distill": {"weight": 1}}, "expected {teacher"),
+                         ({"slimming": -0.1}, "slimming = -0.1")):
         with pytest.raises(ValueError, match=message):
-            TrainConfig(dataset=tiny_synth_data, distill=bad)
+            TrainConfig(dataset=tiny_synth_data, **bad)
     student = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
-    config = dict(dataset=tiny_synth_data, epochs=1, batch_size=4, recalibrate_bn=0, seed=0)
+    # the batch norms of yolov2-tiny at width 0.25 (at least 8 filters a layer): 8 + 8 + 16 + 32 + 64 +
+    # 128 + 256 + 128 channels, scales 1
+    assert gamma_stats(student) == {"channels": 640, "median": 1.0, "p10": 1.0, "p90": 1.0, "small": 0.0}
+    config = dict(dataset=tiny_synth_data, epochs=3, steps_per_epoch=1, batch_size=4, lr=0.05, warmup_epochs=0,
+                  recalibrate_bn=0, seed=0)
     with pytest.raises(ValueError, match="teacher: dense is the unpruned model of a pruning"):
         train_model(student, TrainConfig(**config, distill={"teacher": "dense"}, out=str(tmp_path / "a")))
     _, metrics = train_model(student, TrainConfig(**config, distill={"teacher": str(tmp_path / "teacher.keras"),
-                                                                     "weight": 2.0}, out=str(tmp_path / "b")),
-                             progress=False)
+                                                                     "weight": 2.0}, slimming=1.0,
+                                                  out=str(tmp_path / "b")), progress=False)
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
     header, first = log[0].split(","), log[1].split(",")
     distilled = float(first[header.index("distill")])
     assert distilled > 0  # an untrained student against a random teacher
-    # the training loss is the detection terms plus the distill term
-    terms = sum(float(first[header.index(t)]) for t in ("coordinates", "objects", "no_objects", "classes"))
-    assert float(first[header.index("loss")]) == pytest.approx(terms + distilled, rel=1e-4)
-
-
-def test_slimming_adds_the_l1_of_the_batch_norm_scales_and_shrinks_them(tmp_path, tiny_synth_data):
-    from kprune.train import TrainConfig, train_model
-    from kprune.train.slimming import gamma_stats
-
-    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
-    # the batch norms of yolov2-tiny at width 0.25 (at least 8 filters a layer): 8 + 8 + 16 + 32 + 64 +
-    # 128 + 256 + 128 channels, scales 1
-    assert gamma_stats(model) == {"channels": 640, "median": 1.0, "p10": 1.0, "p90": 1.0, "small": 0.0}
-    with pytest.raises(ValueError, match="slimming = -0.1"):
-        TrainConfig(dataset=tiny_synth_data, slimming=-0.1)
-    config = TrainConfig(dataset=tiny_synth_data, epochs=3, steps_per_epoch=1, batch_size=4, lr=0.05,
-                         warmup_epochs=0, recalibrate_bn=0, slimming=1.0, out=str(tmp_path / "run"))
-    _, metrics = train_model(model, config, progress=False)
-    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    header, first = log[0].split(","), log[1].split(",")
     # one step in the first epoch, before any update: 1.0 * 640 scales of 1
-    assert float(first[header.index("slimming")]) == pytest.approx(640.0, rel=1e-6)
-    # the penalty dominates: Adam moves every scale down by about the learning rate per step, 0.05 +
-    # 0.0375 + 0.0125 over the three cosine-decayed steps
+    slimmed = float(first[header.index("slimming")])
+    assert slimmed == pytest.approx(640.0, rel=1e-6)
+    # the training loss is the detection terms plus the distill and slimming terms
+    terms = sum(float(first[header.index(t)]) for t in ("coordinates", "objects", "no_objects", "classes"))
+    assert float(first[header.index("loss")]) == pytest.approx(terms + distilled + slimmed, rel=1e-4)
+    # the L1 penalty dominates the scales' gradient: Adam moves each down by about the learning rate
+    # per step, 0.05 + 0.0375 + 0.0125 over the three cosine-decayed steps
     before, after = metrics["bn_gamma_before"], metrics["bn_gamma_after"]
     assert before["median"] == 1.0 and after["median"] == pytest.approx(0.9, abs=0.02)
