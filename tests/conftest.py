@@ -44,3 +44,9 @@ def tiny_synth_data(tmp_path_factory) -> str:
     records, names, _ = coco.coco_records(root / "raw", 2017, None)
     write_dataset(records, names, root / "data", {"kind": "coco"}, {}, progress=False)
     return str(root / "data")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (otherwise in file order): with two workers, a long test started last
+    would leave one worker idle while it runs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -254,6 +254,7 @@ def test_info_json_gives_boxes_for_every_family():
     assert info("--cfg", "yolov3", "--size", "416")["boxes"] == (13 * 13 + 26 * 26 + 52 * 52) * 3
 
 
+@pytest.mark.slow
 def test_ssdlite_trains_prunes_evaluates_and_exports(ssdlite_file, tiny_synth_data, tmp_path):
     import json
 

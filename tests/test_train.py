@@ -51,6 +51,7 @@ def test_a_run_directory_has_everything(data, tmp_path):
     assert final.input_shape == (None, 64, 64, 3) and detection_heads(final)[0].names[0] == "ellipse"
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_config_give_identical_weights(data, tmp_path):
     """On one host, a config and its seed fix the run: initial weights, the trunk pre-training, data
     order and augmentation, and every update, bit for bit (across hosts CPU kernels round differently)."""
@@ -80,6 +81,7 @@ class KillAt(keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_in_mid_epoch_ends_like_an_uninterrupted_run(data, tmp_path):
     whole = TrainingRun(config(data, tmp_path / "whole", epochs=3), progress=False)
     whole.fit()
@@ -265,6 +267,7 @@ def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
         train(TrainConfig(dataset=str(tmp_path / "nowhere")))
 
 
+@pytest.mark.slow
 def test_retrain_command_line(data, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "kprune.retrain", "--dataset", data, "--model", "yolov2", "--input-size", "64",
@@ -335,6 +338,7 @@ def test_batch_norm_recalibration_averages_the_batch_statistics():
     np.testing.assert_array_equal(frozen.moving_mean.numpy(), np.zeros(3))
 
 
+@pytest.mark.slow
 def test_retraining_a_sparse_model_keeps_its_zeros(data, tmp_path):
     from kprune.models import sparsity as S
     from kprune.prune import unstructured as U
