@@ -65,7 +65,7 @@ from kprune.export.tflite import QUANT_MODES
 from kprune.fileio import atomic_path, write_json_atomic
 from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
-from kprune.prune.command import METHODS, check_options, dense_teacher, prune, retrain
+from kprune.prune.command import METHODS, check_options, dense_teacher, prune, retrain, uses_data
 from kprune.prune.importance import get_criterion
 from kprune.report.command import measure_model
 from kprune.report.experiment import write_report
@@ -290,7 +290,7 @@ class Experiment:
                    if k_ in cell}
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
-        scored_on_data = get_criterion(cell.get("criterion") or "l1").needs_data or bool(cell.get("reconstruct"))
+        scored_on_data = uses_data(cell.get("criterion"), bool(cell.get("reconstruct")))
         dense = load_model(str(self._baseline_folder(k) / "model.keras"))
         model, report, history = prune(dense, cell["method"],
                                        ratio=cell["ratio"], data=self.data if trains_itself or scored_on_data else None,

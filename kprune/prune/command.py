@@ -78,6 +78,12 @@ def dense_teacher(model, train_options: Optional[dict]):
     return variant(model)
 
 
+def uses_data(criterion: Optional[str], reconstruct: bool = False) -> bool:
+    """Whether filter pruning with this criterion (and reconstruction) reads training images, apart
+    from any retraining."""
+    return (criterion is not None and get_criterion(criterion).needs_data) or reconstruct
+
+
 def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
                   strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
                   rounds: Optional[int] = None, max_drop: Optional[float] = None,
@@ -108,10 +114,9 @@ def check_options(method: str, ratio: Optional[float] = None, threshold: Optiona
                          f"strategy {', '.join(BUDGET_STRATEGIES)}), not {method} {strategy}")
     if reconstruct and data is None:
         raise ValueError("--reconstruct fits the pruned convs on training images: give --data")
-    uses_data = (criterion is not None and get_criterion(criterion).needs_data) or reconstruct
-    if criterion is not None and get_criterion(criterion).needs_data and data is None:
+    if uses_data(criterion) and data is None:
         raise ValueError(f"criterion {criterion} scores filters on training data: give --data")
-    if (data is None) != (epochs is None) and not (uses_data and epochs is None):
+    if (data is None) != (epochs is None) and not (uses_data(criterion, reconstruct) and epochs is None):
         raise ValueError("retraining needs both --data and --epochs")
     if method.startswith("tfmot-") and data is None:
         raise ValueError(f"method {method} prunes while training: give --data and --epochs")
@@ -177,8 +182,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
                   reconstruct)
     criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
-    sample = (DetectionSample(data) if method == "filters" and (get_criterion(criterion).needs_data or reconstruct)
-              else None)
+    sample = DetectionSample(data) if method == "filters" and uses_data(criterion, reconstruct) else None
     if epochs is None:
         data = None  # given only to score filters on
     if data is not None and run_dir is None:
