@@ -32,12 +32,12 @@ from kprune.models.io import load_model, save_model
 from kprune.models.sparsity import keep_masks, pruning_wrappers, strip
 from kprune.models.variants import BF16_FLAGS, resolve_policy, variant, with_policy
 from kprune.train.batchnorm import batch_norm_layers, recalibrate_batch_norm
-from kprune.train.slimming import gamma_stats
 from kprune.train.config import DENSE_TEACHER, TrainConfig, resolve_dataset
 from kprune.train.detector import build_detector, class_names, set_anchors, set_trainable, variable_input_view
 from kprune.train.distribute import is_chief, make_strategy
 from kprune.train.pretrain import pretrain_trunk
 from kprune.train.schedule import WarmupCosine
+from kprune.train.slimming import gamma_stats
 from kprune.train.trainer import DetectorTrainer
 
 
@@ -184,9 +184,9 @@ class TrainingRun:
         """The distillation teacher: ``given`` (a model in memory) or the config's ``.keras`` file."""
         if not self.config.distill:
             return None
-        name = self.config.distill["teacher"]
         if given is not None:
             return given
+        name = self.config.distill["teacher"]
         if name == DENSE_TEACHER:
             raise ValueError("distill teacher: dense is the unpruned model of a pruning (kprune prune --distill, "
                              "or an experiment's retrain); for a training run give a .keras file")
