@@ -11,7 +11,8 @@ import os
 
 import click
 
-from kprune.prune.importance import CRITERIA  # the registry; it loads without TensorFlow
+from kprune.prune.importance import CRITERIA  # the registries load without TensorFlow
+from kprune.report.runtimes import RUNTIMES
 
 
 class _Group(click.Group):
@@ -284,8 +285,18 @@ def _layer_ratio(ctx, param, values):
     help="filters: remove whole filters (structured); the others zero weights inside kernels (tfmot).")
 @click.option("--ratio", type=float, help="Fraction of filters (filters) or of weights (sparsity) to remove.")
 @click.option("--remove-flops", type=float, metavar="FRACTION",
-              help="Instead of --ratio (method filters; strategy uniform, global or independent): remove at least "
-                   "this fraction of the FLOPs, with the smallest ratio that does.")
+              help="Instead of --ratio (method filters; strategy uniform, global, independent or sensitivity): remove "
+                   "at least this fraction of the FLOPs, with the smallest ratio that does.")
+@click.option("--target-latency", type=float, metavar="MS",
+              help="Instead of --ratio (as --remove-flops): prune until the model runs in MS milliseconds at batch 1 "
+                   "on --runtime with --threads, predicted from per-layer latency tables (measured once per host, "
+                   "cached) and checked by measuring.")
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)), default="tflite", show_default=True,
+              help="What --target-latency is measured on: " + "; ".join(
+                  f"{name}: {runtime.description}" for name, runtime in RUNTIMES.items()) + ".")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads of --runtime.")
+@click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False), metavar="SENSITIVITY.json",
+              help="Curves of kprune sensitivity, for --strategy sensitivity.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
 @click.option("--reconstruct", is_flag=True,
               help="After filter pruning, re-fit the convs that lost inputs to the dense model's outputs on "
@@ -293,11 +304,14 @@ def _layer_ratio(ctx, param, values):
 @click.option("--criterion", type=click.Choice(list(CRITERIA)),
               help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise]; "
                    "taylor scores on the first batches of --data.")
-@click.option("--strategy", type=click.Choice(["uniform", "independent", "global", "gradual", "iterative"]),
+@click.option("--strategy", type=click.Choice(["uniform", "independent", "global", "sensitivity", "gradual",
+                                               "iterative"]),
               default="uniform", show_default=True,
               help="How filters are chosen across layers (method filters). gradual: --rounds rounds on the cubic "
                    "schedule to --ratio, ranked globally, fine-tuned --epochs after each; iterative: --ratio more of "
-                   "every layer per round, fine-tuned, until mAP@0.5 drops more than --max-drop.")
+                   "every layer per round, fine-tuned, until mAP@0.5 drops more than --max-drop; sensitivity: "
+                   "per-layer ratios from --sensitivity curves, each layer losing at most the same predicted mAP, "
+                   "to meet --remove-flops or --target-latency.")
 @click.option("--rounds", type=int, help="Rounds of gradual (default 4) or at most, of iterative (default 10).")
 @click.option("--max-drop", type=float,
               help="iterative: the largest mAP@0.5 drop accepted, as a fraction (default 0.02 = 2 points).")
@@ -318,10 +332,16 @@ def _layer_ratio(ctx, param, values):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
-def prune(model_path, method, ratio, remove_flops, threshold, reconstruct, criterion, strategy, rounds, max_drop, layer_ratio,
-          scope, include_outputs, round_to, max_ratio, data, epochs, lr, batch_size, distill, out, as_json, quiet):
+def prune(model_path, method, ratio, remove_flops, target_latency, runtime, threads, sensitivity_file, threshold,
+          reconstruct, criterion, strategy, rounds, max_drop, layer_ratio, scope, include_outputs, round_to, max_ratio,
+          data, epochs, lr, batch_size, distill, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
+    from kprune.prune.sensitivity import read_sensitivity
+    from kprune.report.runtimes import get_runtime
+
+    if sensitivity_file is not None and strategy != "sensitivity":
+        raise click.UsageError("--sensitivity is read by --strategy sensitivity only")
 
     report = prune_model(model_path, out, method, ratio=ratio, threshold=threshold, criterion=criterion,
                          strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
@@ -329,7 +349,10 @@ def prune(model_path, method, ratio, remove_flops, threshold, reconstruct, crite
                          train_options={"lr": lr, "batch_size": batch_size,
                                         **({"distill": {"teacher": "dense", "weight": distill}} if distill else {})},
                          rounds=rounds, max_drop=max_drop,
-                         progress=not quiet and not as_json, remove_flops=remove_flops, reconstruct=reconstruct)
+                         progress=not quiet and not as_json, remove_flops=remove_flops, reconstruct=reconstruct,
+                         target_latency=target_latency,
+                         runtime=get_runtime(runtime, threads) if target_latency is not None else None,
+                         sensitivity=read_sensitivity(sensitivity_file) if sensitivity_file else None)
     click.echo(dumps(report) if as_json else summary(report))
 
 

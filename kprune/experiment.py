@@ -22,6 +22,9 @@ Config keys (see :class:`ExperimentConfig`)::
       - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
       - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
       - {method: filters, strategy: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
+      - {method: filters, ratios: [0.4], reconstruct: true, distill: 1.0}   # recoveries of this entry only
+      - {method: filters, strategy: sensitivity, sensitivity: model.sensitivity/sensitivity.json,
+         target_latency: [20, 15], runtime: tflite, threads: 1}               # latency budgets (ms)
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}     # + distill: {teacher: dense, weight: 1.0}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
     latency_runs: 20
@@ -67,13 +70,18 @@ from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
 from kprune.prune.command import METHODS, check_options, dense_teacher, prune, retrain, uses_data
 from kprune.prune.importance import get_criterion
+from kprune.prune.sensitivity import read_sensitivity
 from kprune.report.command import measure_model
 from kprune.report.experiment import write_report
 from kprune.report.latency import side_by_side
+from kprune.report.runtimes import get_runtime
 from kprune.train import TrainConfig, resolve_dataset, train
+from kprune.train.config import DENSE_TEACHER
 
-SWEEP_KEYS = ("method", "ratios", "remove_flops", "reconstruct", "strategy", "criterion", "scope", "rounds",
-              "max_drop", "threshold", "label", "round_to", "include_outputs", "epochs")
+SWEEP_KEYS = ("method", "ratios", "remove_flops", "target_latency", "runtime", "threads", "sensitivity", "reconstruct",
+              "distill", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label", "round_to",
+              "include_outputs", "epochs")
+BUDGETS = ("remove_flops", "target_latency")  # sweep keys whose values are budgets, each a cell
 TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
@@ -118,12 +126,25 @@ class ExperimentConfig:
                 raise ValueError(f"sweep entry {k}: method {entry.get('method')!r}; choose one of {', '.join(METHODS)}")
             if entry.get("criterion") is not None:
                 get_criterion(entry["criterion"])
-            for budget in entry.get("remove_flops") or []:
-                check_options(entry["method"], strategy=entry.get("strategy", "uniform"), remove_flops=budget)
-            if entry.get("ratios") and entry.get("remove_flops"):
-                raise ValueError(f"sweep entry {k}: give either ratios or remove_flops (FLOPs budgets), not both")
-            if not entry.get("ratios") and not entry.get("remove_flops") and entry.get("method") != "threshold":
-                raise ValueError(f"sweep entry {k}: give ratios: [...] (or remove_flops: [...] for filters)")
+            given = [key for key in ("ratios", *BUDGETS) if entry.get(key)]
+            if len(given) > 1:
+                raise ValueError(f"sweep entry {k}: give one of ratios, remove_flops (FLOPs budgets) and "
+                                 f"target_latency (milliseconds), not {' and '.join(given)}")
+            if not given and entry.get("method") != "threshold":
+                raise ValueError(f"sweep entry {k}: give ratios: [...] (or, for filters, remove_flops: [...] or "
+                                 "target_latency: [...])")
+            for key in BUDGETS:
+                for budget in entry.get(key) or []:
+                    check_options(entry["method"], strategy=entry.get("strategy", "uniform"), **{key: budget},
+                                  sensitivity={} if entry.get("sensitivity") else None)  # the file is read by the cell
+            if entry.get("target_latency"):
+                get_runtime(entry.get("runtime", "tflite"), entry.get("threads", 1))
+            elif "runtime" in entry or "threads" in entry:
+                raise ValueError(f"sweep entry {k}: runtime and threads belong to target_latency budgets")
+            weight = entry.get("distill")
+            if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+                raise ValueError(f"sweep entry {k}: distill {weight!r}: the weight of distillation from the dense "
+                                 "model in this entry's retraining, a number >= 0 (0: none)")
         bad = [q for q in self.export if q not in QUANT_MODES]
         if bad:
             raise ValueError(f"experiment export {bad}: choose from {', '.join(QUANT_MODES)}")
@@ -164,12 +185,14 @@ def cells(config: ExperimentConfig) -> List[dict]:
     """The sweep expanded: one dict per (entry, ratio) with a unique ``label``."""
     out = []
     for entry in config.sweep:
-        base = {k: v for k, v in entry.items() if k not in ("ratios", "remove_flops")}
+        base = {k: v for k, v in entry.items() if k not in ("ratios", *BUDGETS)}
         name = entry.get("label") or "-".join(
             str(v) for v in (entry["method"], entry.get("strategy"), entry.get("criterion"), entry.get("scope")) if v)
         for budget in entry.get("remove_flops") or []:  # the ratio is found when the cell runs
             out.append({**base, "ratio": None, "remove_flops": budget, "family": name, "label": f"{name}-flops{budget}"})
-        for ratio in entry.get("ratios") or ([] if entry.get("remove_flops") else [None]):
+        for budget in entry.get("target_latency") or []:
+            out.append({**base, "ratio": None, "target_latency": budget, "family": name, "label": f"{name}-{budget}ms"})
+        for ratio in entry.get("ratios") or ([] if any(entry.get(key) for key in BUDGETS) else [None]):
             value = entry.get("threshold") if ratio is None else ratio
             out.append({**base, "ratio": ratio, "family": name, "label": f"{name}-{value}"})
     labels = [c["label"] for c in out]
@@ -222,8 +245,13 @@ class Experiment:
         """The training seed of run ``k`` (0 .. seeds - 1)."""
         return self.first_seed + k
 
-    def _options(self, k: int) -> dict:
-        return {**retrain_options(self.config), "seed": self.seed(k)}
+    def _options(self, k: int, cell: Optional[dict] = None) -> dict:
+        """Retraining settings of seed ``k``; a cell's own ``distill`` weight replaces ``retrain``'s."""
+        options = {**retrain_options(self.config), "seed": self.seed(k)}
+        weight = (cell or {}).get("distill")
+        if weight is not None:
+            options["distill"] = {"teacher": DENSE_TEACHER, "weight": weight} if weight > 0 else None
+        return options
 
     def _train(self, spec: dict, run_dir: Path, what: str, k: int) -> dict:
         values = {**training_values(spec), "dataset": self.data, "out": str(run_dir)}
@@ -286,16 +314,22 @@ class Experiment:
             return done
         folder.mkdir(parents=True, exist_ok=True)
         options = {k_: cell[k_] for k_ in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
-                                           "round_to", "include_outputs", "remove_flops", "reconstruct")
+                                           "round_to", "include_outputs", "remove_flops", "target_latency",
+                                           "reconstruct")
                    if k_ in cell}
+        if "target_latency" in cell:
+            options["runtime"] = get_runtime(cell.get("runtime", "tflite"), cell.get("threads", 1))
+        if "sensitivity" in cell:
+            options["sensitivity"] = read_sensitivity(cell["sensitivity"])
         start = time.perf_counter()
         self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: pruning")
         scored_on_data = uses_data(cell.get("criterion"), bool(cell.get("reconstruct")))
         dense = load_model(str(self._baseline_folder(k) / "model.keras"))
+        train_options = self._options(k, cell)
         model, report, history = prune(dense, cell["method"],
                                        ratio=cell["ratio"], data=self.data if trains_itself or scored_on_data else None,
                                        epochs=max(epochs, 1) if trains_itself else None,
-                                       train_options=self._options(k), run_dir=str(folder / "pruned.run"),
+                                       train_options=train_options, run_dir=str(folder / "pruned.run"),
                                        progress=self.progress, **options)
         if history is not None:
             write_json_atomic(folder / "pruned.history.json", history)
@@ -304,7 +338,8 @@ class Experiment:
                   "method": cell["method"], "strategy": cell.get("strategy"), "seed_index": k,
                   "seed": self.seed(k), "prune_seconds": time.perf_counter() - start,
                   "layers": report["layers"], "rounds": report.get("rounds"),
-                  "reconstruction": report.get("reconstruction")}
+                  "reconstruction": report.get("reconstruction"), "target_latency": cell.get("target_latency"),
+                  "latency_budget": report.get("latency")}
         if trains_itself:
             result["map50_pruned"] = None
             rounds = report.get("rounds")
@@ -316,9 +351,11 @@ class Experiment:
             result["train_epochs"] = epochs
             if epochs > 0:
                 self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: retraining {epochs} epochs")
-                model, _ = retrain(model, str(folder / "run"), self.data, epochs, self._options(k),
+                start = time.perf_counter()
+                model, _ = retrain(model, str(folder / "run"), self.data, epochs, train_options,
                                    self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"),
-                                   teacher=dense_teacher(dense, self._options(k)))
+                                   teacher=dense_teacher(dense, train_options))
+                result["train_seconds"] = time.perf_counter() - start
         result["retrained"] = trains_itself or epochs > 0
         result["control"] = control_label(result["train_epochs"]) if self.config.control else None
         result.update(self._finish(folder, model))

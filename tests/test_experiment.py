@@ -44,11 +44,38 @@ def test_config_checks(tmp_path):
                              ({"sweep": [{"method": "global", "ratio": 0.5}]}, "unknown key(s) ratio"),
                              ({"baseline": {}}, "either {model"),
                              ({"export": ["int4"]}, "choose from"),
+                             ({"sweep": [{"method": "global", "ratios": [0.5], "distill": -1}]}, "distill -1"),
                              ({"colour": "red"}, "unknown key(s) colour")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(_config(tmp_path, "data", **changes))
+    budgets = load_config(_config(tmp_path, "data", sweep=[
+        {"method": "filters", "strategy": "sensitivity", "sensitivity": "s.json", "target_latency": [20, 15],
+         "runtime": "keras", "threads": 2, "label": "fast"},
+        {"method": "filters", "remove_flops": [0.5], "label": "half"}]))
+    assert [(c["label"], c.get("target_latency"), c.get("remove_flops")) for c in cells(budgets)] == [
+        ("fast-20ms", 20, None), ("fast-15ms", 15, None), ("half-flops0.5", None, 0.5)]
+    for entry, message in [({"method": "filters", "ratios": [0.5], "runtime": "keras"}, "belong to target_latency"),
+                           ({"method": "filters", "target_latency": [9], "runtime": "gpu"}, "runtime 'gpu'"),
+                           ({"method": "filters", "target_latency": [9], "remove_flops": [0.5]}, "not remove_flops and"),
+                           ({"method": "filters", "strategy": "sensitivity", "remove_flops": [0.5]}, "sensitivity curves")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(_config(tmp_path, "data", sweep=[entry]))
     with pytest.raises(ValueError, match="appear twice"):
         cells(ExperimentConfig(baseline={"model": "m.keras"}, sweep=[{"method": "global", "ratios": [0.5, 0.5]}]))
+
+
+def test_a_sweep_entry_sets_its_own_distillation(tmp_path):
+    """``distill: W`` in a sweep entry replaces ``retrain``'s distillation for that entry's cells
+    (0: none); the other entries keep ``retrain``'s."""
+    from kprune.experiment import Experiment
+
+    config = load_config(_config(tmp_path, "synth", retrain={"epochs": 1, "distill": {"teacher": "dense",
+                                                                                     "weight": 2.0}}))
+    experiment = Experiment(config)
+    assert experiment._options(1)["distill"] == {"teacher": "dense", "weight": 2.0}
+    assert experiment._options(1)["seed"] == 1
+    assert experiment._options(0, {"distill": 0.5})["distill"] == {"teacher": "dense", "weight": 0.5}
+    assert experiment._options(0, {"distill": 0})["distill"] is None
 
 
 def test_shipped_experiments_load():
@@ -58,8 +85,8 @@ def test_shipped_experiments_load():
 
     expected = {"demo": 2, "demo_seeds": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov2_kitti": 3, "gradual_global": 9,
                 "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
-                "ssd_gradual_global_synth": 9, "recovery": 4, "recovery_distill": 4, "recovery_slimming": 2,
-                "demo_recovery": 2, "demo_recovery_distill": 1}
+                "ssd_gradual_global_synth": 9, "recovery": 8, "recovery_slimming": 4,
+                "demo_recovery": 3}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in read_yaml(path):  # training configs

@@ -53,10 +53,10 @@ def test_global_budget_takes_the_cheapest_filters_first():
 def test_budgets_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match=r"at most 9\d\.\d% of the FLOPs"):
         prune(_model(), "filters", remove_flops=0.999, strategy="uniform", round_to=1)
-    with pytest.raises(ValueError, match="only method filters removes FLOPs"):
+    with pytest.raises(ValueError, match="only method filters meets a budget"):
         prune(_model(), "global", remove_flops=0.5)
-    with pytest.raises(ValueError, match="only method filters removes FLOPs, with strategy uniform, global, "
-                                         "independent \\(got filters, gradual\\)"):
+    with pytest.raises(ValueError, match="only method filters meets a budget, with strategy uniform, global, "
+                                         "independent, sensitivity \\(got filters, gradual\\)"):
         prune(_model(), "filters", remove_flops=0.5, strategy="gradual")
     with pytest.raises(ValueError, match="either --ratio or --remove-flops"):
         prune(_model(), "filters", ratio=0.5, remove_flops=0.5)
@@ -75,3 +75,33 @@ def test_the_command_line_takes_a_flops_budget(tmp_path):
                                        "0.5", "--round-to", "1", "--out", str(tmp_path / "p.keras")])
     assert result.exit_code == 0, result.output
     assert "FLOPs budget: 50.0% asked, 56.8% removed" in result.output  # 154,880 of 358,400 left
+
+
+# sensitivity curves of _model(): c1 loses mAP as soon as it is pruned, c2 holds up to half its filters
+CURVES = {"baseline": 0.8, "ratios": [0.25, 0.5, 0.75],
+          "layers": [{"name": "c1", "producers": ["c1"], "map50": [0.7, 0.6, 0.5]},
+                     {"name": "c2", "producers": ["c2"], "map50": [0.8, 0.81, 0.79]}]}
+
+
+def test_sensitivity_ratios_keep_every_layer_within_the_tolerated_loss():
+    from kprune.prune.sensitivity import max_loss, sensitivity_ratios
+
+    # c1's losses 0.1, 0.2, 0.3; c2's 0, 0 (a gain counts as no loss), 0.01; linear in between, 0 at 0
+    assert sensitivity_ratios(CURVES, 0.05) == {"c1": pytest.approx(0.125), "c2": 0.75}
+    assert sensitivity_ratios(CURVES, 0.005) == {"c1": pytest.approx(0.0125), "c2": pytest.approx(0.625)}
+    assert sensitivity_ratios(CURVES, 0.0) == {"c1": 0.0, "c2": 0.5}
+    assert max_loss(CURVES) == pytest.approx(0.3)
+
+
+def test_sensitivity_strategy_meets_a_flops_budget_from_the_robust_layer():
+    # tolerance t: c2 keeps round(16 (1 - 0.5 - 0.25 t / 0.01)) filters, c1 loses round(16 * 0.25 t / 0.1);
+    # the least t removing 50 % keeps c1 whole and 6 of c2 (168,960 FLOPs, 52.9 %; 7 kept: 47.6 %)
+    pruned, report, _ = prune(_model(), "filters", remove_flops=0.5, strategy="sensitivity", round_to=1,
+                              sensitivity=CURVES)
+    assert [layer.filters for layer in pruned.layers[1:]] == [16, 6, 4]
+    assert report["flops_after"] == flops(16, 6) == 168_960
+    assert 0.00375 <= report["ratio"] < 0.00625  # the tolerance found: c2's ratio 0.5 + 25 t in [0.59375, 0.65625)
+    with pytest.raises(ValueError, match="give --remove-flops or --target-latency"):
+        prune(_model(), "filters", ratio=0.5, strategy="sensitivity", sensitivity=CURVES)
+    with pytest.raises(ValueError, match="needs the sensitivity curves"):
+        prune(_model(), "filters", remove_flops=0.5, strategy="sensitivity")

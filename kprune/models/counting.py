@@ -13,10 +13,11 @@ import numpy as np
 from kprune._keras import keras
 
 
-def _leaf_layers(model) -> Iterator:
+def leaf_layers(model) -> Iterator:
+    """The layers of ``model``, those of nested models in their place."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         else:
             yield layer
 
@@ -63,7 +64,7 @@ def layer_flops(layer) -> int:
 
 def count_flops(model) -> int:
     """Total FLOPs of one forward pass of one image (see :func:`layer_flops`)."""
-    return int(sum(layer_flops(layer) for layer in _leaf_layers(model)))
+    return int(sum(layer_flops(layer) for layer in leaf_layers(model)))
 
 
 def _shape(shape) -> List:

@@ -30,20 +30,22 @@ from kprune.models import sparsity as S
 from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model, save_model
 from kprune.models.variants import variant
-from kprune.prune.budgets import meet_flops_budget
 from kprune.prune import unstructured as U
+from kprune.prune.budgets import RESOLUTION, meet_budget
+from kprune.prune.latency import meet_latency_budget
 from kprune.prune.importance import get_criterion
 from kprune.prune.reconstruct import reconstruct as fit_pruned
 from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
 from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
+from kprune.prune.sensitivity import max_loss, sensitivity_ratios
 from kprune.prune.structured import prune_filters
 from kprune.train import TrainConfig, train_model
 from kprune.train.config import DENSE_TEACHER
 
 METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
 ROUND_STRATEGIES = ("gradual", "iterative")
-BUDGET_STRATEGIES = ("uniform", "global", "independent")
+BUDGET_STRATEGIES = ("uniform", "global", "independent", "sensitivity")  # "sensitivity": budgets only
 MAX_BUDGET_RATIO = 0.99  # the search's upper end; max_ratio still caps every layer
 
 
@@ -88,24 +90,37 @@ def check_options(method: str, ratio: Optional[float] = None, threshold: Optiona
                   strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
                   rounds: Optional[int] = None, max_drop: Optional[float] = None,
                   remove_flops: Optional[float] = None, criterion: Optional[str] = None,
-                  reconstruct: bool = False) -> None:
+                  reconstruct: bool = False, target_latency: Optional[float] = None,
+                  sensitivity: Optional[dict] = None) -> None:
     """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
 
     Raises:
         ValueError: an unknown method, a missing ratio / threshold, retraining asked without data or
             epochs, a method or strategy that trains without them, round options without rounds, a
-            FLOPs budget with a ratio or with a method or strategy that does not take one, an unknown
-            criterion, or a data-driven criterion without data.
+            FLOPs or latency budget with a ratio, with the other budget, or with a method or strategy
+            that does not take one, the sensitivity strategy without a budget or without curves, an
+            unknown criterion, or a data-driven criterion without data.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-    if remove_flops is not None:
+    if remove_flops is not None and target_latency is not None:
+        raise ValueError("give either --remove-flops or --target-latency, not both")
+    for option, budget in (("--remove-flops", remove_flops), ("--target-latency", target_latency)):
+        if budget is None:
+            continue
         if method != "filters" or strategy not in BUDGET_STRATEGIES:
-            raise ValueError(f"--remove-flops: only method filters removes FLOPs, with strategy "
+            raise ValueError(f"{option}: only method filters meets a budget, with strategy "
                              f"{', '.join(BUDGET_STRATEGIES)} (got {method}, {strategy})")
         if ratio is not None:
-            raise ValueError("give either --ratio or --remove-flops, not both")
+            raise ValueError(f"give either --ratio or {option}, not both")
         ratio = 0.0  # found by the budget search
+    if strategy == "sensitivity":
+        if remove_flops is None and target_latency is None:
+            raise ValueError("strategy sensitivity chooses per-layer ratios to meet a budget: give --remove-flops "
+                             "or --target-latency")
+        if sensitivity is None:
+            raise ValueError("strategy sensitivity needs the sensitivity curves: give --sensitivity "
+                             "MODEL.sensitivity/sensitivity.json (written by kprune sensitivity)")
     value = threshold if method == "threshold" else ratio
     if value is None and not (method == "filters" and strategy == "independent"):
         raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
@@ -133,7 +148,8 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
           layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None, epochs: Optional[int] = None,
           train_options: Optional[dict] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
           run_dir: Optional[str] = None, progress: bool = True, remove_flops: Optional[float] = None,
-          reconstruct: bool = False):
+          reconstruct: bool = False, target_latency: Optional[float] = None, runtime=None,
+          sensitivity: Optional[dict] = None):
     """Prune ``model`` (in memory) by one method, optionally retrain; nothing is written but the
     training runs in ``run_dir``.
 
@@ -161,6 +177,13 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             ``independent``): remove at least this fraction of the FLOPs, with the smallest ratio
             (for ``independent``: the largest of ``layer_ratios`` scaled) that does
             (:mod:`kprune.prune.budgets`); the report adds ``remove_flops`` and the ``ratio`` found.
+            With strategy ``sensitivity`` the number searched is the predicted mAP loss each layer
+            may cost, its ratio read from ``sensitivity`` (:func:`kprune.prune.sensitivity.analyze`'s
+            result; :func:`kprune.prune.sensitivity.sensitivity_ratios`).
+        target_latency, runtime: instead of ``ratio``: prune until ``model`` runs in this many
+            milliseconds at batch 1 on ``runtime`` (a :class:`kprune.report.runtimes.Runtime`), through
+            per-layer latency tables (:func:`kprune.prune.latency.meet_latency_budget`); the report adds ``target_latency``,
+            the ``ratio`` found and ``latency`` (predicted and measured, every attempt, the table).
         reconstruct: after a one-shot filter pruning, re-fit the convs that lost input channels to
             the dense model's outputs on the first training images of ``data``
             (:mod:`kprune.prune.reconstruct`); the report adds ``reconstruction`` (per layer, the
@@ -180,7 +203,9 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             without data, epochs or ``run_dir``, or anything the pruning functions refuse.
     """
     check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
-                  reconstruct)
+                  reconstruct, target_latency, sensitivity)
+    if target_latency is not None and runtime is None:
+        raise ValueError("a latency budget needs the runtime to measure on")
     criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
     sample = DetectionSample(data) if method == "filters" and uses_data(criterion, reconstruct) else None
     if epochs is None:
@@ -202,14 +227,20 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
                                            progress, sample, teacher)
         data = None  # fine-tuned already
     elif method == "filters":
-        if remove_flops is None:
+        if remove_flops is None and target_latency is None:
             result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
                                    sample=sample)
         else:
-            result = _meet_flops(model, remove_flops, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
-                                 sample)
-            report.update(remove_flops=remove_flops, ratio=result.ratio)
-            result = result.result
+            attempt, high = _budget_search(model, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
+                                           sample, sensitivity)
+            if remove_flops is not None:
+                found = meet_budget(model, remove_flops, attempt, high)
+                report.update(remove_flops=remove_flops, ratio=found.ratio)
+            else:
+                found = meet_latency_budget(model, target_latency, attempt, high, runtime,
+                                            progress=progress)
+                report.update(target_latency=target_latency, ratio=found.ratio, latency=found.report())
+            result = found.result
         pruned, history = result.model, result.history
         if reconstruct:
             report["reconstruction"] = fit_pruned(model, pruned, history,
@@ -251,20 +282,20 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     return pruned, report, history
 
 
-def _meet_flops(model, target, criterion, strategy, scope, round_to, max_ratio, layer_ratios, sample):
-    """:func:`kprune.prune.budgets.meet_flops_budget` over the one number ``strategy`` takes."""
-    if strategy == "independent":
+def _budget_search(model, criterion, strategy, scope, round_to, max_ratio, layer_ratios, sample, sensitivity):
+    """The one number ``strategy`` takes, as a function (number -> pruning result) for a budget
+    search (:mod:`kprune.prune.budgets`), and the largest value it accepts."""
+    def pruned(ratio, strategy_=strategy, ratios=None):
+        return prune_filters(model, ratio, criterion, strategy_, scope, round_to, max_ratio, ratios, sample=sample)
+
+    if strategy == "sensitivity":  # the predicted mAP loss each layer may cost
+        return (lambda loss: pruned(0.0, "independent", sensitivity_ratios(sensitivity, loss)),
+                max_loss(sensitivity) or RESOLUTION)
+    if strategy == "independent":  # the per-layer ratios scaled so that the largest is x
         top = max((layer_ratios or {}).values(), default=0.0) or 1.0  # none: prune_filters says what is missing
-
-        def attempt(x):  # the per-layer ratios scaled so that the largest is x
-            scaled = {k: v * x / top for k, v in (layer_ratios or {}).items()}
-            return prune_filters(model, 0.0, criterion, strategy, scope, round_to, max_ratio, scaled, sample=sample)
-
-        return meet_flops_budget(model, target, attempt, high=MAX_BUDGET_RATIO)
-    return meet_flops_budget(
-        model, target, lambda x: prune_filters(model, x, criterion, strategy, scope, round_to, max_ratio,
-                                               sample=sample),
-        high=MAX_BUDGET_RATIO)
+        return (lambda x: pruned(0.0, ratios={k: v * x / top for k, v in (layer_ratios or {}).items()}),
+                MAX_BUDGET_RATIO)
+    return pruned, MAX_BUDGET_RATIO
 
 
 def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
@@ -273,7 +304,8 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
                 layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
                 epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
                 max_drop: Optional[float] = None, progress: bool = True, remove_flops: Optional[float] = None,
-                reconstruct: bool = False) -> dict:
+                reconstruct: bool = False, target_latency: Optional[float] = None, runtime=None,
+                sensitivity: Optional[dict] = None) -> dict:
     """Load ``model_path``, :func:`prune` it, and save the result as ``out`` (a ``.keras`` file);
     returns the report.
 
@@ -289,7 +321,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
             ``.keras``, or a model that cannot be read.
     """
     check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
-                  reconstruct)
+                  reconstruct, target_latency, sensitivity)
     if not str(out).endswith(".keras"):
         raise ValueError(f"--out {out}: must end in .keras")
     stem = str(out)[: -len(".keras")]
@@ -298,7 +330,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         scope=scope, include_outputs=include_outputs, round_to=round_to, max_ratio=max_ratio,
         layer_ratios=layer_ratios, data=data, epochs=epochs, train_options=train_options, rounds=rounds,
         max_drop=max_drop, run_dir=stem + ".run", progress=progress, remove_flops=remove_flops,
-        reconstruct=reconstruct)
+        reconstruct=reconstruct, target_latency=target_latency, runtime=runtime, sensitivity=sensitivity)
     report = {"method": method, "model": str(model_path), **pruned_report, "out": str(out)}
     save_model(pruned, out)
     if history is not None:
@@ -344,6 +376,12 @@ def summary(report: dict) -> str:
     if report.get("remove_flops") is not None:
         lines.append(f"FLOPs budget: {report['remove_flops']:.1%} asked, "
                      f"{1 - report['flops_after'] / report['flops_before']:.1%} removed (ratio {report['ratio']:.4f})")
+    if report.get("latency") is not None:
+        lat, table = report["latency"], report["latency"]["table"]
+        lines.append(f"latency budget ({table['runtime']}): {lat['target_ms']:.2f} ms asked, dense {lat['dense_ms']:.2f} "
+                     f"ms; pruned: predicted {lat['predicted_ms']:.2f} ms, measured {lat['measured_ms']:.2f} ms "
+                     f"({lat['within']:.1%} off the target, {len(lat['attempts'])} search(es)); latency table: "
+                     f"{table['measured']} entries measured, {table['cached']} from the cache, {table['seconds']:.0f} s")
     for row in report["layers"]:
         if "channels_before" in row:
             if row["channels_before"] != row["channels_after"]:

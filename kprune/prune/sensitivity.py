@@ -10,7 +10,8 @@ chosen from: layers whose mAP holds up can lose more.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import json
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -85,6 +86,61 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
         finally:
             model.set_weights(dense)
     result["most_robust"] = [row["name"] for row in sorted(result["layers"], key=lambda r: -float(np.mean(r["map50"])))]
+    return result
+
+
+def losses(row: dict, baseline: float, ratios: Sequence[float]) -> List[float]:
+    """A layer's predicted mAP loss at each ratio: the drop below the baseline, never negative and
+    never smaller than at a lower ratio (removing more filters is not taken to help)."""
+    return list(np.maximum.accumulate(np.maximum(baseline - np.asarray(row["map50"], dtype=float), 0.0)))
+
+
+def max_loss(result: dict) -> float:
+    """The largest predicted loss of any layer: a tolerance this high prunes every layer the most."""
+    return max(max(losses(row, result["baseline"], result["ratios"])) for row in result["layers"])
+
+
+def ratio_within(row: dict, baseline: float, ratios: Sequence[float], tolerance: float) -> float:
+    """The largest ratio whose predicted loss (linear between the measured ratios, 0 at ratio 0) is
+    at most ``tolerance``."""
+    xs = [0.0, *ratios]
+    ys = [0.0, *losses(row, baseline, ratios)]
+    best = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if y1 <= tolerance:
+            best = x1
+        elif y0 <= tolerance:  # the curve crosses the tolerance on this segment
+            return x0 + (x1 - x0) * (tolerance - y0) / (y1 - y0)
+        else:
+            break
+    return best
+
+
+def sensitivity_ratios(result: dict, tolerance: float) -> Dict[str, float]:
+    """Per-layer ratios (first producer of each group -> ratio) from :func:`analyze`'s result: each
+    group loses as many filters as keep its predicted mAP loss within ``tolerance``, so the layers
+    that hold up lose the most (the ``sensitivity`` allocation; a budget searches ``tolerance``)."""
+    ratios = sorted(float(r) for r in result["ratios"])
+    order = np.argsort(result["ratios"])
+    return {row["producers"][0]: ratio_within({"map50": [row["map50"][i] for i in order]}, result["baseline"],
+                                              ratios, tolerance)
+            for row in result["layers"]}
+
+
+def read_sensitivity(path: str) -> dict:
+    """A ``sensitivity.json`` written by ``kprune sensitivity``.
+
+    Raises:
+        ValueError: the file is missing or is not such a result (the message names it).
+    """
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"sensitivity file {path}: cannot be read ({error}); write it with kprune sensitivity") from None
+    missing = [k for k in ("baseline", "ratios", "layers") if k not in result]
+    if missing or not all({"producers", "map50"} <= set(row) for row in result.get("layers", [])):
+        raise ValueError(f"sensitivity file {path}: not a kprune sensitivity result (missing {missing or 'layer rows'})")
     return result
 
 

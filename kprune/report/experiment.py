@@ -52,6 +52,9 @@ def flat_rows(rows: List[dict]) -> List[dict]:
             "nonzero_removed": 1.0 - m["nonzero_params"] / base["measure"]["nonzero_params"],
             "map50_pruned": r.get("map50_pruned"), "map50": r["map50"], "coco_map": r["coco_map"],
             "map50_change": r["map50"] - own["map50"],
+            # what the model cost on top of the baseline: pruning (reconstruction included) and retraining
+            "minutes": (None if r.get("kind", "cell") == "baseline"
+                        else ((r.get("prune_seconds") or 0.0) + (r.get("train_seconds") or 0.0)) / 60),
             "keras_mb": m["keras_size"]["bytes"] / 1e6, "keras_gzip_mb": m["keras_size"]["gzip"] / 1e6,
             "keras_bzip2_mb": m["keras_size"]["bzip2"] / 1e6, "keras_xz_mb": m["keras_size"]["xz"] / 1e6,
             "tflite_mb": m["tflite_size"]["bytes"] / 1e6,
@@ -115,14 +118,15 @@ def _fmt(value, digits: int = 4) -> str:
 def headline_table(flat: List[dict]) -> str:
     """The table users compare: size, FLOPs, accuracy before / after retraining, int8, latency."""
     head = ["model", "runs", "params", "non-zero", "GFLOPs", "FLOPs removed", "mAP@0.5 pruned",
-            "mAP@0.5 retrained", "vs dense control", "vs baseline", "int8 mAP@0.5", "TFLite 2t ms", "speed-up",
-            "int8 MB"]
+            "mAP@0.5 retrained", "vs dense control", "vs baseline", "minutes", "int8 mAP@0.5", "TFLite 2t ms",
+            "speed-up", "int8 MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in flat:
         lines.append("| " + " | ".join([
             r["label"], str(r.get("n", 1)), _fmt(r["params"]), _fmt(r["nonzero_params"]), f"{r['flops'] / 1e9:.3f}",
             f"{100 * r['flops_removed']:.1f} %", _fmt(r["map50_pruned"]), r.get("map50_text") or _fmt(r["map50"]),
-            _difference_text(r.get("vs_control")), _difference_text(r.get("vs_baseline")), _fmt(r.get("int8_map50")),
+            _difference_text(r.get("vs_control")), _difference_text(r.get("vs_baseline")), _fmt(r.get("minutes"), 1),
+            _fmt(r.get("int8_map50")),
             f"{r['tflite_2t_ms']:.1f}", f"{r['speedup_tflite_2t']:.2f}x", _fmt(r.get("int8_tflite_mb"), 2)]) + " |")
     return "\n".join(lines)
 

@@ -58,8 +58,9 @@ def interleaved(passes: Dict[str, Callable[[], object]], runs: int = RUNS,
     return {name: {**latency_stats(times), "runs": runs} for name, times in seconds.items()}
 
 
-def _image(size: int) -> np.ndarray:
-    return np.random.default_rng(0).random((1, size, size, 3), dtype=np.float32)
+def _image(model) -> np.ndarray:
+    """A batch-1 input of ``model``'s shape (an image, or any layer's input)."""
+    return np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
 
 
 def tflite_latency(content: bytes, model, threads: int, runs: int = RUNS, warmup: int = WARMUP) -> Dict[str, float]:
@@ -73,7 +74,7 @@ def tflite_latencies(flatbuffers: Dict[str, tuple], threads: int, runs: int = RU
     """Interleaved batch-1 latencies of several TFLite flatbuffers (name -> (content, Keras model))."""
     passes = {}
     for name, (content, model) in flatbuffers.items():
-        runner, image = TFLiteRunner(content, model, threads=threads), _image(model.input_shape[1])
+        runner, image = TFLiteRunner(content, model, threads=threads), _image(model)
         passes[name] = lambda runner=runner, image=image: runner.invoke(image)
     return interleaved(passes, runs, warmup)
 
@@ -131,7 +132,7 @@ def _measure_here(model_paths, threads: int, runs: int, warmup: int) -> Dict[str
     passes = {}
     for path in model_paths:
         model = load_model(path)
-        image = tf.constant(_image(model.input_shape[1]))
+        image = tf.constant(_image(model))
         forward = tf.function(lambda x, model=model: model(x, training=False))
         # .numpy() of the outputs makes sure the pass has finished before the clock stops
         passes[path] = lambda forward=forward, image=image: [o.numpy() for o in tf.nest.flatten(forward(image))]
