@@ -64,12 +64,12 @@ def test_config_checks(tmp_path):
         cells(ExperimentConfig(baseline={"model": "m.keras"}, sweep=[{"method": "global", "ratios": [0.5, 0.5]}]))
 
 
-def test_a_sweep_entry_sets_its_own_distillation(tmp_path):
+def test_a_sweep_entry_sets_its_own_distillation(tmp_path, tiny_synth_data):
     """``distill: W`` in a sweep entry replaces ``retrain``'s distillation for that entry's cells
     (0: none); the other entries keep ``retrain``'s."""
     from kprune.experiment import Experiment
 
-    config = load_config(_config(tmp_path, "synth", retrain={"epochs": 1, "distill": {"teacher": "dense",
+    config = load_config(_config(tmp_path, tiny_synth_data, retrain={"epochs": 1, "distill": {"teacher": "dense",
                                                                                      "weight": 2.0}}))
     experiment = Experiment(config)
     assert experiment._options(1)["distill"] == {"teacher": "dense", "weight": 2.0}
