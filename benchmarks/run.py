@@ -409,7 +409,7 @@ def pruning_surgery(args: argparse.Namespace) -> Dict:
     """
     from kprune.prune.graph import ChannelGraph
     from kprune.prune.scope import layers_in_scope
-    from kprune.prune.strategies import plan_filters
+    from kprune.prune.plan import plan_filters
     from kprune.prune.structured import prune_filters
     from kprune.prune.surgeon import remove_units
     from kprune.models.counting import count_params

@@ -11,7 +11,10 @@ import os
 
 import click
 
-from kprune.prune.importance import CRITERIA  # the registries load without TensorFlow
+from kprune.prune.allocation import ALLOCATIONS  # the registries load without TensorFlow
+from kprune.prune.importance import CRITERIA
+from kprune.prune.methods import METHODS
+from kprune.prune.schedules import SCHEDULES
 from kprune.report.runtimes import RUNTIMES
 
 
@@ -280,13 +283,12 @@ def _layer_ratio(ctx, param, values):
 
 @main.command()
 @click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
-@click.option("--method", required=True, type=click.Choice(
-    ["threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters"]),
-    help="filters: remove whole filters (structured); the others zero weights inside kernels (tfmot).")
+@click.option("--method", required=True, type=click.Choice(list(METHODS)),
+              help="; ".join(f"{name}: {m.description}" for name, m in METHODS.items()))
 @click.option("--ratio", type=float, help="Fraction of filters (filters) or of weights (sparsity) to remove.")
 @click.option("--remove-flops", type=float, metavar="FRACTION",
-              help="Instead of --ratio (method filters; strategy uniform, global, independent or sensitivity): remove "
-                   "at least this fraction of the FLOPs, with the smallest ratio that does.")
+              help="Instead of --ratio (method filters, schedule once, any allocation): remove at least this "
+                   "fraction of the FLOPs, with the smallest ratio that does.")
 @click.option("--target-latency", type=float, metavar="MS",
               help="Instead of --ratio (as --remove-flops): prune until the model runs in MS milliseconds at batch 1 "
                    "on --runtime with --threads, predicted from per-layer latency tables (measured once per host, "
@@ -296,7 +298,7 @@ def _layer_ratio(ctx, param, values):
                   f"{name}: {runtime.description}" for name, runtime in RUNTIMES.items()) + ".")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads of --runtime.")
 @click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False), metavar="SENSITIVITY.json",
-              help="Curves of kprune sensitivity, for --strategy sensitivity.")
+              help="Curves of kprune sensitivity, for --allocation sensitivity.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
 @click.option("--reconstruct", is_flag=True,
               help="After filter pruning, re-fit the convs that lost inputs to the dense model's outputs on "
@@ -304,19 +306,18 @@ def _layer_ratio(ctx, param, values):
 @click.option("--criterion", type=click.Choice(list(CRITERIA)),
               help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise]; "
                    "taylor scores on the first batches of --data.")
-@click.option("--strategy", type=click.Choice(["uniform", "independent", "global", "sensitivity", "gradual",
-                                               "iterative"]),
-              default="uniform", show_default=True,
-              help="How filters are chosen across layers (method filters). gradual: --rounds rounds on the cubic "
-                   "schedule to --ratio, ranked globally, fine-tuned --epochs after each; iterative: --ratio more of "
-                   "every layer per round, fine-tuned, until mAP@0.5 drops more than --max-drop; sensitivity: "
-                   "per-layer ratios from --sensitivity curves, each layer losing at most the same predicted mAP, "
-                   "to meet --remove-flops or --target-latency.")
+@click.option("--allocation", type=click.Choice(list(ALLOCATIONS)),
+              help="How the filters removed spread over the layers (method filters) [default: global for "
+                   "--schedule gradual, uniform otherwise]. " + "; ".join(
+                       f"{name}: {a.description}" for name, a in ALLOCATIONS.items()))
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="once", show_default=True,
+              help="When the filters go (method filters). " + "; ".join(
+                  f"{name}: {t.description}" for name, t in SCHEDULES.items()))
 @click.option("--rounds", type=int, help="Rounds of gradual (default 4) or at most, of iterative (default 10).")
 @click.option("--max-drop", type=float,
               help="iterative: the largest mAP@0.5 drop accepted, as a fraction (default 0.02 = 2 points).")
 @click.option("--layer-ratio", multiple=True, callback=_layer_ratio, metavar="LAYER=RATIO",
-              help="Per-layer ratio for --strategy independent (LAYER may be a regular expression); repeatable.")
+              help="Per-layer ratio for --allocation independent (LAYER may be a regular expression); repeatable.")
 @click.option("--scope", default="all", show_default=True,
               help="all, backbone, head, or a regular expression on layer names.")
 @click.option("--include-outputs", is_flag=True, help="Also prune the output convs (sparsity methods).")
@@ -333,18 +334,18 @@ def _layer_ratio(ctx, param, values):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")
 def prune(model_path, method, ratio, remove_flops, target_latency, runtime, threads, sensitivity_file, threshold,
-          reconstruct, criterion, strategy, rounds, max_drop, layer_ratio, scope, include_outputs, round_to, max_ratio,
+          reconstruct, criterion, allocation, schedule, rounds, max_drop, layer_ratio, scope, include_outputs, round_to, max_ratio,
           data, epochs, lr, batch_size, distill, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
     from kprune.prune.sensitivity import read_sensitivity
     from kprune.report.runtimes import get_runtime
 
-    if sensitivity_file is not None and strategy != "sensitivity":
-        raise click.UsageError("--sensitivity is read by --strategy sensitivity only")
+    if sensitivity_file is not None and allocation != "sensitivity":
+        raise click.UsageError("--sensitivity is read by --allocation sensitivity only")
 
     report = prune_model(model_path, out, method, ratio=ratio, threshold=threshold, criterion=criterion,
-                         strategy=strategy, scope=scope, include_outputs=include_outputs, round_to=round_to,
+                         allocation=allocation, schedule=schedule, scope=scope, include_outputs=include_outputs, round_to=round_to,
                          max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
                          train_options={"lr": lr, "batch_size": batch_size,
                                         **({"distill": {"teacher": "dense", "weight": distill}} if distill else {})},

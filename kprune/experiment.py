@@ -18,12 +18,12 @@ Config keys (see :class:`ExperimentConfig`)::
     compare:                             # other trainings reported beside the baseline, not pruned
       head: {config: train.yaml, train: {mode: head}}
     sweep:
-      - {method: filters, strategy: uniform, criterion: l1, ratios: [0.3, 0.5]}
-      - {method: filters, strategy: gradual, rounds: 3, ratios: [0.5]}
+      - {method: filters, allocation: uniform, criterion: l1, ratios: [0.3, 0.5]}
+      - {method: filters, schedule: gradual, rounds: 3, ratios: [0.5]}
       - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
-      - {method: filters, strategy: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
+      - {method: filters, allocation: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
       - {method: filters, ratios: [0.4], reconstruct: true, distill: 1.0}   # recoveries of this entry only
-      - {method: filters, strategy: sensitivity, sensitivity: model.sensitivity/sensitivity.json,
+      - {method: filters, allocation: sensitivity, sensitivity: model.sensitivity/sensitivity.json,
          target_latency: [20, 15], runtime: tflite, threads: 1}               # latency budgets (ms)
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}     # + distill: {teacher: dense, weight: 1.0}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
@@ -36,13 +36,14 @@ Config keys (see :class:`ExperimentConfig`)::
     out: runs/demo
 
 Retraining uses the baseline's training settings (loss, augmentation, batch size, batch-norm
-handling) with the ``retrain`` keys on top. Methods whose pruning already trains (``tfmot-*``, the ``gradual`` and ``iterative`` strategies)
-have no "without retraining" figure; their fine-tuning uses the ``retrain`` settings.
+handling) with the ``retrain`` keys on top. Prunings that already train (the ``tfmot-*`` methods,
+the ``gradual`` and ``iterative`` schedules) have no "without retraining" figure; their fine-tuning
+uses the ``retrain`` settings.
 
 Controls and seeds (Liu et al., "Rethinking the value of network pruning"): a pruned model that was
 retrained for E epochs is compared with the *dense control*, the baseline retrained for the same E
 epochs with the same settings (``controls/dense-Eep``); a cell without retraining is compared with
-the baseline itself. The round strategies count the epochs of all the rounds their model went
+the baseline itself. The round schedules count the epochs of all the rounds their model went
 through (their learning-rate schedule restarts every round, the control's does not). With
 ``seeds: N`` every training runs N times, with the training config's ``seed`` plus 0 .. N-1 (seed k's
 cells prune seed k's baseline; a given baseline model is the same for all); folders of seed k > 0
@@ -68,8 +69,9 @@ from kprune.export.tflite import QUANT_MODES
 from kprune.fileio import atomic_path, write_json_atomic
 from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
-from kprune.prune.command import METHODS, check_options, dense_teacher, prune, retrain, uses_data
-from kprune.prune.importance import get_criterion
+from kprune.prune.command import check_options, dense_teacher, prune, retrain, uses_data
+from kprune.prune.methods import METHODS, get_method
+from kprune.prune.schedules import get_schedule
 from kprune.prune.sensitivity import read_sensitivity
 from kprune.report.command import measure_model
 from kprune.report.experiment import write_report
@@ -79,10 +81,9 @@ from kprune.train import TrainConfig, resolve_dataset, train
 from kprune.train.config import DENSE_TEACHER
 
 SWEEP_KEYS = ("method", "ratios", "remove_flops", "target_latency", "runtime", "threads", "sensitivity", "reconstruct",
-              "distill", "strategy", "criterion", "scope", "rounds", "max_drop", "threshold", "label", "round_to",
+              "distill", "allocation", "schedule", "criterion", "scope", "rounds", "max_drop", "threshold", "label", "round_to",
               "include_outputs", "epochs")
 BUDGETS = ("remove_flops", "target_latency")  # sweep keys whose values are budgets, each a cell
-TRAINS_WHILE_PRUNING = ("tfmot-constant", "tfmot-polynomial")
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
 
@@ -119,32 +120,10 @@ class ExperimentConfig:
         if not self.sweep:
             raise ValueError("experiment sweep: list at least one method")
         for k, entry in enumerate(self.sweep):
-            unknown = sorted(set(entry) - set(SWEEP_KEYS))
-            if unknown:
-                raise ValueError(f"sweep entry {k}: unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
-            if entry.get("method") not in METHODS:
-                raise ValueError(f"sweep entry {k}: method {entry.get('method')!r}; choose one of {', '.join(METHODS)}")
-            if entry.get("criterion") is not None:
-                get_criterion(entry["criterion"])
-            given = [key for key in ("ratios", *BUDGETS) if entry.get(key)]
-            if len(given) > 1:
-                raise ValueError(f"sweep entry {k}: give one of ratios, remove_flops (FLOPs budgets) and "
-                                 f"target_latency (milliseconds), not {' and '.join(given)}")
-            if not given and entry.get("method") != "threshold":
-                raise ValueError(f"sweep entry {k}: give ratios: [...] (or, for filters, remove_flops: [...] or "
-                                 "target_latency: [...])")
-            for key in BUDGETS:
-                for budget in entry.get(key) or []:
-                    check_options(entry["method"], strategy=entry.get("strategy", "uniform"), **{key: budget},
-                                  sensitivity={} if entry.get("sensitivity") else None)  # the file is read by the cell
-            if entry.get("target_latency"):
-                get_runtime(entry.get("runtime", "tflite"), entry.get("threads", 1))
-            elif "runtime" in entry or "threads" in entry:
-                raise ValueError(f"sweep entry {k}: runtime and threads belong to target_latency budgets")
-            weight = entry.get("distill")
-            if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
-                raise ValueError(f"sweep entry {k}: distill {weight!r}: the weight of distillation from the dense "
-                                 "model in this entry's retraining, a number >= 0 (0: none)")
+            try:
+                check_entry(entry)
+            except ValueError as error:
+                raise ValueError(f"sweep entry {k}: {error}") from None
         bad = [q for q in self.export if q not in QUANT_MODES]
         if bad:
             raise ValueError(f"experiment export {bad}: choose from {', '.join(QUANT_MODES)}")
@@ -162,6 +141,45 @@ class ExperimentConfig:
                              "mAP@0.5, a number in [0, 1), or null")
         if not isinstance(self.control, bool):
             raise ValueError(f"experiment control {self.control!r}: true or false")
+
+
+def check_entry(entry: dict) -> None:
+    """Refuse a sweep entry with unknown keys or options that do not fit together.
+
+    Raises:
+        ValueError: what :func:`kprune.prune.command.check_options` refuses for any of its cells, an
+            unknown key, none or several of ratios and budgets, a runtime without a latency budget,
+            or a bad distillation weight.
+    """
+    unknown = sorted(set(entry) - set(SWEEP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
+    method = entry.get("method")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}; choose one of {', '.join(METHODS)}")
+    given = [key for key in ("ratios", *BUDGETS) if entry.get(key)]
+    if len(given) > 1:
+        raise ValueError(f"give one of ratios, remove_flops (FLOPs budgets) and target_latency (milliseconds), "
+                         f"not {' and '.join(given)}")
+    if not given and method != "threshold":
+        raise ValueError("give ratios: [...] (or, for filters, remove_flops: [...] or target_latency: [...])")
+    options = dict(allocation=entry.get("allocation"), schedule=entry.get("schedule", "once"), data="data", epochs=1,
+                   rounds=entry.get("rounds"), max_drop=entry.get("max_drop"), criterion=entry.get("criterion"),
+                   reconstruct=bool(entry.get("reconstruct")),
+                   sensitivity={} if entry.get("sensitivity") else None)  # the file is read when the cell runs
+    for key in BUDGETS:
+        for budget in entry.get(key) or []:
+            check_options(method, **options, **{key: budget})
+    if entry.get("ratios") or method == "threshold":
+        check_options(method, ratio=0.5, threshold=entry.get("threshold", 0.5), **options)
+    if entry.get("target_latency"):
+        get_runtime(entry.get("runtime", "tflite"), entry.get("threads", 1))
+    elif "runtime" in entry or "threads" in entry:
+        raise ValueError("runtime and threads belong to target_latency budgets")
+    weight = entry.get("distill")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+        raise ValueError(f"distill {weight!r}: the weight of distillation from the dense model in this entry's "
+                         "retraining, a number >= 0 (0: none)")
 
 
 def load_config(path: str) -> ExperimentConfig:
@@ -187,7 +205,8 @@ def cells(config: ExperimentConfig) -> List[dict]:
     for entry in config.sweep:
         base = {k: v for k, v in entry.items() if k not in ("ratios", *BUDGETS)}
         name = entry.get("label") or "-".join(
-            str(v) for v in (entry["method"], entry.get("strategy"), entry.get("criterion"), entry.get("scope")) if v)
+            str(v) for v in (entry["method"], entry.get("schedule"), entry.get("allocation"), entry.get("criterion"),
+                             entry.get("scope")) if v)
         for budget in entry.get("remove_flops") or []:  # the ratio is found when the cell runs
             out.append({**base, "ratio": None, "remove_flops": budget, "family": name, "label": f"{name}-flops{budget}"})
         for budget in entry.get("target_latency") or []:
@@ -305,7 +324,7 @@ class Experiment:
         in memory."""
         folder = self.out / "cells" / (cell["label"] + _suffix(k))
         epochs = int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
-        trains_itself = cell["method"] in TRAINS_WHILE_PRUNING or cell.get("strategy") in ("gradual", "iterative")
+        trains_itself = get_method(cell["method"]).trains or get_schedule(cell.get("schedule", "once")).in_rounds
         done = _done(folder / "result.json")
         if done:
             if "train_epochs" not in done:  # stored before controls: the one-shot epochs, rounds unknown
@@ -313,7 +332,7 @@ class Experiment:
                 done["control"] = None if trains_itself else control_label(epochs)
             return done
         folder.mkdir(parents=True, exist_ok=True)
-        options = {k_: cell[k_] for k_ in ("strategy", "criterion", "scope", "rounds", "max_drop", "threshold",
+        options = {k_: cell[k_] for k_ in ("allocation", "schedule", "criterion", "scope", "rounds", "max_drop", "threshold",
                                            "round_to", "include_outputs", "remove_flops", "target_latency",
                                            "reconstruct")
                    if k_ in cell}
@@ -335,7 +354,8 @@ class Experiment:
             write_json_atomic(folder / "pruned.history.json", history)
         result = {"label": cell["label"], "family": cell["family"], "kind": "cell",
                   "ratio": report.get("ratio", cell["ratio"]), "remove_flops": cell.get("remove_flops"),
-                  "method": cell["method"], "strategy": cell.get("strategy"), "seed_index": k,
+                  "method": cell["method"], "allocation": cell.get("allocation"), "schedule": cell.get("schedule"),
+                  "seed_index": k,
                   "seed": self.seed(k), "prune_seconds": time.perf_counter() - start,
                   "layers": report["layers"], "rounds": report.get("rounds"),
                   "reconstruction": report.get("reconstruction"), "target_latency": cell.get("target_latency"),

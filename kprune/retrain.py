@@ -20,10 +20,10 @@ import click
 
 from kprune.config import build, read_yaml
 from kprune.fileio import json_safe
-from kprune.train import DATASETS, MODES, STRATEGIES, TrainConfig, TrainingError, train
+from kprune.train import DATASETS, DISTRIBUTIONS, MODES, TrainConfig, TrainingError, train
 
 _OPTIONS = ("dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "epochs", "batch_size",
-            "lr", "strategy", "seed", "out", "multiscale")
+            "lr", "distribution", "seed", "out", "multiscale")
 
 
 def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
@@ -58,7 +58,8 @@ def run(values: dict, source: str, resume: bool, quiet: bool) -> dict:
 @click.option("--batch-size", type=int, help="[default: 16]")
 @click.option("--lr", type=float, help="Peak learning rate (after warm-up)  [default: 0.001].")
 @click.option("--multiscale", nargs=2, type=int, help="LOW HIGH: a random input size per batch.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), help="tf.distribute strategy  [default: default].")
+@click.option("--distribution", type=click.Choice(DISTRIBUTIONS),
+              help="tf.distribute strategy to train under  [default: default].")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config; options override it.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory  [default: runs/train].")

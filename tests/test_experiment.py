@@ -19,7 +19,7 @@ def _config(tmp_path, data, **changes):
         "dataset": data,
         "baseline": {"train": {"model": "yolov2-tiny", "input_size": 64, "width": 0.25, "epochs": 1,
                                "batch_size": 4, "lr": 0.001, "recalibrate_bn": 2}},
-        "sweep": [{"method": "filters", "strategy": "uniform", "criterion": "l1", "ratios": [0.5]},
+        "sweep": [{"method": "filters", "allocation": "uniform", "criterion": "l1", "ratios": [0.5]},
                   {"method": "global", "ratios": [0.6], "epochs": 0}],  # no retraining for this one
         "retrain": {"epochs": 1, "batch_size": 4, "recalibrate_bn": 2},
         "export": ["int8"],
@@ -49,7 +49,7 @@ def test_config_checks(tmp_path):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(_config(tmp_path, "data", **changes))
     budgets = load_config(_config(tmp_path, "data", sweep=[
-        {"method": "filters", "strategy": "sensitivity", "sensitivity": "s.json", "target_latency": [20, 15],
+        {"method": "filters", "allocation": "sensitivity", "sensitivity": "s.json", "target_latency": [20, 15],
          "runtime": "keras", "threads": 2, "label": "fast"},
         {"method": "filters", "remove_flops": [0.5], "label": "half"}]))
     assert [(c["label"], c.get("target_latency"), c.get("remove_flops")) for c in cells(budgets)] == [
@@ -57,7 +57,7 @@ def test_config_checks(tmp_path):
     for entry, message in [({"method": "filters", "ratios": [0.5], "runtime": "keras"}, "belong to target_latency"),
                            ({"method": "filters", "target_latency": [9], "runtime": "gpu"}, "runtime 'gpu'"),
                            ({"method": "filters", "target_latency": [9], "remove_flops": [0.5]}, "not remove_flops and"),
-                           ({"method": "filters", "strategy": "sensitivity", "remove_flops": [0.5]}, "sensitivity curves")]:
+                           ({"method": "filters", "allocation": "sensitivity", "remove_flops": [0.5]}, "sensitivity curves")]:
         with pytest.raises(ValueError, match=message):
             load_config(_config(tmp_path, "data", sweep=[entry]))
     with pytest.raises(ValueError, match="appear twice"):

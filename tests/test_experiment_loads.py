@@ -20,7 +20,7 @@ def test_a_cell_loads_the_baseline_once(tmp_path, tiny_synth_data, monkeypatch):
     save_model(model, tmp_path / "given.keras")
     run = tmp_path / "run"
     config = ExperimentConfig(name="loads", dataset=tiny_synth_data, baseline={"model": str(tmp_path / "given.keras")},
-                              sweep=[{"method": "filters", "strategy": "uniform", "criterion": "l1", "ratios": [0.5]},
+                              sweep=[{"method": "filters", "allocation": "uniform", "criterion": "l1", "ratios": [0.5]},
                                      {"method": "global", "ratios": [0.6], "epochs": 0}],
                               retrain={"epochs": 1, "batch_size": 4}, export=["none"], out=str(run))
     experiment = Experiment(config, progress=False, log=lambda line: None)

@@ -31,7 +31,7 @@ def flops(k1, k2):
 def test_uniform_budget_lands_on_the_first_width_that_meets_it():
     model = _model()
     assert count_flops(model) == flops(16, 16) == 358_400
-    pruned, report, _ = prune(model, "filters", remove_flops=0.5, strategy="uniform", round_to=1)
+    pruned, report, _ = prune(model, "filters", remove_flops=0.5, allocation="uniform", round_to=1)
     # 11 filters kept remove 48.9 % (183,040 FLOPs), 10 remove 56.8 % (154,880): uniform steps are that coarse
     assert [layer.filters for layer in pruned.layers[1:]] == [10, 10, 4]
     assert report["flops_after"] == flops(10, 10) == 154_880
@@ -42,22 +42,22 @@ def test_uniform_budget_lands_on_the_first_width_that_meets_it():
 def test_global_budget_takes_the_cheapest_filters_first():
     # c1's filters are 10x heavier: the global L1 ranking removes c2's alone. With k1 = 16,
     # FLOPs = 55,296 + 18,944 k2: 7 kept remove 47.6 %, 6 kept remove 52.9 % (168,960 FLOPs)
-    pruned, report, _ = prune(_model(c1_scale=10.0), "filters", remove_flops=0.5, strategy="global", round_to=1)
+    pruned, report, _ = prune(_model(c1_scale=10.0), "filters", remove_flops=0.5, allocation="global", round_to=1)
     assert [layer.filters for layer in pruned.layers[1:]] == [16, 6, 4]
     assert report["flops_after"] == flops(16, 6) == 168_960
     # a finer budget lands finer: 0.45 needs 7 kept (187,904 FLOPs, 47.6 %)
-    _, report, _ = prune(_model(c1_scale=10.0), "filters", remove_flops=0.45, strategy="global", round_to=1)
+    _, report, _ = prune(_model(c1_scale=10.0), "filters", remove_flops=0.45, allocation="global", round_to=1)
     assert report["flops_after"] == flops(16, 7) == 187_904
 
 
 def test_budgets_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match=r"at most 9\d\.\d% of the FLOPs"):
-        prune(_model(), "filters", remove_flops=0.999, strategy="uniform", round_to=1)
+        prune(_model(), "filters", remove_flops=0.999, allocation="uniform", round_to=1)
     with pytest.raises(ValueError, match="only method filters meets a budget"):
         prune(_model(), "global", remove_flops=0.5)
-    with pytest.raises(ValueError, match="only method filters meets a budget, with strategy uniform, global, "
-                                         "independent, sensitivity \\(got filters, gradual\\)"):
-        prune(_model(), "filters", remove_flops=0.5, strategy="gradual")
+    with pytest.raises(ValueError, match="only method filters meets a budget, pruned at once \\(schedule once; "
+                                         "got method filters, schedule gradual\\)"):
+        prune(_model(), "filters", remove_flops=0.5, schedule="gradual")
     with pytest.raises(ValueError, match="either --ratio or --remove-flops"):
         prune(_model(), "filters", ratio=0.5, remove_flops=0.5)
     with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
@@ -84,7 +84,7 @@ CURVES = {"baseline": 0.8, "ratios": [0.25, 0.5, 0.75],
 
 
 def test_sensitivity_ratios_keep_every_layer_within_the_tolerated_loss():
-    from kprune.prune.sensitivity import max_loss, sensitivity_ratios
+    from kprune.prune.allocation import max_loss, sensitivity_ratios
 
     # c1's losses 0.1, 0.2, 0.3; c2's 0, 0 (a gain counts as no loss), 0.01; linear in between, 0 at 0
     assert sensitivity_ratios(CURVES, 0.05) == {"c1": pytest.approx(0.125), "c2": 0.75}
@@ -93,15 +93,15 @@ def test_sensitivity_ratios_keep_every_layer_within_the_tolerated_loss():
     assert max_loss(CURVES) == pytest.approx(0.3)
 
 
-def test_sensitivity_strategy_meets_a_flops_budget_from_the_robust_layer():
+def test_sensitivity_allocation_meets_a_flops_budget_from_the_robust_layer():
     # tolerance t: c2 keeps round(16 (1 - 0.5 - 0.25 t / 0.01)) filters, c1 loses round(16 * 0.25 t / 0.1);
     # the least t removing 50 % keeps c1 whole and 6 of c2 (168,960 FLOPs, 52.9 %; 7 kept: 47.6 %)
-    pruned, report, _ = prune(_model(), "filters", remove_flops=0.5, strategy="sensitivity", round_to=1,
+    pruned, report, _ = prune(_model(), "filters", remove_flops=0.5, allocation="sensitivity", round_to=1,
                               sensitivity=CURVES)
     assert [layer.filters for layer in pruned.layers[1:]] == [16, 6, 4]
     assert report["flops_after"] == flops(16, 6) == 168_960
     assert 0.00375 <= report["ratio"] < 0.00625  # the tolerance found: c2's ratio 0.5 + 25 t in [0.59375, 0.65625)
     with pytest.raises(ValueError, match="give --remove-flops or --target-latency"):
-        prune(_model(), "filters", ratio=0.5, strategy="sensitivity", sensitivity=CURVES)
+        prune(_model(), "filters", ratio=0.5, allocation="sensitivity", sensitivity=CURVES)
     with pytest.raises(ValueError, match="needs the sensitivity curves"):
-        prune(_model(), "filters", remove_flops=0.5, strategy="sensitivity")
+        prune(_model(), "filters", remove_flops=0.5, allocation="sensitivity")

@@ -65,7 +65,7 @@ def test_errors_are_one_line(dense, tmp_path):
         (["--method", "filters", "--ratio", "0.5", "--data", tmp_path, "--out", out], "needs both --data and --epochs"),
         (["--method", "tfmot-constant", "--ratio", "0.5", "--out", out], "prunes while training"),
         (["--method", "filters", "--ratio", "1.2", "--out", out], r"ratio 1.2: must be in [0, 1)"),
-        (["--method", "filters", "--strategy", "independent", "--layer-ratio", "conv_4", "--out", out], "expected LAYER=RATIO"),
+        (["--method", "filters", "--allocation", "independent", "--layer-ratio", "conv_4", "--out", out], "expected LAYER=RATIO"),
         (["--method", "filters", "--ratio", "0.5", "--out", tmp_path / "x.h5"], "must end in .keras"),
     ]
     for args, message in cases:
@@ -93,7 +93,7 @@ def test_prune_while_retraining_on_the_cubic_schedule(dense, tiny_synth_data, tm
 @pytest.mark.slow
 def test_gradual_and_iterative_rounds(dense, tiny_synth_data, tmp_path):
     out = tmp_path / "g.keras"
-    result = _run(dense, "--method", "filters", "--strategy", "gradual", "--ratio", "0.5", "--rounds", "2",
+    result = _run(dense, "--method", "filters", "--schedule", "gradual", "--ratio", "0.5", "--rounds", "2",
                   "--data", tiny_synth_data, "--epochs", "1", "--batch-size", "4", "--out", out, "--json", "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -110,7 +110,7 @@ def test_gradual_and_iterative_rounds(dense, tiny_synth_data, tmp_path):
     assert count_params(apply_history(load_model(dense), history)) == count_params(model)
 
     # iterative: a baseline from the dense model, then rounds until the drop (none accepted here)
-    result = _run(dense, "--method", "filters", "--strategy", "iterative", "--ratio", "0.25", "--rounds", "1",
+    result = _run(dense, "--method", "filters", "--schedule", "iterative", "--ratio", "0.25", "--rounds", "1",
                   "--max-drop", "-1", "--data", tiny_synth_data, "--epochs", "1", "--batch-size", "4",
                   "--out", tmp_path / "i.keras", "--json", "--quiet")
     assert result.exit_code == 0, result.output

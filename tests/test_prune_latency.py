@@ -64,7 +64,7 @@ def test_the_table_predicts_what_the_runtime_measures_and_is_cached(tmp_path):
 
 def test_a_latency_target_is_met_within_five_percent_after_a_correction(tmp_path):
     clock = Clock()
-    pruned, report, _ = prune(_model(), "filters", target_latency=18.0, strategy="uniform", round_to=1,
+    pruned, report, _ = prune(_model(), "filters", target_latency=18.0, allocation="uniform", round_to=1,
                               runtime=clock)
     latency = report["latency"]
     # uniform widths step coarsely: 10 kept predicts 15.99 ms (11 % under the target), so the goal is
@@ -117,11 +117,11 @@ def test_the_command_line_takes_a_latency_target_and_sensitivity_curves(tmp_path
     assert result.exit_code == 0, result.output
     assert "latency budget (clock-1t): 18.00 ms asked, dense 36.34 ms; pruned: predicted 18.80 ms, measured " \
            "18.80 ms (4.5% off the target, 2 search(es)); latency table: 44 entries measured" in result.output
-    result = CliRunner().invoke(main, [*common, "--remove-flops", "0.5", "--strategy", "sensitivity",
+    result = CliRunner().invoke(main, [*common, "--remove-flops", "0.5", "--allocation", "sensitivity",
                                        "--sensitivity", str(tmp_path / "curves.json")])
     assert result.exit_code == 0, result.output
     assert "c2                           16 -> 6      filters" in result.output
     (tmp_path / "bad.json").write_text("{}")
-    result = CliRunner().invoke(main, [*common, "--remove-flops", "0.5", "--strategy", "sensitivity",
+    result = CliRunner().invoke(main, [*common, "--remove-flops", "0.5", "--allocation", "sensitivity",
                                        "--sensitivity", str(tmp_path / "bad.json")])
     assert result.exit_code != 0 and "not a kprune sensitivity result" in result.output

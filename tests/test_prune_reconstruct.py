@@ -68,6 +68,6 @@ def test_the_command_line_reconstructs_a_detector(tmp_path, tiny_synth_data):
     # 16 training images, the 5th, 10th and 15th held out: the 64 positions of conv_6's 8 x 8 map in 13
     assert rows[0]["rows"] == 13 * 64
     assert all(r["error_after"] < r["error_before"] for r in rows)
-    with pytest.raises(ValueError, match="not filters gradual"):
+    with pytest.raises(ValueError, match="not method filters, schedule gradual"):
         from kprune.prune.command import check_options
-        check_options("filters", 0.5, strategy="gradual", data="d", epochs=1, reconstruct=True)
+        check_options("filters", 0.5, schedule="gradual", data="d", epochs=1, reconstruct=True)

@@ -5,8 +5,9 @@ import pytest
 
 from kprune.darknet.builder import build_model
 from kprune.prune.graph import ChannelGraph
-from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
-from kprune.prune.strategies import prunable_channels
+from kprune.prune.rounds import prune_in_rounds
+from kprune.prune.schedules import cubic_targets, linear_targets
+from kprune.prune.plan import prunable_channels
 from kprune.prune.surgeon import apply_history
 from kprune.models.counting import count_params
 from tests.conftest import cfg_path, randomize
@@ -65,7 +66,7 @@ def test_gradual_global_follows_the_schedule(dense):
 
 def test_max_ratio_caps_against_the_original_width(dense):
     finetune, _ = _identity()
-    result = prune_in_rounds(dense, [0.6, 0.8, 0.85, 0.9], finetune, strategy="uniform", round_to=1, max_ratio=0.5)
+    result = prune_in_rounds(dense, [0.6, 0.8, 0.85, 0.9], finetune, allocation="uniform", round_to=1, max_ratio=0.5)
     before = {row["name"]: row["channels_before"] for row in result.layers}
     for row in result.layers:
         if row["name"] != "conv_30":  # the output conv keeps its outputs
@@ -75,7 +76,7 @@ def test_max_ratio_caps_against_the_original_width(dense):
 
 def test_iterative_stops_before_the_drop(dense):
     finetune, calls = _identity(maps=[0.70, 0.69, 0.66, 0.60])
-    result = prune_in_rounds(dense, linear_targets(0.2, 4), finetune, strategy="uniform",
+    result = prune_in_rounds(dense, linear_targets(0.2, 4), finetune, allocation="uniform",
                              baseline_map=0.70, max_drop=0.02)
     assert calls == [1, 2, 3]  # round 3 drops 0.04 > 0.02: stop there
     assert "round 3" in result.stopped and "round 2 is kept" in result.stopped
@@ -86,7 +87,7 @@ def test_iterative_stops_before_the_drop(dense):
 
 def test_iterative_first_round_too_costly_keeps_the_dense_model(dense):
     finetune, _ = _identity(maps=[0.5])
-    result = prune_in_rounds(dense, [0.2], finetune, strategy="uniform", baseline_map=0.7, max_drop=0.02)
+    result = prune_in_rounds(dense, [0.2], finetune, allocation="uniform", baseline_map=0.7, max_drop=0.02)
     assert result.model is dense and result.history == {} and result.metrics == {}
 
 
@@ -94,7 +95,7 @@ def test_bad_round_arguments(dense):
     finetune, _ = _identity()
     with pytest.raises(ValueError, match="non-decreasing"):
         prune_in_rounds(dense, [0.5, 0.3], finetune)
-    with pytest.raises(ValueError, match="choose uniform or global"):
-        prune_in_rounds(dense, [0.5], finetune, strategy="independent")
+    with pytest.raises(ValueError, match="in rounds: choose one of uniform, global"):
+        prune_in_rounds(dense, [0.5], finetune, allocation="independent")
     with pytest.raises(ValueError, match="both max_drop and baseline_map"):
         prune_in_rounds(dense, [0.5], finetune, max_drop=0.02)

@@ -37,7 +37,7 @@ def test_silenced_layers_score_like_pruned_models(tiny, tiny_synth_data):
     assert len(set(np.round(scores, 6))) > 1 and max(scores) > 0  # the numbers carry information
     for name, row in rows.items():
         for ratio, expected in zip(result["ratios"], row["map50"]):
-            pruned = prune_filters(tiny, 0.0, strategy="independent", ratios={name: ratio}, round_to=1).model
+            pruned = prune_filters(tiny, 0.0, allocation="independent", ratios={name: ratio}, round_to=1).model
             assert evaluate_loaded(pruned, tiny_synth_data)["map50"] == pytest.approx(expected, abs=1e-4), (name, ratio)
     text = table(result).splitlines()
     assert text[1].split() == ["layer", "filters", "25%", "75%"] and text[3].split()[:2] == ["conv_4", "16"]

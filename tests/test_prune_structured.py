@@ -28,11 +28,11 @@ def _outputs(model, x):
     return [o.numpy() for o in tf.nest.flatten(model(x, training=False))]
 
 
-def _assert_equivalent(model, ratio=0.5, criterion="l1", strategy="uniform", seed=0):
+def _assert_equivalent(model, ratio=0.5, criterion="l1", allocation="uniform", seed=0):
     """Prune, then silence the same channels in the dense model: outputs agree to 1e-4 relative."""
     _random_batch_norms(model, seed)
     graph = ChannelGraph(model)
-    result = prune_filters(model, ratio, criterion, strategy)
+    result = prune_filters(model, ratio, criterion, allocation)
     removed = units_from_history(graph, result.history)
     assert removed, "nothing was pruned"
     x = np.random.default_rng(seed).random((2,) + tuple(model.input_shape[1:])).astype(np.float32)
@@ -56,7 +56,7 @@ def test_darknet_models_equivalent(name, size, width):
 def test_keras_applications_equivalent(app, size):
     model = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3), classes=10,
                                               classifier_activation=None)
-    result = _assert_equivalent(model, ratio=0.3, strategy="global", criterion="l1-normalized")
+    result = _assert_equivalent(model, ratio=0.3, allocation="global", criterion="l1-normalized")
     assert count_params(result.model)["params"] < count_params(model)["params"]
     assert result.model.get_layer("predictions").units == 10  # the output never loses outputs
 
@@ -107,8 +107,8 @@ def test_constraints_round_cap_and_refuse():
     assert odd["conv_0"] == 11 and odd["conv_12"] == 717
     with pytest.raises(ValueError, match=r"ratio 1.0: must be in \[0, 1\)"):
         prune_filters(model, 1.0)
-    with pytest.raises(ValueError, match="strategy 'greedy'"):
-        prune_filters(model, 0.5, strategy="greedy")
+    with pytest.raises(ValueError, match="allocation 'greedy': choose one of uniform, independent, global, sensitivity"):
+        prune_filters(model, 0.5, allocation="greedy")
     with pytest.raises(ValueError, match="criterion 'l3'"):
         prune_filters(model, 0.5, criterion="l3")
     with pytest.raises(ValueError, match="scope 'nothing_here' matches no prunable layer"):
@@ -119,7 +119,7 @@ def test_scope_and_independent_ratios():
     model = build_model(cfg_path("yolov2-tiny"), input_size=64)
     head = {l["name"]: l["channels_after"] for l in prune_filters(model, 0.5, scope="head").layers}
     assert head["conv_0"] == 16 and head["conv_10"] == 512 and head["conv_12"] == 512 and head["conv_13"] == 256
-    chosen = prune_filters(model, 0.0, strategy="independent", ratios={"conv_4": 0.5, "conv_1[02]": 0.25})
+    chosen = prune_filters(model, 0.0, allocation="independent", ratios={"conv_4": 0.5, "conv_1[02]": 0.25})
     after = {l["name"]: l["channels_after"] for l in chosen.layers}
     assert after == {**{l["name"]: l["channels_before"] for l in chosen.layers},
                      "conv_4": 32, "conv_10": 384, "conv_12": 768}
@@ -131,7 +131,7 @@ def test_global_l1_ranks_across_layers():
     kernel = model.get_layer("conv_2").kernel
     kernel.assign(kernel * 1e-3)
     # 2544 filters in scope: 0.98 % of them is 24.9, closest reachable 25 = 24 (the cap of conv_2) + 1
-    result = prune_filters(model, 0.0098, strategy="global", max_ratio=0.75, round_to=1)
+    result = prune_filters(model, 0.0098, allocation="global", max_ratio=0.75, round_to=1)
     after = {l["name"]: l["channels_after"] for l in result.layers}
     assert after["conv_2"] == 8  # 32 filters, 75 % at most may go
     assert sum(l["channels_before"] - l["channels_after"] for l in result.layers if l["name"] != "conv_2") == 1

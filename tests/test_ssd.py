@@ -177,7 +177,7 @@ def test_decode_gives_boxes_and_softmax_scores():
     np.testing.assert_allclose(scores.numpy()[0, 0], [2 / 6, 3 / 6], atol=1e-6)
 
 
-def _assert_surgery_equivalent(model, ratio, strategy, criterion, seed=0):
+def _assert_surgery_equivalent(model, ratio, allocation, criterion, seed=0):
     """Prune filters, silence the same channels in the dense model: outputs agree to 1e-4 relative."""
     from kprune._keras import keras
     from kprune.prune.graph import ChannelGraph
@@ -192,7 +192,7 @@ def _assert_surgery_equivalent(model, ratio, strategy, criterion, seed=0):
                                rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
     graph = ChannelGraph(model)
     assert not graph.unhandled, graph.unhandled
-    result = prune_filters(model, ratio, criterion, strategy)
+    result = prune_filters(model, ratio, criterion, allocation)
     removed = units_from_history(graph, result.history)
     assert removed
     x = rng.random((2,) + tuple(model.input_shape[1:])).astype(np.float32)
@@ -268,7 +268,7 @@ def test_ssdlite_trains_prunes_evaluates_and_exports(ssdlite_file, tiny_synth_da
     assert set(metrics) >= {"map50", "coco_map"}
     trained = tmp_path / "run" / "final.keras"
 
-    report = json.loads(cli("prune", trained, "--method", "filters", "--ratio", "0.25", "--strategy", "global",
+    report = json.loads(cli("prune", trained, "--method", "filters", "--ratio", "0.25", "--allocation", "global",
                             "--out", tmp_path / "pruned.keras", "--json"))
     assert report["params_after"] < report["params_before"]
     # unstructured pruning of an SSD: test_ssd300_trains_prunes_evaluates_and_exports_int8

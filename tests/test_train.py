@@ -291,7 +291,7 @@ MIRRORED = textwrap.dedent("""
     for strategy in ("default", "mirrored"):
         run = TrainingRun(TrainConfig(dataset=sys.argv[1], out=sys.argv[2] + "/" + strategy, model="yolov2",
                                       input_size=64, width=0.125, batch_size=8, epochs=1, lr=2e-3,
-                                      strategy=strategy, seed=5), progress=False)
+                                      distribution=strategy, seed=5), progress=False)
         run.fit()
         rows = list(csv.DictReader(open(run.out / "log.csv")))
         losses[strategy] = [float(row[key]) for row in rows for key in ("loss", "val_loss")]

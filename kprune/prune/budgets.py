@@ -39,7 +39,7 @@ def meet_budget(model, target: float, prune: Callable[[float], object], high: fl
         target: fraction of ``model``'s cost to remove, in (0, 1).
         prune: value -> an object with the pruned model as ``.model`` (e.g.
             :func:`kprune.prune.structured.prune_filters` with the other options bound).
-        high: the largest value the strategy accepts.
+        high: the largest value the allocation accepts.
         cost: model -> its cost (FLOPs, predicted milliseconds).
         what: the cost's name, for messages.
 

@@ -3,10 +3,12 @@
 :func:`prune` takes a model in memory and returns the pruned one; :func:`prune_model` is the adapter
 that reads a ``.keras`` file and saves the result.
 
-Methods:
-    ``filters``: structured (:func:`kprune.prune.structured.prune_filters`, or in rounds with
-        fine-tuning: :mod:`kprune.prune.rounds`); :func:`prune_model` writes the pruning history
-        next to the model as ``OUT.history.json``.
+Methods (the registry :data:`kprune.prune.methods.METHODS`):
+    ``filters``: structured (:func:`kprune.prune.structured.prune_filters`), the filters of each
+        layer chosen by an allocation strategy (:mod:`kprune.prune.allocation`), removed at once or
+        in rounds with fine-tuning (the schedules of :mod:`kprune.prune.schedules`, run by
+        :mod:`kprune.prune.rounds`); :func:`prune_model` writes the pruning history next to the
+        model as ``OUT.history.json``.
     ``threshold``, ``percentage``, ``global``: unstructured, one shot (tfmot); retraining keeps the
         zeros.
     ``tfmot-constant``, ``tfmot-polynomial``: unstructured during retraining, on tfmot's constant or
@@ -31,22 +33,20 @@ from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model, save_model
 from kprune.models.variants import variant
 from kprune.prune import unstructured as U
-from kprune.prune.budgets import RESOLUTION, meet_budget
+from kprune.prune.allocation import ALLOCATIONS, get_allocation
+from kprune.prune.budgets import meet_budget
 from kprune.prune.latency import meet_latency_budget
+from kprune.prune.methods import get_method
 from kprune.prune.importance import get_criterion
 from kprune.prune.reconstruct import reconstruct as fit_pruned
-from kprune.prune.rounds import cubic_targets, linear_targets, prune_in_rounds
+from kprune.prune.rounds import prune_in_rounds
 from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
-from kprune.prune.sensitivity import max_loss, sensitivity_ratios
+from kprune.prune.schedules import get_schedule
 from kprune.prune.structured import prune_filters
 from kprune.train import TrainConfig, train_model
 from kprune.train.config import DENSE_TEACHER
 
-METHODS = ("threshold", "percentage", "global", "tfmot-constant", "tfmot-polynomial", "filters")
-ROUND_STRATEGIES = ("gradual", "iterative")
-BUDGET_STRATEGIES = ("uniform", "global", "independent", "sensitivity")  # "sensitivity": budgets only
-MAX_BUDGET_RATIO = 0.99  # the search's upper end; max_ratio still caps every layer
 
 
 def _measure(model) -> dict:
@@ -87,64 +87,79 @@ def uses_data(criterion: Optional[str], reconstruct: bool = False) -> bool:
 
 
 def check_options(method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
-                  strategy: str = "uniform", data: Optional[str] = None, epochs: Optional[int] = None,
-                  rounds: Optional[int] = None, max_drop: Optional[float] = None,
+                  allocation: Optional[str] = None, schedule: str = "once", data: Optional[str] = None,
+                  epochs: Optional[int] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
                   remove_flops: Optional[float] = None, criterion: Optional[str] = None,
                   reconstruct: bool = False, target_latency: Optional[float] = None,
-                  sensitivity: Optional[dict] = None) -> None:
-    """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`).
+                  sensitivity: Optional[dict] = None) -> str:
+    """Refuse pruning options that do not fit together, before any work is done (see :func:`prune`);
+    returns the allocation strategy (the schedule's default when None).
 
     Raises:
-        ValueError: an unknown method, a missing ratio / threshold, retraining asked without data or
-            epochs, a method or strategy that trains without them, round options without rounds, a
-            FLOPs or latency budget with a ratio, with the other budget, or with a method or strategy
-            that does not take one, the sensitivity strategy without a budget or without curves, an
-            unknown criterion, or a data-driven criterion without data.
+        ValueError: an unknown method, allocation, schedule or criterion; an allocation or schedule
+            for a method that does not remove filters; a missing ratio / threshold; retraining asked
+            without data or epochs; a method or schedule that trains without them; round options
+            without rounds, or an allocation the rounds cannot use; a FLOPs or latency budget with a
+            ratio, with the other budget, with a method that does not take one or in rounds; the
+            sensitivity allocation without a budget or without curves; reconstruction other than
+            after a one-shot filter pruning, or without data; a data-driven criterion without data.
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    kind, timing = get_method(method), get_schedule(schedule)
+    if not kind.structured and (allocation is not None or schedule != "once"):
+        raise ValueError(f"--allocation and --schedule choose filters (method filters), not the weights of {method}")
+    allocation = allocation or timing.allocation
+    allocator = get_allocation(allocation)
+    if criterion is not None:
+        get_criterion(criterion)
     if remove_flops is not None and target_latency is not None:
         raise ValueError("give either --remove-flops or --target-latency, not both")
     for option, budget in (("--remove-flops", remove_flops), ("--target-latency", target_latency)):
         if budget is None:
             continue
-        if method != "filters" or strategy not in BUDGET_STRATEGIES:
-            raise ValueError(f"{option}: only method filters meets a budget, with strategy "
-                             f"{', '.join(BUDGET_STRATEGIES)} (got {method}, {strategy})")
+        if not kind.structured or timing.in_rounds:
+            raise ValueError(f"{option}: only method filters meets a budget, pruned at once (schedule once; "
+                             f"got method {method}, schedule {schedule})")
         if ratio is not None:
             raise ValueError(f"give either --ratio or {option}, not both")
         ratio = 0.0  # found by the budget search
-    if strategy == "sensitivity":
+    if allocator.budget_only:
         if remove_flops is None and target_latency is None:
-            raise ValueError("strategy sensitivity chooses per-layer ratios to meet a budget: give --remove-flops "
-                             "or --target-latency")
+            raise ValueError(f"allocation {allocation} chooses per-layer ratios to meet a budget: give "
+                             "--remove-flops or --target-latency")
         if sensitivity is None:
-            raise ValueError("strategy sensitivity needs the sensitivity curves: give --sensitivity "
+            raise ValueError(f"allocation {allocation} needs the sensitivity curves: give --sensitivity "
                              "MODEL.sensitivity/sensitivity.json (written by kprune sensitivity)")
-    value = threshold if method == "threshold" else ratio
-    if value is None and not (method == "filters" and strategy == "independent"):
-        raise ValueError(f"method {method} needs --{'threshold' if method == 'threshold' else 'ratio'}")
-    if reconstruct and (method != "filters" or strategy in ROUND_STRATEGIES):
+    value = threshold if kind.value == "threshold" else ratio
+    if value is None and not (kind.structured and allocation == "independent"):
+        raise ValueError(f"method {method} needs --{kind.value}")
+    if reconstruct and (not kind.structured or timing.in_rounds):
         raise ValueError(f"--reconstruct re-fits the convs after a one-shot filter pruning (method filters, "
-                         f"strategy {', '.join(BUDGET_STRATEGIES)}), not {method} {strategy}")
+                         f"schedule once), not method {method}, schedule {schedule}")
     if reconstruct and data is None:
         raise ValueError("--reconstruct fits the pruned convs on training images: give --data")
     if uses_data(criterion) and data is None:
         raise ValueError(f"criterion {criterion} scores filters on training data: give --data")
     if (data is None) != (epochs is None) and not (uses_data(criterion, reconstruct) and epochs is None):
         raise ValueError("retraining needs both --data and --epochs")
-    if method.startswith("tfmot-") and data is None:
+    if kind.trains and data is None:
         raise ValueError(f"method {method} prunes while training: give --data and --epochs")
-    in_rounds = method == "filters" and strategy in ROUND_STRATEGIES
-    if in_rounds and data is None:
-        raise ValueError(f"strategy {strategy} fine-tunes after every round: give --data and --epochs")
-    if (rounds is not None or max_drop is not None) and not in_rounds:
-        raise ValueError("--rounds and --max-drop belong to the gradual and iterative strategies")
+    if timing.in_rounds:
+        if data is None:
+            raise ValueError(f"schedule {schedule} fine-tunes after every round: give --data and --epochs")
+        if not allocator.in_rounds:
+            raise ValueError(f"schedule {schedule} prunes a fraction of all filters per round: allocation "
+                             f"{allocation} cannot; choose one of "
+                             f"{', '.join(n for n, a in ALLOCATIONS.items() if a.in_rounds)}")
+    elif rounds is not None or max_drop is not None:
+        raise ValueError("--rounds and --max-drop belong to the gradual and iterative schedules")
+    if max_drop is not None and not timing.stops_on_drop:
+        raise ValueError(f"--max-drop belongs to the iterative schedule, not {schedule}")
+    return allocation
 
 
 def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional[float] = None,
-          criterion: Optional[str] = None, strategy: str = "uniform", scope: str = "all",
-          include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
+          criterion: Optional[str] = None, allocation: Optional[str] = None, schedule: str = "once",
+          scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
           layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None, epochs: Optional[int] = None,
           train_options: Optional[dict] = None, rounds: Optional[int] = None, max_drop: Optional[float] = None,
           run_dir: Optional[str] = None, progress: bool = True, remove_flops: Optional[float] = None,
@@ -154,12 +169,15 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     training runs in ``run_dir``.
 
     Args:
-        method: one of :data:`METHODS` (see the module docstring).
+        method: one of :data:`kprune.prune.methods.METHODS` (see the module docstring).
         ratio, threshold: how much to prune (``threshold`` for the ``threshold`` method).
-        criterion: filter importance; None: ``l1-normalized`` for the gradual strategy, ``l1``
-            otherwise.
-        strategy: for ``filters``; ``gradual`` and ``iterative`` prune in rounds
-            (:mod:`kprune.prune.rounds`) with ``epochs`` of fine-tuning after each, in
+        criterion: filter importance (:data:`kprune.prune.importance.CRITERIA`); None: the
+            schedule's (``l1-normalized`` for gradual, ``l1`` otherwise).
+        allocation: for ``filters``, how the filters removed spread over the layers
+            (:data:`kprune.prune.allocation.ALLOCATIONS`); None: the schedule's (``global`` for
+            gradual, ``uniform`` otherwise).
+        schedule: for ``filters`` (:data:`kprune.prune.schedules.SCHEDULES`): ``once``, or in
+            rounds (:mod:`kprune.prune.rounds`) with ``epochs`` of fine-tuning after each, in
             ``RUN_DIR/round-K``. ``gradual``: ``rounds`` (4) rounds on the cubic schedule to
             ``ratio``. ``iterative``: ``ratio`` more of every layer's filters per round, at most
             ``rounds`` (10) rounds, stopping before the first whose mAP@0.5 drops more than
@@ -167,22 +185,23 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         scope, include_outputs, round_to, max_ratio, layer_ratios: as in
             :func:`kprune.prune.structured.prune_filters` and :mod:`kprune.prune.scope`.
         data, epochs: retrain after pruning (in ``run_dir``); needed by the ``tfmot-*`` methods and
-            the round strategies. A data-driven ``criterion`` (``taylor``) scores filters on the first
+            the round schedules. A data-driven ``criterion`` (``taylor``) scores filters on the first
             batches of ``data`` (:mod:`kprune.prune.sample`), with or without ``epochs``.
         train_options: further :class:`kprune.train.TrainConfig` settings for retraining; with
             ``distill: {teacher: dense, weight: W}`` every retraining (and round) also learns the
             outputs of a frozen copy of ``model``.
         run_dir: the training run folder; needed whenever there is retraining.
-        remove_flops: instead of ``ratio`` (method ``filters``, strategies ``uniform``, ``global``,
-            ``independent``): remove at least this fraction of the FLOPs, with the smallest ratio
-            (for ``independent``: the largest of ``layer_ratios`` scaled) that does
-            (:mod:`kprune.prune.budgets`); the report adds ``remove_flops`` and the ``ratio`` found.
-            With strategy ``sensitivity`` the number searched is the predicted mAP loss each layer
-            may cost, its ratio read from ``sensitivity`` (:func:`kprune.prune.sensitivity.analyze`'s
-            result; :func:`kprune.prune.sensitivity.sensitivity_ratios`).
-        target_latency, runtime: instead of ``ratio``: prune until ``model`` runs in this many
-            milliseconds at batch 1 on ``runtime`` (a :class:`kprune.report.runtimes.Runtime`), through
-            per-layer latency tables (:func:`kprune.prune.latency.meet_latency_budget`); the report adds ``target_latency``,
+        remove_flops: instead of ``ratio`` (method ``filters``, schedule ``once``): remove at least
+            this fraction of the FLOPs, with the smallest value of the allocation's number that does
+            (:meth:`kprune.prune.allocation.Allocation.searched`: the ratio; for ``independent`` the
+            largest of ``layer_ratios`` scaled; for ``sensitivity`` the predicted mAP loss each layer
+            may cost, its ratios read from the curves ``sensitivity``, the result of
+            :func:`kprune.prune.sensitivity.analyze`); see :mod:`kprune.prune.budgets`. The report
+            adds ``remove_flops`` and the ``ratio`` (the number) found.
+        target_latency, runtime: instead of ``ratio`` (as ``remove_flops``): prune until ``model``
+            runs in this many milliseconds at batch 1 on ``runtime`` (a
+            :class:`kprune.report.runtimes.Runtime`), through per-layer latency tables
+            (:func:`kprune.prune.latency.meet_latency_budget`); the report adds ``target_latency``,
             the ``ratio`` found and ``latency`` (predicted and measured, every attempt, the table).
         reconstruct: after a one-shot filter pruning, re-fit the convs that lost input channels to
             the dense model's outputs on the first training images of ``data``
@@ -194,7 +213,7 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         ``method``, ``params_before``, ``params_after``, ``flops_before``, ``flops_after``,
         ``nonzero_params_before``, ``nonzero_params_after``, ``layers`` (per layer: name and channels
         or sparsity before and after) and, after retraining, ``retrained`` (the run's metrics); the
-        round strategies add ``rounds`` and ``stopped``, the iterative one ``baseline_map50`` and
+        round schedules add ``rounds`` and ``stopped``, the iterative one ``baseline_map50`` and
         ``max_drop``; the history (``filters`` only, else None) maps layers to the kept filters of
         ``model`` (:func:`kprune.prune.surgeon.apply_history`).
 
@@ -202,37 +221,40 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
         ValueError: an unknown method, a missing or meaningless ratio / threshold, retraining asked
             without data, epochs or ``run_dir``, or anything the pruning functions refuse.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
-                  reconstruct, target_latency, sensitivity)
+    allocation = check_options(method, ratio, threshold, allocation, schedule, data, epochs, rounds, max_drop,
+                               remove_flops, criterion, reconstruct, target_latency, sensitivity)
     if target_latency is not None and runtime is None:
         raise ValueError("a latency budget needs the runtime to measure on")
-    criterion = criterion or ("l1-normalized" if strategy == "gradual" else "l1")
-    sample = DetectionSample(data) if method == "filters" and uses_data(criterion, reconstruct) else None
+    kind, timing = get_method(method), get_schedule(schedule)
+    criterion = criterion or timing.criterion
+    sample = DetectionSample(data) if kind.structured and uses_data(criterion, reconstruct) else None
     if epochs is None:
         data = None  # given only to score filters on
     if data is not None and run_dir is None:
         raise ValueError(f"method {method} retrains here: give run_dir, the folder of the training run")
-    value = threshold if method == "threshold" else ratio
-    in_rounds = method == "filters" and strategy in ROUND_STRATEGIES
+    value = threshold if kind.value == "threshold" else ratio
 
     before = _measure(model)
     teacher = dense_teacher(model, train_options) if data is not None else None
     report = {"method": method}
     history = None
     wrap_for_training = None  # set for the tfmot methods, which prune while they train
-    if in_rounds:
-        report.update(criterion=criterion, strategy=strategy)
-        pruned, history = _prune_in_rounds(model, str(run_dir), report, ratio, criterion, strategy, scope,
+    if kind.structured and timing.in_rounds:
+        report.update(criterion=criterion, allocation=allocation, schedule=schedule)
+        pruned, history = _prune_in_rounds(model, str(run_dir), report, ratio, criterion, allocation, timing, scope,
                                            round_to, max_ratio, data, epochs, train_options, rounds, max_drop,
                                            progress, sample, teacher)
         data = None  # fine-tuned already
-    elif method == "filters":
+    elif kind.structured:
         if remove_flops is None and target_latency is None:
-            result = prune_filters(model, ratio or 0.0, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
-                                   sample=sample)
+            result = prune_filters(model, ratio or 0.0, criterion, allocation, scope, round_to, max_ratio,
+                                   layer_ratios, sample=sample)
         else:
-            attempt, high = _budget_search(model, criterion, strategy, scope, round_to, max_ratio, layer_ratios,
-                                           sample, sensitivity)
+            def pruned_at(ratio, allocation=allocation, ratios=layer_ratios):
+                return prune_filters(model, ratio, criterion, allocation, scope, round_to, max_ratio, ratios,
+                                     sample=sample)
+
+            attempt, high = get_allocation(allocation).searched(pruned_at, layer_ratios, sensitivity)
             if remove_flops is not None:
                 found = meet_budget(model, remove_flops, attempt, high)
                 report.update(remove_flops=remove_flops, ratio=found.ratio)
@@ -246,14 +268,13 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
             report["reconstruction"] = fit_pruned(model, pruned, history,
                                                   lambda: (images for images, _ in sample.batches(model)))
         report["layers"] = result.layers
-        report.update(criterion=criterion, strategy=strategy, protected=result.protected,
+        report.update(criterion=criterion, allocation=allocation, schedule=schedule, protected=result.protected,
                       unhandled=result.unhandled, capped=result.capped)
     else:
         names = layers_in_scope(model, scope, outputs=include_outputs)
         before_sparsity = S.sparsity(model, names)
-        if method.startswith("tfmot-"):
-            kind = method[len("tfmot-"):]
-            wrap_for_training = _pruning_wrapper(kind, value, names, epochs)
+        if kind.trains:
+            wrap_for_training = _pruning_wrapper(method[len("tfmot-"):], value, names, epochs)
             pruned = model
         else:
             targets = U.layer_sparsities(model, method, value, names)
@@ -268,11 +289,11 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     if data is not None:
         pruned, report["retrained"] = retrain(pruned, str(run_dir), data, epochs, train_options, progress,
                                                teacher=teacher,
-                                               keep_sparsity=method in ("threshold", "percentage", "global"),
+                                               keep_sparsity=kind.keeps_sparsity,
                                                prepare=wrap_for_training)
 
     after = _measure(pruned)
-    if method != "filters":
+    if not kind.structured:
         after_sparsity = S.sparsity(pruned, [row["name"] for row in report["layers"]])
         for row in report["layers"]:
             row["sparsity_after"] = after_sparsity[row["name"]]
@@ -282,24 +303,9 @@ def prune(model, method: str, ratio: Optional[float] = None, threshold: Optional
     return pruned, report, history
 
 
-def _budget_search(model, criterion, strategy, scope, round_to, max_ratio, layer_ratios, sample, sensitivity):
-    """The one number ``strategy`` takes, as a function (number -> pruning result) for a budget
-    search (:mod:`kprune.prune.budgets`), and the largest value it accepts."""
-    def pruned(ratio, strategy_=strategy, ratios=None):
-        return prune_filters(model, ratio, criterion, strategy_, scope, round_to, max_ratio, ratios, sample=sample)
-
-    if strategy == "sensitivity":  # the predicted mAP loss each layer may cost
-        return (lambda loss: pruned(0.0, "independent", sensitivity_ratios(sensitivity, loss)),
-                max_loss(sensitivity) or RESOLUTION)
-    if strategy == "independent":  # the per-layer ratios scaled so that the largest is x
-        top = max((layer_ratios or {}).values(), default=0.0) or 1.0  # none: prune_filters says what is missing
-        return (lambda x: pruned(0.0, ratios={k: v * x / top for k, v in (layer_ratios or {}).items()}),
-                MAX_BUDGET_RATIO)
-    return pruned, MAX_BUDGET_RATIO
-
-
 def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] = None,
-                threshold: Optional[float] = None, criterion: Optional[str] = None, strategy: str = "uniform",
+                threshold: Optional[float] = None, criterion: Optional[str] = None, allocation: Optional[str] = None,
+                schedule: str = "once",
                 scope: str = "all", include_outputs: bool = False, round_to: int = 8, max_ratio: float = 0.9,
                 layer_ratios: Optional[Dict[str, float]] = None, data: Optional[str] = None,
                 epochs: Optional[int] = None, train_options: Optional[dict] = None, rounds: Optional[int] = None,
@@ -309,7 +315,7 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
     """Load ``model_path``, :func:`prune` it, and save the result as ``out`` (a ``.keras`` file);
     returns the report.
 
-    Retraining runs in ``OUT.run/`` (the round strategies' in ``OUT.run/round-K``); a ``filters``
+    Retraining runs in ``OUT.run/`` (the round schedules' in ``OUT.run/round-K``); a ``filters``
     history is written as ``OUT.history.json``. Arguments as in :func:`prune`.
 
     Returns:
@@ -320,13 +326,14 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
         ValueError: as :func:`prune` (checked before the model is loaded), ``out`` not ending in
             ``.keras``, or a model that cannot be read.
     """
-    check_options(method, ratio, threshold, strategy, data, epochs, rounds, max_drop, remove_flops, criterion,
-                  reconstruct, target_latency, sensitivity)
+    check_options(method, ratio, threshold, allocation, schedule, data, epochs, rounds, max_drop, remove_flops,
+                  criterion, reconstruct, target_latency, sensitivity)
     if not str(out).endswith(".keras"):
         raise ValueError(f"--out {out}: must end in .keras")
     stem = str(out)[: -len(".keras")]
     pruned, pruned_report, history = prune(
-        load_model(model_path), method, ratio=ratio, threshold=threshold, criterion=criterion, strategy=strategy,
+        load_model(model_path), method, ratio=ratio, threshold=threshold, criterion=criterion, allocation=allocation,
+        schedule=schedule,
         scope=scope, include_outputs=include_outputs, round_to=round_to, max_ratio=max_ratio,
         layer_ratios=layer_ratios, data=data, epochs=epochs, train_options=train_options, rounds=rounds,
         max_drop=max_drop, run_dir=stem + ".run", progress=progress, remove_flops=remove_flops,
@@ -339,13 +346,11 @@ def prune_model(model_path: str, out: str, method: str, ratio: Optional[float] =
     return report
 
 
-def _prune_in_rounds(model, run_dir, report, ratio, criterion, strategy, scope, round_to, max_ratio,
+def _prune_in_rounds(model, run_dir, report, ratio, criterion, allocation, timing, scope, round_to, max_ratio,
                      data, epochs, train_options, rounds, max_drop, progress, sample, teacher):
-    """The gradual and iterative strategies; fills ``report`` and returns (model, history)."""
-    if strategy == "gradual":
-        targets, inner, baseline = cubic_targets(ratio, rounds or 4), "global", None
-    else:
-        targets, inner = linear_targets(ratio, rounds or 10), "uniform"
+    """The gradual and iterative schedules; fills ``report`` and returns (model, history)."""
+    targets, baseline = timing.targets(ratio, rounds), None
+    if timing.stops_on_drop:
         max_drop = 0.02 if max_drop is None else max_drop
         baseline = evaluate_loaded(model, data)["map50"]
         report.update(baseline_map50=baseline, max_drop=max_drop)
@@ -355,7 +360,7 @@ def _prune_in_rounds(model, run_dir, report, ratio, criterion, strategy, scope, 
                        teacher=teacher)
 
     log = (lambda line: print(line, file=sys.stderr)) if progress else None
-    result = prune_in_rounds(model, targets, finetune, criterion, inner, scope, round_to, max_ratio,
+    result = prune_in_rounds(model, targets, finetune, criterion, allocation, scope, round_to, max_ratio,
                              baseline_map=baseline, max_drop=max_drop, log=log, sample=sample)
     report.update(rounds=result.rounds, stopped=result.stopped, layers=result.layers)
     if result.metrics:

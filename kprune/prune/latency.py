@@ -11,7 +11,7 @@ other op, the interpreter's overhead) is the dense model's measured time minus i
 as constant. Measurements are cached per host, runtime and thread count (:func:`cache_path`), so a
 second search on the same host measures only the dense model.
 
-The search bisects the allocation strategy's number on the predicted latency (:mod:`.budgets`),
+The search bisects the allocation's number on the predicted latency (:mod:`.budgets`),
 then measures the model it found. When the measurement is more than :data:`LANDING` off the target,
 the target of the prediction is scaled by target / measured and the search runs again, at most
 :data:`MAX_CORRECTIONS` times.
@@ -242,7 +242,7 @@ class LatencyResult:
 
 def meet_latency_budget(model, target_ms: float, prune: Callable[[float], object], high: float, runtime,
                         cache: Optional[Path] = None, progress: bool = True) -> LatencyResult:
-    """The smallest value of the strategy's number whose pruned model runs in ``target_ms``.
+    """The smallest value of the allocation's number whose pruned model runs in ``target_ms``.
 
     Args:
         model: the dense model (left unchanged).

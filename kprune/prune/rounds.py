@@ -1,5 +1,7 @@
 """Structured pruning in rounds, with fine-tuning after each round.
 
+The schedules themselves (the fraction after each round) are in :mod:`.schedules`.
+
 - **Gradual global**: round t of n removes filters until a fraction
   ``s_t = s_f + (s_i - s_f) * (1 - t / n) ** 3`` of the original filters in scope is gone (the cubic
   schedule of Zhu & Gupta, applied to whole filters), ranked globally by the ``l1-normalized``
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from kprune.models.counting import count_flops, count_params
+from kprune.prune.allocation import ALLOCATIONS, get_allocation
 from kprune.prune.graph import ChannelGraph
 from kprune.prune.scope import layers_in_scope
-from kprune.prune.strategies import group_sizes, prunable_channels
+from kprune.prune.plan import group_sizes, prunable_channels
 from kprune.prune.structured import prune_filters
 from kprune.prune.surgeon import History
 
@@ -31,32 +34,6 @@ from kprune.prune.surgeon import History
 Finetune = Callable[[object, int], Tuple[object, dict]]
 
 MAX_ROUND_RATIO = 0.99
-
-
-def cubic_targets(final: float, rounds: int, initial: float = 0.0) -> List[float]:
-    """The fraction of filters removed after each of ``rounds`` rounds on the cubic schedule.
-
-    Raises:
-        ValueError: ``rounds`` < 1, or fractions outside [0, 1) or decreasing.
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds {rounds}: must be >= 1")
-    if not 0.0 <= initial <= final < 1.0:
-        raise ValueError(f"cubic schedule from {initial} to {final}: need 0 <= initial <= final < 1")
-    return [final + (initial - final) * (1.0 - t / rounds) ** 3 for t in range(1, rounds + 1)]
-
-
-def linear_targets(step: float, rounds: int) -> List[float]:
-    """``step, 2 step, ...`` for at most ``rounds`` rounds, below 1 (the iterative strategy).
-
-    Raises:
-        ValueError: ``step`` outside (0, 1) or ``rounds`` < 1.
-    """
-    if not 0.0 < step < 1.0:
-        raise ValueError(f"step {step}: the fraction removed per round must be in (0, 1)")
-    if rounds < 1:
-        raise ValueError(f"rounds {rounds}: must be >= 1")
-    return [step * t for t in range(1, rounds + 1) if step * t < 1.0 - 1e-9]
 
 
 @dataclass
@@ -72,16 +49,16 @@ class RoundsResult:
 
 
 def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criterion: str = "l1-normalized",
-                    strategy: str = "global", scope: str = "all", round_to: int = 8, max_ratio: float = 0.9,
+                    allocation: str = "global", scope: str = "all", round_to: int = 8, max_ratio: float = 0.9,
                     baseline_map: Optional[float] = None, max_drop: Optional[float] = None,
                     log: Optional[Callable[[str], None]] = None, sample=None) -> RoundsResult:
     """Prune ``model`` (left unchanged) in rounds to the given fractions of its filters.
 
     Args:
         targets: after round t, this fraction of the original filters in scope is removed
-            (:func:`cubic_targets` or :func:`linear_targets`); non-decreasing, in [0, 1).
+            (:meth:`kprune.prune.schedules.Schedule.targets`); non-decreasing, in [0, 1).
         finetune: called after every round's surgery.
-        criterion, strategy (``uniform`` or ``global``), scope, round_to, max_ratio: as in
+        criterion, allocation (``uniform`` or ``global``), scope, round_to, max_ratio: as in
             :func:`kprune.prune.structured.prune_filters`.
         baseline_map, max_drop: stop at the first round whose mAP@0.5 (``finetune``'s ``map50``)
             is more than ``max_drop`` below ``baseline_map``, and return the round before.
@@ -95,10 +72,11 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
         ``metrics`` (all of ``finetune``'s).
 
     Raises:
-        ValueError: bad targets or strategy, or ``max_drop`` without ``baseline_map``.
+        ValueError: bad targets or allocation, or ``max_drop`` without ``baseline_map``.
     """
-    if strategy not in ("uniform", "global"):
-        raise ValueError(f"strategy {strategy!r} in rounds: choose uniform or global")
+    if not get_allocation(allocation).in_rounds:
+        raise ValueError(f"allocation {allocation!r} in rounds: choose one of "
+                         f"{', '.join(name for name, a in ALLOCATIONS.items() if a.in_rounds)}")
     if not targets or any(not 0.0 <= t < 1.0 for t in targets) or list(targets) != sorted(targets):
         raise ValueError(f"round targets {list(targets)}: need a non-decreasing list of fractions in [0, 1)")
     if (max_drop is None) != (baseline_map is None):
@@ -112,7 +90,7 @@ def prune_in_rounds(model, targets: Sequence[float], finetune: Finetune, criteri
     for t, target in enumerate(targets, start=1):
         current = prunable_channels(ChannelGraph(result.model), layers)
         ratio = min(max(0.0, 1.0 - (1.0 - target) * total / current), MAX_ROUND_RATIO) if current else 0.0
-        pruned = prune_filters(result.model, ratio, criterion, strategy, scope, round_to, max_ratio,
+        pruned = prune_filters(result.model, ratio, criterion, allocation, scope, round_to, max_ratio,
                                history=result.history, original=original, sample=sample)
         tuned, metrics = finetune(pruned.model, t)
         record = {"round": t, "target": target, "ratio": ratio,

@@ -4,14 +4,15 @@ Every prunable group in scope (one conv, or convs whose channels are coupled) is
 each ratio, its lowest-scoring filters by the criterion, and the model is evaluated without
 retraining. The removed filters are silenced in the dense model instead of cut out: the outputs are
 those of the physically pruned model (the surgeon's equivalence, which the tests check), and one
-traced model serves every evaluation. The result is what ``--strategy independent`` ratios are
-chosen from: layers whose mAP holds up can lose more.
+traced model serves every evaluation. The result is what ``--allocation independent`` ratios are
+chosen from, and what ``--allocation sensitivity`` reads (:mod:`.allocation`): layers whose mAP holds
+up can lose more.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from kprune.prune.graph import ChannelGraph
 from kprune.prune.importance import get_criterion
 from kprune.prune.sample import DetectionSample
 from kprune.prune.scope import layers_in_scope
-from kprune.prune.strategies import plan_filters, prunable_groups
+from kprune.prune.plan import plan_filters, prunable_groups
 from kprune.prune.surgeon import silence_channels
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -87,44 +88,6 @@ def analyze(model, data, ratios: Sequence[float] = RATIOS, criterion: str = "l1"
             model.set_weights(dense)
     result["most_robust"] = [row["name"] for row in sorted(result["layers"], key=lambda r: -float(np.mean(r["map50"])))]
     return result
-
-
-def losses(row: dict, baseline: float, ratios: Sequence[float]) -> List[float]:
-    """A layer's predicted mAP loss at each ratio: the drop below the baseline, never negative and
-    never smaller than at a lower ratio (removing more filters is not taken to help)."""
-    return list(np.maximum.accumulate(np.maximum(baseline - np.asarray(row["map50"], dtype=float), 0.0)))
-
-
-def max_loss(result: dict) -> float:
-    """The largest predicted loss of any layer: a tolerance this high prunes every layer the most."""
-    return max(max(losses(row, result["baseline"], result["ratios"])) for row in result["layers"])
-
-
-def ratio_within(row: dict, baseline: float, ratios: Sequence[float], tolerance: float) -> float:
-    """The largest ratio whose predicted loss (linear between the measured ratios, 0 at ratio 0) is
-    at most ``tolerance``."""
-    xs = [0.0, *ratios]
-    ys = [0.0, *losses(row, baseline, ratios)]
-    best = 0.0
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if y1 <= tolerance:
-            best = x1
-        elif y0 <= tolerance:  # the curve crosses the tolerance on this segment
-            return x0 + (x1 - x0) * (tolerance - y0) / (y1 - y0)
-        else:
-            break
-    return best
-
-
-def sensitivity_ratios(result: dict, tolerance: float) -> Dict[str, float]:
-    """Per-layer ratios (first producer of each group -> ratio) from :func:`analyze`'s result: each
-    group loses as many filters as keep its predicted mAP loss within ``tolerance``, so the layers
-    that hold up lose the most (the ``sensitivity`` allocation; a budget searches ``tolerance``)."""
-    ratios = sorted(float(r) for r in result["ratios"])
-    order = np.argsort(result["ratios"])
-    return {row["producers"][0]: ratio_within({"map50": [row["map50"][i] for i in order]}, result["baseline"],
-                                              ratios, tolerance)
-            for row in result["layers"]}
 
 
 def read_sensitivity(path: str) -> dict:

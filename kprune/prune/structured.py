@@ -1,4 +1,4 @@
-"""Structured pruning in one call: plan (:mod:`.strategies`), remove (:mod:`.surgeon`), measure."""
+"""Structured pruning in one call: plan (:mod:`.plan`), remove (:mod:`.surgeon`), measure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 from kprune.prune.graph import ChannelGraph
 from kprune.prune.scope import layers_in_scope
-from kprune.prune.strategies import plan_filters
+from kprune.prune.plan import plan_filters
 from kprune.prune.surgeon import History, compose_history, remove_units
 
 
@@ -23,14 +23,14 @@ class PruneResult:
     capped: List[str]
 
 
-def prune_filters(model, ratio: float, criterion: str = "l1", strategy: str = "uniform", scope: str = "all",
+def prune_filters(model, ratio: float, criterion: str = "l1", allocation: str = "uniform", scope: str = "all",
                   round_to: int = 8, max_ratio: float = 0.9, ratios: Optional[Dict[str, float]] = None,
                   history: Optional[History] = None, original: Optional[Dict[str, int]] = None,
                   sample=None) -> PruneResult:
     """Remove filters from ``model`` (which is left unchanged) and return the smaller model.
 
     Args:
-        ratio, criterion, strategy, round_to, max_ratio, ratios: see :func:`plan_filters`.
+        ratio, criterion, allocation, round_to, max_ratio, ratios: see :func:`plan_filters`.
         scope: see :func:`kprune.prune.scope.layers_in_scope`.
         history: the history ``model`` already carries (when pruning a pruned model again), so
             that the result's history still refers to the dense model.
@@ -38,7 +38,7 @@ def prune_filters(model, ratio: float, criterion: str = "l1", strategy: str = "u
         sample: training data for a data-driven criterion (see :func:`plan_filters`).
     """
     graph = ChannelGraph(model)
-    plan = plan_filters(model, graph, ratio, criterion, strategy, layers_in_scope(model, scope), round_to,
+    plan = plan_filters(model, graph, ratio, criterion, allocation, layers_in_scope(model, scope), round_to,
                         max_ratio, ratios, original, sample)
     pruned, new_history = remove_units(model, graph, plan.removed)
     layers = [{"name": name, "channels_before": before, "channels_after": after}

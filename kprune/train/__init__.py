@@ -11,7 +11,7 @@
 """
 
 from kprune.train.batchnorm import batch_norm_layers, recalibrate_batch_norm
-from kprune.train.config import DATASETS, MODES, STRATEGIES, TrainConfig, resolve_dataset
+from kprune.train.config import DATASETS, DISTRIBUTIONS, MODES, TrainConfig, resolve_dataset
 from kprune.train.detector import build_detector, class_names, set_anchors, set_trainable, variable_input_view
 from kprune.train.distribute import is_chief, make_strategy
 from kprune.train.pretrain import object_crops, pretrain_trunk
@@ -20,7 +20,7 @@ from kprune.train.schedule import WarmupCosine
 from kprune.train.trainer import DetectorTrainer
 
 __all__ = [
-    "DATASETS", "MODES", "STRATEGIES", "DetectorTrainer", "RunCallback", "TrainConfig", "TrainingError", "TrainingRun",
+    "DATASETS", "DISTRIBUTIONS", "MODES", "DetectorTrainer", "RunCallback", "TrainConfig", "TrainingError", "TrainingRun",
     "WarmupCosine", "batch_norm_layers", "build_detector", "class_names", "is_chief", "make_strategy", "object_crops",
     "pretrain_trunk", "recalibrate_batch_norm", "resolve_dataset", "set_anchors", "set_trainable", "train",
     "train_model", "variable_input_view",

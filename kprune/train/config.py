@@ -15,7 +15,7 @@ from kprune.models.variants import check_policy
 MODES = ("full", "head", "new-head")
 DISTILL_KEYS = {"teacher", "weight"}
 DENSE_TEACHER = "dense"  # distill.teacher: the unpruned model, passed in memory by the pruning
-STRATEGIES = ("default", "mirrored", "multi-worker")
+DISTRIBUTIONS = ("default", "mirrored", "multi-worker")
 # Dataset names and the folders `make data-synth` / the data_tools converters write them to.
 DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti", "voc0712": "data/voc0712"}
 
@@ -93,7 +93,7 @@ class TrainConfig:
     letterbox: bool = True
     loss: Dict[str, object] = field(default_factory=dict)
     seed: int = 0
-    strategy: str = "default"
+    distribution: str = "default"
     bn_momentum: Optional[float] = 0.9
     recalibrate_bn: int = 32
     pretrain_epochs: int = 0
@@ -123,8 +123,9 @@ class TrainConfig:
             raise ValueError("names: only for a cfg + weights model (zoo and .keras models carry their names)")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution {self.distribution!r}: the tf.distribute strategy, one of "
+                             f"{', '.join(DISTRIBUTIONS)}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r}: choose adam or sgd")
         for name in ("epochs", "batch_size", "validate_every"):

@@ -109,7 +109,7 @@ class TrainingRun:
         for split in ("train", "val"):
             if split not in self.manifest.splits or self.manifest.num_images(split) == 0:
                 raise ValueError(f"dataset {self.data}: split {split!r} is missing or empty")
-        self.strategy = make_strategy(config.strategy)
+        self.strategy = make_strategy(config.distribution)
         self.replicas = self.strategy.num_replicas_in_sync
         if config.batch_size % self.replicas:
             raise ValueError(f"batch size {config.batch_size} does not split evenly over {self.replicas} replicas")
