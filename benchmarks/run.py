@@ -50,6 +50,9 @@ SURGERY_GOAL_S = 10.0
 PRUNED_UNIFORM_RATIO = 0.3  # uniform L1 on YOLOv2-416: 29.46 -> 15.25 GFLOPs, about half
 SPEEDUP_GOAL = 0.9  # latency speed-up / FLOPs reduction
 TFLITE_THREADS = 2
+BUDGET_MODEL = {"input_size": 384, "width": 0.25}  # the synthetic baseline's architecture
+BUDGET_TARGETS = (0.6, 0.4)  # latency targets, fractions of the dense model's measured time
+BUDGET_LANDING = 0.05
 
 
 def find_cfg(name: str) -> Path:
@@ -478,6 +481,57 @@ def pruned_speedup(args: argparse.Namespace) -> Dict:
     return result
 
 
+def latency_budget(args: argparse.Namespace) -> Dict:
+    """Latency budgets (``kprune prune --target-latency``, NetAdapt-style tables) on the synthetic
+    baseline's architecture (YOLOv2, width 0.25, 384 px, seeded random kernels), float TFLite at
+    ``TFLITE_THREADS`` threads, global ``l1-normalized`` allocation, targets ``BUDGET_TARGETS`` of the
+    dense time. The first search measures the latency tables into a fresh cache; the others reuse it.
+
+    Returns:
+        ``dense_ms``, ``table_entries``, ``table_s`` (the first search's table time); per target
+        ``t<pct>_target_ms``, ``_predicted_ms``, ``_measured_ms``, ``_off`` (|measured - target| /
+        target), ``_searches``, ``_flops_removed``, ``_s``; ``goal`` (``BUDGET_LANDING``) and
+        ``meets_goal`` (every target landed within it).
+    """
+    from kprune.prune.command import prune
+    from kprune.report.runtimes import get_runtime
+
+    dense = build_model(find_cfg("yolov2.cfg"), **BUDGET_MODEL)
+    rng = np.random.default_rng(0)
+    dense.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) if w.ndim == 4 else w
+                       for w in dense.get_weights()])
+    runtime = get_runtime("tflite", TFLITE_THREADS, runs=max(args.runs, 10))
+    result = {**BUDGET_MODEL, "runtime": runtime.key, "goal": BUDGET_LANDING}
+    landed = []
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["KPRUNE_CACHE"] = cache
+        try:
+            for fraction in BUDGET_TARGETS:
+                key = f"t{round(100 * fraction)}"
+                dense_ms = result.get("dense_ms")
+                if dense_ms is None:  # the first search measures the dense model with the tables
+                    from kprune.prune.latency import LatencyTable
+
+                    table, result["table_s"] = _timed(LatencyTable.measure, dense, runtime, progress=False)
+                    dense_ms = result["dense_ms"] = table.dense_ms
+                    result["table_entries"] = table.measured
+                target = fraction * dense_ms
+                (pruned, report, _), seconds = _timed(prune, dense, "filters", target_latency=target,
+                                                      allocation="global", criterion="l1-normalized",
+                                                      runtime=runtime, progress=False)
+                latency = report["latency"]
+                result.update({f"{key}_target_ms": target, f"{key}_predicted_ms": latency["predicted_ms"],
+                               f"{key}_measured_ms": latency["measured_ms"], f"{key}_off": latency["within"],
+                               f"{key}_searches": len(latency["attempts"]), f"{key}_s": seconds,
+                               f"{key}_flops_removed": 1 - report["flops_after"] / report["flops_before"]})
+                landed.append(latency["within"] <= BUDGET_LANDING)
+        finally:
+            os.environ.pop("KPRUNE_CACHE", None)
+    result["meets_goal"] = bool(all(landed))
+    keras.backend.clear_session()
+    return result
+
+
 # Later sections (training, pruning) register here; the order is the run order.
 SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "matmul_peak": matmul_peak,
@@ -488,6 +542,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "training_throughput": training_throughput,
     "pruning_surgery": pruning_surgery,
     "pruned_speedup": pruned_speedup,
+    "latency_budget": latency_budget,
 }
 
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from kprune.cli import main
 from kprune.darknet.builder import build_model
+from kprune.evaluate import evaluate_loaded
 from kprune.models.io import save_model
 from kprune.report.command import table
 from kprune.report.latency import interleaved, latency_stats, time_calls
@@ -61,7 +62,8 @@ def test_report_command(tmp_path, tiny_synth_data):
     assert row["keras_size"]["xz"] < row["keras_size"]["bytes"] and row["tflite"].startswith("float32")
     assert set(row["latency"]) == {"keras_1t", "keras_2t", "tflite_1t", "tflite_2t"}
     assert all(v["runs"] == 3 and 0 < v["min_ms"] <= v["median_ms"] for v in row["latency"].values())
-    assert 0 <= row["map50"] <= 1 and 0 <= row["coco_map"] <= 1
+    scores = evaluate_loaded(model, tiny_synth_data)
+    assert row["map50"] == scores["map50"] and row["coco_map"] == scores["coco_map"]
     lines = table([row]).splitlines()
     assert lines[0].split(" | ")[-3:] == ["tflite 2t ms", "mAP@0.5", "COCO mAP |"]
     cells = lines[2].split(" | ")
