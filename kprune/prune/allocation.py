@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from kprune.prune.importance import unit_score
+from kprune.prune.registry import Entry, Registry
 
 MAX_BUDGET_RATIO = 0.99  # the budget search's upper end on a ratio; max_ratio still caps every layer
 RESOLUTION = 1e-4  # the smallest tolerance searched, in mAP@0.5
@@ -71,16 +72,11 @@ def check_ratio(ratio: float, round_to: int, max_ratio: float) -> None:
         raise ValueError(f"max_ratio {max_ratio}: must be in (0, 1)")
 
 
-class Allocation:
+class Allocation(Entry):
     """A way to spread filter removal over the groups of a model."""
 
-    name = ""
     in_rounds = False  # usable by the gradual and iterative schedules (one ratio of all filters)
     budget_only = False  # takes a FLOPs or latency budget, never a ratio
-
-    @property
-    def description(self) -> str:
-        return (self.__doc__ or "").strip().splitlines()[0].rstrip(".")
 
     def counts(self, groups: List, ranked: Dict[int, List], scores, ratio: float,
                ratios: Optional[Dict[str, float]], round_to: int, max_ratio: float,
@@ -101,24 +97,13 @@ class Allocation:
         return prune, MAX_BUDGET_RATIO
 
 
-ALLOCATIONS: Dict[str, Allocation] = {}
-
-
-def register(cls):
-    """Class decorator: add an instance of ``cls`` to :data:`ALLOCATIONS` under ``cls.name``."""
-    ALLOCATIONS[cls.name] = cls()
-    return cls
+ALLOCATIONS: Registry[Allocation] = Registry("allocation")
+register = ALLOCATIONS.register
 
 
 def get_allocation(name: str) -> Allocation:
-    """An allocation strategy by name.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in ALLOCATIONS:
-        raise ValueError(f"allocation {name!r}: choose one of {', '.join(ALLOCATIONS)}")
-    return ALLOCATIONS[name]
+    """The allocation registered as ``name`` (an unknown name is a ValueError listing the known ones)."""
+    return ALLOCATIONS.find(name)
 
 
 @register

@@ -22,6 +22,8 @@ from typing import Callable, Dict, Iterable, Optional, Protocol
 
 import numpy as np
 
+from kprune.prune.registry import Registry
+
 
 class Sample(Protocol):
     """Training data for data-driven criteria: ``batches(model)`` yields ``(images, targets)``
@@ -49,24 +51,13 @@ class Criterion:
         return " ".join((cls.__doc__ or "").split())
 
 
-CRITERIA: Dict[str, Criterion] = {}
-
-
-def register(cls):
-    """Class decorator: add one instance of the criterion to :data:`CRITERIA` under its name."""
-    CRITERIA[cls.name] = cls()
-    return cls
+CRITERIA: Registry[Criterion] = Registry("criterion")
+register = CRITERIA.register
 
 
 def get_criterion(name: str) -> Criterion:
-    """The registered criterion called ``name``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in CRITERIA:
-        raise ValueError(f"criterion {name!r}: choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name]
+    """The criterion registered as ``name`` (an unknown name is a ValueError listing the known ones)."""
+    return CRITERIA.find(name)
 
 
 def _flat_abs(model, name: str) -> np.ndarray:

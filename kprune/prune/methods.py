@@ -8,20 +8,15 @@ that command-line choices come from :data:`METHODS`.
 
 from __future__ import annotations
 
-from typing import Dict
+from kprune.prune.registry import Entry, Registry
 
 
-class Method:
+class Method(Entry):
     """A pruning method."""
 
-    name = ""
     structured = False  # removes whole filters (a smaller model), else zeroes weights (a sparse one)
     trains = False  # prunes while training (needs data and epochs)
     value = "ratio"  # the option that says how much: ratio or threshold
-
-    @property
-    def description(self) -> str:
-        return (self.__doc__ or "").strip().splitlines()[0].rstrip(".")
 
     @property
     def keeps_sparsity(self) -> bool:
@@ -30,24 +25,13 @@ class Method:
         return not self.structured and not self.trains
 
 
-METHODS: Dict[str, Method] = {}
-
-
-def register(cls):
-    """Class decorator: add an instance of ``cls`` to :data:`METHODS` under ``cls.name``."""
-    METHODS[cls.name] = cls()
-    return cls
+METHODS: Registry[Method] = Registry("method")
+register = METHODS.register
 
 
 def get_method(name: str) -> Method:
-    """A pruning method by name.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in METHODS:
-        raise ValueError(f"method {name!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[name]
+    """The method registered as ``name`` (an unknown name is a ValueError listing the known ones)."""
+    return METHODS.find(name)
 
 
 @register

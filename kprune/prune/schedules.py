@@ -13,7 +13,9 @@ TensorFlow, so that command-line choices come from :data:`SCHEDULES`.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
+
+from kprune.prune.registry import Entry, Registry
 
 
 def cubic_targets(final: float, rounds: int, initial: float = 0.0) -> List[float]:
@@ -42,43 +44,27 @@ def linear_targets(step: float, rounds: int) -> List[float]:
     return [step * t for t in range(1, rounds + 1) if step * t < 1.0 - 1e-9]
 
 
-class Schedule:
+class Schedule(Entry):
     """When the filters go: at once, or in rounds with fine-tuning between them."""
 
-    name = ""
     in_rounds = True  # prunes in rounds, fine-tuning after each (needs data and epochs)
     allocation = "uniform"  # the default allocation strategy
     criterion = "l1"  # the default criterion
     rounds = 1
     stops_on_drop = False  # stops before the first round that loses more than max_drop
 
-    @property
-    def description(self) -> str:
-        return (self.__doc__ or "").strip().splitlines()[0].rstrip(".")
-
     def targets(self, ratio: float, rounds: Optional[int] = None) -> List[float]:
         """The fraction of the original filters removed after each round."""
         raise NotImplementedError
 
 
-SCHEDULES: Dict[str, Schedule] = {}
-
-
-def register(cls):
-    """Class decorator: add an instance of ``cls`` to :data:`SCHEDULES` under ``cls.name``."""
-    SCHEDULES[cls.name] = cls()
-    return cls
+SCHEDULES: Registry[Schedule] = Registry("schedule")
+register = SCHEDULES.register
 
 
 def get_schedule(name: str) -> Schedule:
-    """A schedule by name.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]
+    """The schedule registered as ``name`` (an unknown name is a ValueError listing the known ones)."""
+    return SCHEDULES.find(name)
 
 
 @register
