@@ -68,7 +68,8 @@ def _write(records, classes, out, source, options, dropped_fields, annotation_by
 
 def _classes(names, what: str):
     return click.option("--classes", default=",".join(names), show_default=True,
-                        help=f"Comma-separated {what}; labels 0..K-1 in this order.")
+                        help=f"Comma-separated {what}, in label order (stored 1..K as the Object Detection API "
+                             "does; kprune reads them as 0..K-1).")
 
 
 _out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the TFRecords and dataset.json.")

@@ -2,7 +2,8 @@
 
 Only images with at least one (non-crowd) object of the chosen classes are kept, plus, when asked,
 a fixed number of images without any, drawn deterministically. Crowd boxes of the chosen classes
-become ignore regions. Labels are 0..K-1 in the order the classes are given.
+become ignore regions. Labels are 0..K-1 in the order the classes are given (the TFRecords store
+them 1-based, :mod:`kprune.data.tfrecord`).
 """
 
 from __future__ import annotations
