@@ -391,9 +391,9 @@ def training_throughput(args: argparse.Namespace) -> Dict:
     return result
 
 
-def _randomized_yolov2(size: int):
-    """YOLOv2 (80 classes) at ``size`` with seeded random kernels, so that filter norms differ."""
-    model = build_model(find_cfg("yolov2.cfg"), input_size=size)
+def _randomized_yolov2(size: int, width: float = 1.0):
+    """YOLOv2 (80 classes) at ``size`` and ``width`` with seeded random kernels, so that filter norms differ."""
+    model = build_model(find_cfg("yolov2.cfg"), input_size=size, width=width)
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) if w.ndim == 4 else w
                        for w in model.get_weights()])
@@ -496,10 +496,7 @@ def latency_budget(args: argparse.Namespace) -> Dict:
     from kprune.prune.command import prune
     from kprune.report.runtimes import get_runtime
 
-    dense = build_model(find_cfg("yolov2.cfg"), **BUDGET_MODEL)
-    rng = np.random.default_rng(0)
-    dense.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) if w.ndim == 4 else w
-                       for w in dense.get_weights()])
+    dense = _randomized_yolov2(BUDGET_MODEL["input_size"], BUDGET_MODEL["width"])
     runtime = get_runtime("tflite", TFLITE_THREADS, runs=max(args.runs, 10))
     result = {**BUDGET_MODEL, "runtime": runtime.key, "goal": BUDGET_LANDING}
     landed = []

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from kprune._keras import keras
 from kprune.fileio import write_json_atomic
 from kprune.models.counting import leaf_layers
+from kprune.models.variants import cpuinfo
 from kprune.prune.budgets import meet_budget
 
 GRID = (0.25, 0.5, 0.75, 1.0)  # fractions of a layer's dense channel counts the table is measured at
@@ -46,12 +47,7 @@ MAX_CORRECTIONS = 3
 
 def host() -> str:
     """This machine for the cache: its CPU model and the number of CPUs."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{name} x{os.cpu_count()}"
 
 
