@@ -11,7 +11,8 @@ import os
 
 import click
 
-from kprune.prune.allocation import ALLOCATIONS  # the registries load without TensorFlow
+from kprune.models.bn_formulas import BN_FORMULAS  # the registries load without TensorFlow
+from kprune.prune.allocation import ALLOCATIONS
 from kprune.prune.importance import CRITERIA
 from kprune.prune.methods import METHODS
 from kprune.prune.schedules import SCHEDULES
@@ -52,7 +53,10 @@ def darknet():
 @click.option("--reorg", type=click.Choice(["darknet", "space_to_depth"]), default="darknet", show_default=True,
               help="darknet: exact Darknet reorg (for Darknet-trained weights); space_to_depth: TF's op.")
 @click.option("--names", type=click.Path(dir_okay=False), help="Class names file, one per line.")
-def darknet_convert(cfg, weights, out, reorg, names):
+@click.option("--bn-formula", type=click.Choice(list(BN_FORMULAS)), default=None,
+              help="Batch norm: " + "; ".join(f"{k}: {f.description}" for k, f in BN_FORMULAS.items())
+              + ". Default: the fork's when the cfg uses a feature only AlexeyAB's fork has, else the original's.")
+def darknet_convert(cfg, weights, out, reorg, names, bn_formula):
     """Build CFG, load WEIGHTS into it and save it as OUT (.keras)."""
     from kprune.darknet.convert import load_darknet
     from kprune.models.inference import read_names
@@ -61,7 +65,8 @@ def darknet_convert(cfg, weights, out, reorg, names):
 
     if not out.endswith(".keras"):
         raise click.BadParameter(f"{out} must end in .keras", param_hint="OUT")
-    model = load_darknet(cfg, weights, reorg_mode=reorg, names=read_names(names) if names else None)
+    model = load_darknet(cfg, weights, reorg_mode=reorg, names=read_names(names) if names else None,
+                         bn_formula=bn_formula)
     save_model(model, out)
     click.echo(f"saved {out}: {count_params(model)['params']:,} parameters")
 

@@ -1,9 +1,15 @@
 """Darknet cfg -> tf_keras functional model.
 
 Layer names come from the cfg layer index, so any later tool finds layers by name: ``conv_12``,
-``bn_12``, ``leaky_12``, ``pad_12`` (explicit padding of a strided conv), ``maxpool_3``, ``route_25``
-(only when it concatenates several layers; a route of one layer is that layer's output),
-``reorg_26``, ``shortcut_4``, ``upsample_20``, ``region_31`` / ``yolo_16``.
+``bn_12``, ``leaky_12`` (``mish_12``, ``swish_12``, ``logistic_12``, ``relu_12``: the activation of a
+conv or shortcut), ``pad_12`` (explicit padding of a strided conv), ``maxpool_3``, ``route_25`` (only
+when it concatenates several layers or takes a channel slice: a plain route of one layer is that
+layer's output; a route of several layers with ``groups`` slices each into ``route_25_slice_0``,
+``route_25_slice_1``, ... and concatenates them), ``reorg_26``, ``shortcut_4``, ``upsample_20``,
+``region_31`` / ``yolo_16``.
+
+Batch norm follows one formula per model (:mod:`kprune.models.bn_formulas`): by default the one of
+the Darknet the cfg was written for (:func:`kprune.darknet.cfg.default_bn_formula`).
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from kprune._keras import keras
-from kprune.darknet.cfg import HEAD_KINDS, CfgError, DarknetCfg, Section, read_cfg
+from kprune.darknet.cfg import HEAD_KINDS, CfgError, DarknetCfg, Section, default_bn_formula, read_cfg
 from kprune.darknet.trunks import trunk_end
-from kprune.models.layers import DarknetBatchNormalization, DetectionHead, Reorg
+from kprune.models import bn_formulas
+from kprune.models.layers import ChannelSlice, DarknetBatchNormalization, DetectionHead, Reorg
 from kprune.models.width import round_filters
 
 Size = Union[int, Tuple[int, int]]
@@ -129,14 +136,23 @@ def _pool_padding(section: Section, sizes) -> str:
     return "valid" if pad == 0 else "same"
 
 
+# cfg activation (kprune.darknet.cfg.ACTIVATIONS) -> the Keras layer applying it, serializable without
+# custom code; "linear" adds none
 _ACTIVATIONS = {
     "leaky": lambda i: keras.layers.LeakyReLU(alpha=0.1, name=f"leaky_{i}"),
     "relu": lambda i: keras.layers.ReLU(name=f"relu_{i}"),
     "logistic": lambda i: keras.layers.Activation("sigmoid", name=f"logistic_{i}"),
+    "mish": lambda i: keras.layers.Activation("mish", name=f"mish_{i}"),  # x * tanh(softplus(x))
+    "swish": lambda i: keras.layers.Activation("swish", name=f"swish_{i}"),  # x * sigmoid(x)
 }
 
 
-def _conv_block(section: Section, x):
+def _activate(section: Section, x):
+    activation = section["activation"]
+    return x if activation == "linear" else _ACTIVATIONS[activation](section.index)(x)
+
+
+def _conv_block(section: Section, x, formula: str):
     i = section.index
     padding, pad_h = _conv_padding(section, x.shape[1])
     _, pad_w = _conv_padding(section, x.shape[2])
@@ -152,27 +168,40 @@ def _conv_block(section: Section, x):
         name=f"conv_{i}",
     )(x)
     if batch_norm:
-        x = DarknetBatchNormalization(name=f"bn_{i}")(x)
-    activation = section["activation"]
-    if activation != "linear":
-        x = _ACTIVATIONS[activation](i)(x)
-    return x
+        x = DarknetBatchNormalization(formula=formula, name=f"bn_{i}")(x)
+    return _activate(section, x)
 
 
-def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, backbone):
+def _route(section: Section, outputs: List):
+    """Concatenation of the listed layers' outputs, of each only slice group_id of groups when
+    groups > 1 (AlexeyAB's fork slices every listed layer separately, then concatenates)."""
+    i, groups, group_id = section.index, section["groups"], section["group_id"]
+    sources = [outputs[j] for j in section["layers"]]
+    if groups > 1:
+        for j, source in zip(section["layers"], sources):
+            if source.shape[-1] % groups:
+                raise section.error(f"layer {j} has {source.shape[-1]} channels, which do not split into "
+                                    f"groups={groups} equal slices", "groups")
+        if len(sources) == 1:
+            return ChannelSlice(groups, group_id, name=f"route_{i}")(sources[0])
+        sources = [ChannelSlice(groups, group_id, name=f"route_{i}_slice_{k}")(source)
+                   for k, source in enumerate(sources)]
+    if len(sources) == 1:
+        return sources[0]
+    return keras.layers.Concatenate(name=f"route_{i}")(sources)
+
+
+def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, backbone, formula: str):
     """The Keras output of one cfg layer, given the outputs of all earlier layers."""
     kind, i = section.kind, section.index
     if kind == "convolutional":
-        return _conv_block(section, x)
+        return _conv_block(section, x, formula)
     if kind == "maxpool":
         return keras.layers.MaxPooling2D(
             section["size"], section["stride"], padding=_pool_padding(section, x.shape[1:3]), name=f"maxpool_{i}"
         )(x)
     if kind == "route":
-        sources = [outputs[j] for j in section["layers"]]
-        if len(sources) == 1:
-            return sources[0]
-        return keras.layers.Concatenate(name=f"route_{i}")(sources)
+        return _route(section, outputs)
     if kind == "reorg":
         return Reorg(section["stride"], mode=reorg_mode, name=f"reorg_{i}")(x)
     if kind == "shortcut":
@@ -182,16 +211,17 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, b
                 f"shortcut adds layer {section['from']} of shape {tuple(other.shape[1:])} to "
                 f"layer {i - 1} of shape {tuple(x.shape[1:])}; shapes must match"
             )
-        return keras.layers.Add(name=f"shortcut_{i}")([x, other])
+        return _activate(section, keras.layers.Add(name=f"shortcut_{i}")([x, other]))
     if kind == "upsample":
         return keras.layers.UpSampling2D(section["stride"], interpolation="nearest", name=f"upsample_{i}")(x)
     if kind in HEAD_KINDS:
         anchors = section["anchors"]
         pairs = [anchors[j: j + 2] for j in range(0, len(anchors), 2)]
-        mask = section["mask"] if kind == "yolo" else None
+        extra = {"mask": section["mask"], "scale_x_y": section["scale_x_y"],
+                 "new_coords": section["new_coords"]} if kind == "yolo" else {}
         return DetectionHead(
-            kind, pairs, section["classes"], mask=mask, names=names, darknet_header=header, backbone=backbone,
-            name=f"{kind}_{i}",
+            kind, pairs, section["classes"], names=names, darknet_header=header, backbone=backbone,
+            name=f"{kind}_{i}", **extra,
         )(x)
     raise section.error(f"no builder for [{kind}]")  # the parser only lets known kinds through
 
@@ -206,6 +236,7 @@ def build_model(
     darknet_header: Optional[Sequence[int]] = None,
     name: Optional[str] = None,
     backbone_end: Optional[int] = None,
+    bn_formula: Optional[str] = None,
 ):
     """Build the tf_keras functional model a Darknet cfg describes (weights freshly initialised).
 
@@ -218,6 +249,9 @@ def build_model(
         name: model name; defaults to the cfg file's stem.
         backbone_end: index of the cfg's last backbone layer, stored in the heads; default: the end
             of the Darknet trunk the cfg starts with (:mod:`kprune.darknet.trunks`), if any.
+        bn_formula: ``original`` or ``alexeyab`` (:data:`kprune.models.bn_formulas.BN_FORMULAS`),
+            the batch norm of every layer; default: the one of the Darknet the cfg was written for
+            (:func:`kprune.darknet.cfg.default_bn_formula`).
 
     Returns:
         A functional model whose outputs are the detection heads in cfg order (or the last layer if
@@ -225,10 +259,11 @@ def build_model(
 
     Raises:
         CfgError: the cfg does not parse, or a layer cannot be built (message names the layer).
-        ValueError: invalid overrides.
+        ValueError: invalid overrides or an unknown batch-norm formula.
     """
     if not isinstance(cfg, DarknetCfg):
         cfg = read_cfg(cfg)
+    formula = bn_formulas.bn_formula(bn_formula or default_bn_formula(cfg)).name
     cfg = adapt_cfg(cfg, input_size=input_size, classes=classes, width=width)
     if name is None:
         name = os.path.splitext(os.path.basename(cfg.source))[0] if cfg.source != "<cfg>" else "darknet"
@@ -246,7 +281,7 @@ def build_model(
         if backbone is None and backbone_end is not None and section.index > backbone_end:
             backbone = [outputs[backbone_end]._keras_history.layer.name]
         try:
-            x = _layer(section, outputs, x, reorg_mode, names, darknet_header, backbone)
+            x = _layer(section, outputs, x, reorg_mode, names, darknet_header, backbone, formula)
         except CfgError:
             raise
         except ValueError as exc:

@@ -4,16 +4,27 @@ A cfg file is a list of ``[section]`` headers, each followed by ``key=value`` li
 is ``[net]`` (input size and training options); every later section is one layer, numbered from 0 in
 file order, and ``route`` / ``shortcut`` layers refer to earlier layers by those numbers.
 
-Only the keys kprune needs are typed and validated; the many training-only keys Darknet reads
-(jitter, saturation, ...) are kept as text in :attr:`Section.raw` and otherwise ignored, as Darknet
-ignores keys it does not know.
+Both Darknets are read: pjreddie's original and AlexeyAB's fork (YOLOv4, scaled-YOLOv4, YOLOv7).
+Every key of a section is either
+
+- used: typed, validated and given Darknet's default in :data:`_SCHEMAS` (each key's comment says
+  where kprune uses it), or
+- on :data:`TRAINING_ONLY_KEYS`: keys Darknet reads to train, augment or post-process, which kprune
+  reads, keeps as text in :attr:`Section.raw` and deliberately does not use.
+
+Any other key is a :class:`CfgError` naming the key, its section, the layer index and the line:
+a cfg kprune does not fully understand is not silently built into a different model. (Darknet
+itself ignores unknown keys.)
+
+A cfg that uses a feature only the fork has (:data:`FORK_KEYS`, :data:`FORK_ACTIVATIONS`) was written
+for the fork, and its batch norm takes the fork's formula by default (:func:`default_bn_formula`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REQUIRED = object()  # schema marker: the key has no default
 
@@ -30,10 +41,11 @@ def _float_list(text: str) -> List[float]:
     return [float(v) for v in text.replace(" ", "").split(",") if v != ""]
 
 
-# kind -> key -> (converter, default). Defaults are Darknet's own (parser.c).
+# kind -> key -> (converter, default). Defaults are Darknet's own (parser.c of both Darknets).
+# Where kprune uses each key: in kprune.darknet.builder unless said otherwise.
 _SCHEMAS: Dict[str, Dict[str, tuple]] = {
     "net": {
-        "width": (int, REQUIRED),
+        "width": (int, REQUIRED),  # the model's input size
         "height": (int, REQUIRED),
         "channels": (int, 3),
     },
@@ -41,38 +53,69 @@ _SCHEMAS: Dict[str, Dict[str, tuple]] = {
         "filters": (int, 1),
         "size": (int, 1),
         "stride": (int, 1),
-        "pad": (int, 0),
+        "pad": (int, 0),  # pad=1: size // 2 pixels, otherwise `padding`
         "padding": (int, 0),
-        "groups": (int, 1),
-        "batch_normalize": (int, 0),
-        "activation": (str, "logistic"),
+        "groups": (int, 1),  # only 1 is supported
+        "batch_normalize": (int, 0),  # a DarknetBatchNormalization, and the layout of .weights
+        "activation": (str, "logistic"),  # one of ACTIVATIONS
     },
     "maxpool": {
         "stride": (int, 1),
         "size": (int, None),  # Darknet: defaults to stride
-        "padding": (int, None),  # Darknet: defaults to size - 1
+        "padding": (int, None),  # Darknet: defaults to size - 1 (SPP's size 5/9/13 stride 1: 'same')
     },
-    "route": {"layers": (_int_list, REQUIRED)},
+    "route": {
+        "layers": (_int_list, REQUIRED),  # concatenated in order
+        "groups": (int, 1),  # fork: of each listed layer take slice group_id of `groups` (ChannelSlice)
+        "group_id": (int, 0),
+    },
     "reorg": {"stride": (int, 1), "reverse": (int, 0)},
-    "shortcut": {"from": (int, REQUIRED), "activation": (str, "linear")},
+    "shortcut": {"from": (int, REQUIRED), "activation": (str, "linear")},  # activation after the sum
     "upsample": {"stride": (int, 2)},
-    "region": {
+    "region": {  # DetectionHead metadata (decoding, targets, loss)
         "anchors": (_float_list, REQUIRED),
         "classes": (int, 20),
         "coords": (int, 4),
         "num": (int, 1),
         "softmax": (int, 0),  # Darknet's default; kprune's region heads need softmax=1
     },
-    "yolo": {
+    "yolo": {  # DetectionHead metadata (decoding, targets, loss)
         "anchors": (_float_list, REQUIRED),
         "classes": (int, 20),
         "num": (int, 1),
         "mask": (_int_list, None),
+        "scale_x_y": (float, 1.0),  # fork: DetectionHead.scale_x_y
+        "new_coords": (int, 0),  # fork: DetectionHead.new_coords
     },
 }
 
+#: kind -> keys Darknet reads to train, augment or post-process its detections; kprune reads them
+#: (their text stays in Section.raw) and deliberately does not use them. kprune's own training,
+#: augmentation and NMS options live in its configs; kprune always letterboxes at inference
+#: (kprune.models.inference.preprocess_image), whatever ``letter_box`` says.
+TRAINING_ONLY_KEYS: Dict[str, Tuple[str, ...]] = {
+    "net": ("batch", "subdivisions", "momentum", "decay", "angle", "saturation", "exposure", "hue",
+            "learning_rate", "burn_in", "max_batches", "policy", "steps", "scales",
+            "mosaic", "letter_box", "ema_alpha"),
+    "region": ("bias_match", "jitter", "rescore", "object_scale", "noobject_scale", "class_scale",
+               "coord_scale", "absolute", "thresh", "random"),
+    "yolo": ("jitter", "ignore_thresh", "truth_thresh", "random",
+             "iou_loss", "iou_normalizer", "iou_thresh", "cls_normalizer", "obj_normalizer",
+             "objectness_smooth", "max_delta", "resize", "nms_kind", "beta_nms"),
+}
+
+#: kind -> keys that only AlexeyAB's fork reads (pjreddie's parser.c does not)
+FORK_KEYS: Dict[str, Tuple[str, ...]] = {
+    "net": ("mosaic", "letter_box", "ema_alpha"),
+    "route": ("groups", "group_id"),
+    "yolo": ("scale_x_y", "new_coords", "iou_loss", "iou_normalizer", "iou_thresh", "cls_normalizer",
+             "obj_normalizer", "objectness_smooth", "max_delta", "resize", "nms_kind", "beta_nms"),
+}
+
 SUPPORTED_SECTIONS = tuple(_SCHEMAS)
-ACTIVATIONS = ("linear", "leaky", "relu", "logistic")
+ACTIVATIONS = ("linear", "leaky", "relu", "logistic", "mish", "swish")
+#: activations only the fork has
+FORK_ACTIVATIONS = ("mish", "swish")
 HEAD_KINDS = ("region", "yolo")
 
 
@@ -156,22 +199,25 @@ def _validate(section: Section) -> None:
     for key in positive.get(kind, ()):
         if p[key] <= 0:
             raise section.error(f"{key}={p[key]} must be positive", key)
+    if kind in ("convolutional", "shortcut") and p["activation"] not in ACTIVATIONS:
+        raise section.error(
+            f"activation={p['activation']!r} is not supported; expected one of {', '.join(ACTIVATIONS)}",
+            "activation",
+        )
     if kind == "convolutional":
-        if p["activation"] not in ACTIVATIONS:
-            raise section.error(
-                f"activation={p['activation']!r} is not supported; expected one of {', '.join(ACTIVATIONS)}",
-                "activation",
-            )
         if p["groups"] != 1:
             raise section.error(f"groups={p['groups']} is not supported; only groups=1", "groups")
     elif kind == "route":
         p["layers"] = [_resolve_index(section, "layers", v) for v in p["layers"]]
         if not p["layers"]:
             raise section.error("layers= lists no layer", "layers")
+        if p["groups"] < 1:
+            raise section.error(f"groups={p['groups']} must be positive", "groups")
+        if not 0 <= p["group_id"] < p["groups"]:
+            raise section.error(f"group_id={p['group_id']} must be in 0..{p['groups'] - 1} (groups={p['groups']})",
+                                "group_id")
     elif kind == "shortcut":
         p["from"] = _resolve_index(section, "from", p["from"])
-        if p["activation"] != "linear":
-            raise section.error(f"activation={p['activation']!r}: shortcut supports only linear", "activation")
     elif kind == "reorg":
         if p["reverse"]:
             raise section.error("reverse=1 is not supported", "reverse")
@@ -188,6 +234,10 @@ def _validate(section: Section) -> None:
         if kind == "region" and p["softmax"] != 1:
             raise section.error(f"softmax={p['softmax']} is not supported; only softmax=1", "softmax")
         if kind == "yolo":
+            if not p["scale_x_y"] > 0:
+                raise section.error(f"scale_x_y={p['scale_x_y']} must be positive", "scale_x_y")
+            if p["new_coords"] not in (0, 1):
+                raise section.error(f"new_coords={p['new_coords']} is not supported; expected 0 or 1", "new_coords")
             if p["mask"] is None:
                 p["mask"] = list(range(p["num"]))
             bad = [m for m in p["mask"] if not 0 <= m < p["num"]]
@@ -206,7 +256,8 @@ def parse_cfg(text: str, source: str = "<cfg>") -> DarknetCfg:
         The parsed :class:`DarknetCfg`, with route/shortcut references made absolute.
 
     Raises:
-        CfgError: an unsupported section, a missing or invalid key, a key outside any section, a
+        CfgError: an unsupported section, an unknown key (neither used nor on
+            :data:`TRAINING_ONLY_KEYS`), a missing or invalid key, a key outside any section, a
             reference to a layer that does not come before, or no ``[net]`` first.
     """
     sections: List[Section] = []
@@ -242,7 +293,13 @@ def parse_cfg(text: str, source: str = "<cfg>") -> DarknetCfg:
     for section in sections:
         if section.kind == "net" and section.index != -1:
             raise section.error("[net] may only be the first section")
-        for key, (converter, default) in _SCHEMAS[section.kind].items():
+        schema = _SCHEMAS[section.kind]
+        for key in section.raw:
+            if key not in schema and key not in TRAINING_ONLY_KEYS.get(section.kind, ()):
+                known = sorted(schema) + sorted(TRAINING_ONLY_KEYS.get(section.kind, ()))
+                raise section.error(
+                    f"unknown key {key!r} in [{section.kind}]; kprune knows {', '.join(known)}", key)
+        for key, (converter, default) in schema.items():
             if key in section.raw:
                 section.params[key] = _convert(section, key, converter, section.raw[key])
             elif default is REQUIRED:
@@ -256,6 +313,26 @@ def parse_cfg(text: str, source: str = "<cfg>") -> DarknetCfg:
                 section.params["padding"] = section.params["size"] - 1
         _validate(section)
     return DarknetCfg(net=sections[0], layers=sections[1:], source=source)
+
+
+def fork_features(cfg: DarknetCfg) -> List[str]:
+    """The features of ``cfg`` that only AlexeyAB's fork has, one description each (empty for a cfg
+    pjreddie's Darknet reads): keys of :data:`FORK_KEYS` and activations of :data:`FORK_ACTIVATIONS`."""
+    found = []
+    for section in [cfg.net, *cfg.layers]:
+        for key in FORK_KEYS.get(section.kind, ()):
+            if key in section.raw:
+                found.append(f"{section.where}, line {section.lines[key]}: {key}={section.raw[key]}")
+        if section.params.get("activation") in FORK_ACTIVATIONS:
+            found.append(f"{section.where}, line {section.lines['activation']}: activation={section['activation']}")
+    return found
+
+
+def default_bn_formula(cfg: DarknetCfg) -> str:
+    """The batch-norm formula (a key of :data:`kprune.models.bn_formulas.BN_FORMULAS`) the Darknet that
+    reads ``cfg`` uses: ``alexeyab`` when the cfg uses any fork-only feature (:func:`fork_features`),
+    ``original`` otherwise."""
+    return "alexeyab" if fork_features(cfg) else "original"
 
 
 def read_cfg(path: str | os.PathLike) -> DarknetCfg:

@@ -30,7 +30,7 @@ def _signature(section: Section) -> tuple:
     if section.kind == "maxpool":
         return ("maxpool", p["size"], p["stride"])
     if section.kind == "route":
-        return ("route", tuple(i - section.index for i in p["layers"]))
+        return ("route", tuple(i - section.index for i in p["layers"]), p["groups"], p["group_id"])
     if section.kind == "shortcut":
         return ("shortcut", p["from"] - section.index, p["activation"])
     return (section.kind,)

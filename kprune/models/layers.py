@@ -1,7 +1,8 @@
 """Custom layers of the Darknet models, all registered for ``.keras`` save/load with safe_mode.
 
 - :class:`Reorg`: YOLOv2's passthrough, in Darknet's exact form or as plain space-to-depth.
-- :class:`DarknetBatchNormalization`: batch norm with Darknet's formula.
+- :class:`DarknetBatchNormalization`: batch norm with Darknet's formula (the original's or the fork's).
+- :class:`ChannelSlice`: one of G equal slices of the channels (the fork's ``[route] groups=``).
 - :class:`DetectionHead`: identity on the raw output of a YOLO head conv, carrying the head metadata
   (kind, anchors, mask, classes, names, backbone boundary) so that it travels with the saved model.
 - :class:`L2Normalization`: SSD's conv4_3 normalisation with a learned per-channel scale.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from kprune._keras import keras, tf
+from kprune.models.bn_formulas import bn_formula
 
 REORG_MODES = ("darknet", "space_to_depth")
 HEAD_KINDS = ("region", "yolo")
@@ -98,27 +100,39 @@ class Reorg(keras.layers.Layer):
 
 @_serializable
 class DarknetBatchNormalization(keras.layers.BatchNormalization):
-    """Batch normalization with Darknet's formula.
+    """Batch normalization with a Darknet formula (:mod:`kprune.models.bn_formulas`).
 
-    Darknet normalizes with ``(x - mean) / (sqrt(variance) + 1e-6)``; Keras' own layer uses
-    ``sqrt(variance + epsilon)``, which is visibly different for channels with small variance. The
-    weights are Keras' (gamma, beta, moving_mean, moving_variance) and hold exactly the values of the
+    pjreddie's Darknet normalizes with ``(x - mean) / (sqrt(variance) + 1e-6)`` (``formula="original"``),
+    AlexeyAB's fork with ``(x - mean) / sqrt(variance + 1e-5)`` (``formula="alexeyab"``); Keras' own
+    layer uses ``sqrt(variance + 1e-3)``, which is visibly different for channels with small variance.
+    The weights are Keras' (gamma, beta, moving_mean, moving_variance) and hold exactly the values of the
     Darknet file (scales, biases, rolling_mean, rolling_variance), so conversion is lossless both ways.
-    ``epsilon`` is added to the standard deviation, as Darknet does.
 
     In training mode the batch mean and (biased) variance are used (of the global batch under a
-    multi-replica tf.distribute strategy) and the moving statistics updated
+    multi-replica tf.distribute strategy) with the same formula, and the moving statistics updated
     with ``momentum`` (Darknet: 0.99; Darknet's batch variance divides by N - 1, which only matters for
     tiny batches). A layer with ``trainable=False`` always runs in inference mode,
     as Keras 2's BatchNormalization does.
+
+    Args:
+        momentum: of the moving statistics.
+        epsilon: the formula's constant; None for the formula's own (1e-6 original, 1e-5 alexeyab).
+        formula: a key of :data:`~kprune.models.bn_formulas.BN_FORMULAS`.
+
+    Raises:
+        ValueError: an unknown formula.
     """
 
-    def __init__(self, momentum: float = 0.99, epsilon: float = 1e-6, **kwargs):
+    def __init__(self, momentum: float = 0.99, epsilon: Optional[float] = None, formula: str = "original",
+                 **kwargs):
         kwargs.pop("axis", None)
+        chosen = bn_formula(formula)
+        epsilon = chosen.epsilon if epsilon is None else float(epsilon)
         super().__init__(axis=-1, momentum=momentum, epsilon=epsilon, **kwargs)
+        self.formula = chosen.name
 
     def _normalize(self, inputs, mean, variance):
-        scale = self.gamma / (tf.sqrt(variance) + self.epsilon)
+        scale = self.gamma / bn_formula(self.formula).divisor(variance, tf.sqrt, self.epsilon)
         offset = self.beta - mean * scale
         return inputs * tf.cast(scale, inputs.dtype) + tf.cast(offset, inputs.dtype)
 
@@ -160,6 +174,53 @@ class DarknetBatchNormalization(keras.layers.BatchNormalization):
         BatchNormalization class, not subclasses)."""
         return []
 
+    def get_config(self):
+        return {**super().get_config(), "formula": self.formula}
+
+
+@_serializable
+class ChannelSlice(keras.layers.Layer):
+    """Slice ``group_id`` of ``groups`` equal slices of the channels: channels
+    ``group_id * C / groups`` to ``(group_id + 1) * C / groups - 1`` (AlexeyAB's ``[route] groups=G
+    group_id=I``, the CSP split of YOLOv4-tiny).
+
+    Args:
+        groups: number of equal slices G (at least 1).
+        group_id: the slice taken, 0 <= group_id < groups.
+
+    Raises:
+        ValueError: groups < 1, a group_id outside 0..groups - 1, or (when built) a channel count that
+            is not a multiple of groups.
+    """
+
+    def __init__(self, groups: int = 2, group_id: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if int(groups) < 1 or not 0 <= int(group_id) < int(groups):
+            raise ValueError(f"channel slice group_id={group_id} of groups={groups}: "
+                             "needs groups >= 1 and 0 <= group_id < groups")
+        self.groups = int(groups)
+        self.group_id = int(group_id)
+
+    def build(self, input_shape):
+        if input_shape[-1] % self.groups:
+            raise ValueError(f"layer {self.name}: {input_shape[-1]} channels do not split into {self.groups} "
+                             "equal groups")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        width = inputs.shape[-1] // self.groups
+        return inputs[..., self.group_id * width: (self.group_id + 1) * width]
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([*input_shape[:-1], input_shape[-1] // self.groups])
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: a slice has no weights."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "group_id": self.group_id}
+
 
 @_serializable
 class DetectionHead(keras.layers.Layer):
@@ -179,10 +240,15 @@ class DetectionHead(keras.layers.Layer):
             that exporting reproduces it.
         backbone: names of the layers that end the backbone (see the module docstring); None when
             the model's backbone is not known.
+        scale_x_y: AlexeyAB's ``[yolo] scale_x_y`` s: the centre is
+            ``(sigmoid(tx) * s - (s - 1) / 2 + col) / grid_w`` (1: YOLOv3's own decoding).
+        new_coords: AlexeyAB's ``[yolo] new_coords``: 0 for YOLOv3's coordinates; 1 when the head conv
+            applies the logistic itself (no sigmoid here) and ``w = (2 * p_w)^2 * anchor_w``.
 
     Raises:
-        ValueError: unknown kind, anchors that are not pairs, classes < 1, a mask out of range, or
-            names whose count is not ``classes``.
+        ValueError: unknown kind, anchors that are not pairs, classes < 1, a mask out of range,
+            names whose count is not ``classes``, scale_x_y <= 0, new_coords not 0 or 1, or
+            scale_x_y / new_coords other than 1 / 0 on a region head.
     """
 
     def __init__(
@@ -194,9 +260,15 @@ class DetectionHead(keras.layers.Layer):
         names: Optional[Sequence[str]] = None,
         darknet_header: Optional[Sequence[int]] = None,
         backbone: Optional[Sequence[str]] = None,
+        scale_x_y: float = 1.0,
+        new_coords: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not float(scale_x_y) > 0 or int(new_coords) not in (0, 1) or int(new_coords) != new_coords:
+            raise ValueError(f"head scale_x_y={scale_x_y} must be positive and new_coords={new_coords} 0 or 1")
+        if kind == "region" and (float(scale_x_y) != 1.0 or int(new_coords) != 0):
+            raise ValueError(f"a region head has no scale_x_y / new_coords (got {scale_x_y} / {new_coords})")
         if kind not in HEAD_KINDS:
             raise ValueError(f"head kind {kind!r} is not one of {HEAD_KINDS}")
         anchors = [[float(v) for v in pair] for pair in anchors]
@@ -216,6 +288,8 @@ class DetectionHead(keras.layers.Layer):
         self.names = None if names is None else [str(n) for n in names]
         self.darknet_header = None if darknet_header is None else [int(v) for v in darknet_header]
         self.backbone = None if backbone is None else [str(n) for n in backbone]
+        self.scale_x_y = float(scale_x_y)
+        self.new_coords = int(new_coords)
 
     @property
     def head_anchors(self) -> List[List[float]]:
@@ -258,6 +332,8 @@ class DetectionHead(keras.layers.Layer):
             "names": self.names,
             "darknet_header": self.darknet_header,
             "backbone": self.backbone,
+            "scale_x_y": self.scale_x_y,
+            "new_coords": self.new_coords,
         }
 
 
@@ -408,6 +484,7 @@ HEAD_LAYERS = (DetectionHead, MultiBoxHead)
 CUSTOM_OBJECTS = {
     "Reorg": Reorg,
     "DarknetBatchNormalization": DarknetBatchNormalization,
+    "ChannelSlice": ChannelSlice,
     "DetectionHead": DetectionHead,
     "L2Normalization": L2Normalization,
     "MultiBoxHead": MultiBoxHead,
