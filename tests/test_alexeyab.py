@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kprune import detectors
 from kprune._keras import keras
 from kprune.cli import main
 from kprune.darknet import builder
@@ -101,6 +102,8 @@ def test_head_metadata_scale_x_y_and_new_coords_travel_in_the_keras_file(tmp_pat
     save_model(model, tmp_path / "m.keras")
     loaded = load_model(tmp_path / "m.keras")  # safe_mode=True: no Lambda layers
     assert [(h.scale_x_y, h.new_coords) for h in detection_heads(loaded)] == [(2.0, 1)] * 3
+    metadata = detectors.family_of(loaded).export_metadata(loaded)  # what the phone side decodes with
+    assert [(h["scale_x_y"], h["new_coords"]) for h in metadata["heads"]] == [(2.0, 1)] * 3
     tiny4 = detection_heads(build_model(fork_cfg("yolov4-tiny"), input_size=64))
     assert [(h.scale_x_y, h.new_coords) for h in tiny4] == [(1.05, 0), (1.05, 0)]
     v3 = detection_heads(build_model(cfg_path("yolov3-tiny"), input_size=64))

@@ -43,6 +43,25 @@ def test_yolo_decode_by_hand():
     np.testing.assert_allclose(scores[0, index], [0.9 * 0.5], rtol=1e-5)
 
 
+def test_fork_yolo_decode_by_hand():
+    # scale_x_y=1.05 on YOLOv3's coordinates: x = (sigmoid(tx) * 1.05 - 0.025 + col) / grid
+    head = DetectionHead("yolo", [[16, 32]], classes=1, scale_x_y=1.05)
+    out = np.zeros((1, 4, 4, 6), np.float32)
+    out[0, 2, 3] = [_logit(0.25), 0.0, 0.0, math.log(2.0), _logit(0.9), _logit(0.5)]
+    boxes, scores = decode_head(out, head, (64, 128))
+    cx, cy, w, h = (3 + 0.25 * 1.05 - 0.025) / 4, (2 + 0.5 * 1.05 - 0.025) / 4, 16 / 128, 1.0
+    np.testing.assert_allclose(boxes[0, 11], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1e-6)
+    np.testing.assert_allclose(scores[0, 11], [0.9 * 0.5], rtol=1e-5)
+    # new_coords=1, scale_x_y=2 (YOLOv7): outputs are probabilities already; x = (2 p - 0.5 + col) / grid,
+    # w = (2 p_w)^2 * anchor_w / input_w
+    head = DetectionHead("yolo", [[16, 32]], classes=1, scale_x_y=2.0, new_coords=1)
+    out[0, 2, 3] = [0.25, 0.5, 0.5, 0.75, 0.9, 0.5]
+    boxes, scores = decode_head(out, head, (64, 128))
+    cx, cy, w, h = (3 + 0.5 - 0.5) / 4, (2 + 1.0 - 0.5) / 4, 1.0 * 16 / 128, 2.25 * 32 / 64
+    np.testing.assert_allclose(boxes[0, 11], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1e-6)
+    np.testing.assert_allclose(scores[0, 11], [0.9 * 0.5], rtol=1e-6)
+
+
 def test_nms_per_class():
     boxes = np.float32([[[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [50, 50, 60, 60]]])
     scores = np.float32([[[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.1, 0.0]]])

@@ -57,7 +57,10 @@ class YoloFamily(DetectorFamily):
         return {"heads": [{"kind": h.kind, "anchors": h.head_anchors, "mask": h.mask,
                            "anchor_units": "grid cells" if h.kind == "region" else "input pixels",
                            "stride": int(size[0] // h.output_shape[1]), "grid": list(h.output_shape[1:3]),
-                           "classes": h.classes, "outputs": "per anchor: tx, ty, tw, th, objectness, class logits"}
+                           "classes": h.classes, "scale_x_y": h.scale_x_y, "new_coords": h.new_coords,
+                           "outputs": "per anchor: " + ("x, y, w, h, objectness, class probabilities (after the "
+                                                        "logistic)" if h.new_coords else
+                                                        "tx, ty, tw, th, objectness, class logits")}
                           for h in self.heads(model)]}
 
     def describe(self, model) -> List[str]:

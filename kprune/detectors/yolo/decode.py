@@ -4,6 +4,10 @@
   grid cells); score = sigmoid(objectness) * softmax(class logits).
 - yolo (YOLOv3): the same centres; w = anchor_w * exp(tw) / input_w (anchors in input pixels);
   score = sigmoid(objectness) * sigmoid(class logits).
+- yolo heads of AlexeyAB's fork: with ``scale_x_y`` s, x = (sigmoid(tx) * s - (s - 1) / 2 + col) /
+  grid_w; with ``new_coords=1`` the head conv has applied the logistic already (p = its output, no
+  sigmoid here), x = (p_x * s - (s - 1) / 2 + col) / grid_w, w = (2 * p_w)^2 * anchor_w / input_w and
+  score = p_objectness * p_class.
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ def decode_head(output, head: DetectionHead, input_hw: Tuple[int, int]):
     cols, rows = tf.meshgrid(tf.range(grid_w, dtype=tf.float32), tf.range(grid_h, dtype=tf.float32))
     cell = tf.stack([cols, rows], axis=-1)[None, :, :, None, :]  # (1, H, W, 1, 2) as (x, y)
     grid = tf.constant([grid_w, grid_h], tf.float32)
-    centre = (cell + tf.sigmoid(x[..., 0:2])) / grid
+    logistic = (lambda v: v) if head.new_coords else tf.sigmoid  # new_coords: the conv applied it
+    s = head.scale_x_y
+    centre = (cell + logistic(x[..., 0:2]) * s - (s - 1) / 2) / grid
+    size = tf.square(2 * x[..., 2:4]) if head.new_coords else tf.exp(x[..., 2:4])
     if head.kind == "region":
-        size = tf.exp(x[..., 2:4]) * anchors / grid
+        size = size * anchors / grid
         classes = tf.nn.softmax(x[..., 5:], axis=-1)
     else:
-        size = tf.exp(x[..., 2:4]) * anchors / tf.constant([input_hw[1], input_hw[0]], tf.float32)
-        classes = tf.sigmoid(x[..., 5:])
-    scores = tf.sigmoid(x[..., 4:5]) * classes
+        size = size * anchors / tf.constant([input_hw[1], input_hw[0]], tf.float32)
+        classes = logistic(x[..., 5:])
+    scores = logistic(x[..., 4:5]) * classes
     boxes = tf.concat([centre - size / 2, centre + size / 2], axis=-1)
     count = grid_h * grid_w * head.num_anchors
     return tf.reshape(boxes, [-1, count, 4]), tf.reshape(scores, [-1, count, head.classes])
