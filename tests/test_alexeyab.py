@@ -297,6 +297,7 @@ def test_tiny_forward_matches_numpy_darknet_and_weights_round_trip(name, size, t
     assert read_header(data) == WeightsHeader(0, 2, 5, 32013312)
 
 
+@pytest.mark.slow  # 37 to 64 million weights drawn, written and loaded: about 10 s each
 @pytest.mark.parametrize("name", ["yolov4", "yolov4-csp", "yolov7"])
 def test_big_forward_matches_numpy_darknet(name, tmp_path):
     ratios, wrong, model, data = _compare(name, (64, 64), tmp_path)
