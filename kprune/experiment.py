@@ -58,11 +58,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from kprune.config import build, dump_yaml, read_yaml
+from typing_extensions import TypedDict
+
+from kprune.config import Float, Int, build, dump_yaml, read_yaml, schema, strict_keys
 from kprune.evaluate import evaluate_loaded
 from kprune.export.command import export
 from kprune.export.tflite import QUANT_MODES
@@ -80,30 +82,65 @@ from kprune.report.runtimes import get_runtime
 from kprune.train import TrainConfig, resolve_dataset, train
 from kprune.train.config import DENSE_TEACHER
 
-SWEEP_KEYS = ("method", "ratios", "remove_flops", "target_latency", "runtime", "threads", "sensitivity", "reconstruct",
-              "distill", "allocation", "schedule", "criterion", "scope", "rounds", "max_drop", "threshold", "label", "round_to",
-              "include_outputs", "epochs")
+
+
+@strict_keys
+class SweepEntry(TypedDict, total=False):
+    """One entry of ``sweep:`` (see the module docstring); every key optional but ``method``."""
+
+    method: str
+    ratios: List[Float]
+    remove_flops: List[Float]  # FLOPs budgets, one cell each
+    target_latency: List[Float]  # latency budgets in ms, one cell each
+    runtime: str
+    threads: Int
+    sensitivity: str
+    reconstruct: bool
+    distill: Float
+    allocation: str
+    schedule: str
+    criterion: str
+    scope: str
+    rounds: Int
+    max_drop: Float
+    threshold: Float
+    label: str
+    round_to: Int
+    include_outputs: bool
+    epochs: Int
+
+
+@strict_keys
+class TrainingSpec(TypedDict, total=False):
+    """A training: ``train:`` settings and / or a training ``config:`` file (null removes a key of a base);
+    for the baseline, also (or instead) an existing ``model:``."""
+
+    model: Optional[str]
+    config: Optional[str]
+    train: Optional[Dict[str, object]]
+
+
 BUDGETS = ("remove_flops", "target_latency")  # sweep keys whose values are budgets, each a cell
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
 
-@dataclass
+@schema
 class ExperimentConfig:
     """A sweep; saved as ``experiment.yaml`` in the run folder."""
 
     name: str = "experiment"
     dataset: str = "synth"
-    baseline: Dict[str, object] = field(default_factory=dict)
-    compare: Dict[str, Dict[str, object]] = field(default_factory=dict)
-    sweep: List[Dict[str, object]] = field(default_factory=list)
+    baseline: TrainingSpec = field(default_factory=dict)
+    compare: Dict[str, TrainingSpec] = field(default_factory=dict)
+    sweep: List[SweepEntry] = field(default_factory=list)
     retrain: Dict[str, object] = field(default_factory=lambda: {"epochs": 4})
     export: List[str] = field(default_factory=lambda: ["none", "int8"])
-    latency_runs: int = 20
-    latency_threads: List[int] = field(default_factory=lambda: [1, 2])
-    samples: int = 2
-    seeds: int = 1
+    latency_runs: Int = 20
+    latency_threads: List[Int] = field(default_factory=lambda: [1, 2])
+    samples: Int = 2
+    seeds: Int = 1
     control: bool = True
-    spread: Optional[float] = None
+    spread: Optional[Float] = None
     out: str = "runs/experiment"
 
     def __post_init__(self):
@@ -114,7 +151,7 @@ class ExperimentConfig:
                              "({train: {...}} and / or {config: TRAIN.yaml}), or both: the model, and the "
                              "training settings retraining should use")
         for label, spec in self.compare.items():
-            if not isinstance(spec, dict) or set(spec) not in TRAINING_SPECS:
+            if set(spec) not in TRAINING_SPECS:
                 raise ValueError(f"experiment compare {label!r}: give a training config "
                                  "({train: {...}} and / or {config: TRAIN.yaml})")
         if not self.sweep:
@@ -133,14 +170,11 @@ class ExperimentConfig:
             raise ValueError(f"latency_threads {self.latency_threads}: must include 2 (the report compares at 2)")
         if self.latency_runs < 1:
             raise ValueError(f"latency_runs {self.latency_runs}: need at least 1")
-        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+        if self.seeds < 1:
             raise ValueError(f"experiment seeds {self.seeds!r}: give the number of runs of every training, >= 1")
-        if self.spread is not None and (isinstance(self.spread, bool) or not isinstance(self.spread, (int, float))
-                                        or not 0 <= self.spread < 1):
+        if self.spread is not None and not 0 <= self.spread < 1:
             raise ValueError(f"experiment spread {self.spread!r}: give the standard deviation of one run's "
                              "mAP@0.5, a number in [0, 1), or null")
-        if not isinstance(self.control, bool):
-            raise ValueError(f"experiment control {self.control!r}: true or false")
 
 
 def check_entry(entry: dict) -> None:
@@ -151,9 +185,6 @@ def check_entry(entry: dict) -> None:
             unknown key, none or several of ratios and budgets, a runtime without a latency budget,
             or a bad distillation weight.
     """
-    unknown = sorted(set(entry) - set(SWEEP_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
     method = entry.get("method")
     if method not in METHODS:
         raise ValueError(f"method {method!r}; choose one of {', '.join(METHODS)}")
@@ -177,7 +208,7 @@ def check_entry(entry: dict) -> None:
     elif "runtime" in entry or "threads" in entry:
         raise ValueError("runtime and threads belong to target_latency budgets")
     weight = entry.get("distill")
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+    if weight is not None and weight < 0:
         raise ValueError(f"distill {weight!r}: the weight of distillation from the dense model in this entry's "
                          "retraining, a number >= 0 (0: none)")
 
@@ -208,12 +239,12 @@ def cells(config: ExperimentConfig) -> List[dict]:
             str(v) for v in (entry["method"], entry.get("schedule"), entry.get("allocation"), entry.get("criterion"),
                              entry.get("scope")) if v)
         for budget in entry.get("remove_flops") or []:  # the ratio is found when the cell runs
-            out.append({**base, "ratio": None, "remove_flops": budget, "family": name, "label": f"{name}-flops{budget}"})
+            out.append({**base, "ratio": None, "remove_flops": budget, "family": name, "label": f"{name}-flops{budget:g}"})
         for budget in entry.get("target_latency") or []:
-            out.append({**base, "ratio": None, "target_latency": budget, "family": name, "label": f"{name}-{budget}ms"})
+            out.append({**base, "ratio": None, "target_latency": budget, "family": name, "label": f"{name}-{budget:g}ms"})
         for ratio in entry.get("ratios") or ([] if any(entry.get(key) for key in BUDGETS) else [None]):
             value = entry.get("threshold") if ratio is None else ratio
-            out.append({**base, "ratio": ratio, "family": name, "label": f"{name}-{value}"})
+            out.append({**base, "ratio": ratio, "family": name, "label": f"{name}-{value if value is None else format(value, 'g')}"})
     labels = [c["label"] for c in out]
     duplicated = sorted({x for x in labels if labels.count(x) > 1})
     if duplicated:

@@ -41,11 +41,16 @@ def test_config_checks(tmp_path):
     assert [c["label"] for c in cells(config)] == ["filters-uniform-l1-0.5", "global-0.6"]
     for changes, message in [({"sweep": []}, "at least one method"),
                              ({"sweep": [{"method": "cut", "ratios": [0.5]}]}, "method 'cut'"),
-                             ({"sweep": [{"method": "global", "ratio": 0.5}]}, "unknown key(s) ratio"),
+                             ({"sweep": [{"method": "global", "ratio": 0.5}]}, "sweep.0: unknown key(s) ratio; known keys: method, ratios"),
                              ({"baseline": {}}, "either {model"),
                              ({"export": ["int4"]}, "choose from"),
                              ({"sweep": [{"method": "global", "ratios": [0.5], "distill": -1}]}, "distill -1"),
-                             ({"colour": "red"}, "unknown key(s) colour")]:
+                             ({"colour": "red"}, "unknown key(s) colour; known keys: name, dataset, baseline"),
+                             ({"sweep": [{"method": "global", "ratios": [0.5, "half"]}]},
+                              "sweep.0.ratios.1 = 'half': expected a number"),
+                             ({"seeds": True}, "seeds = True: expected a number, not true or false"),
+                             ({"compare": {"a": {"train": {}, "colour": 1}}},
+                              "compare.a: unknown key(s) colour; known keys: model, config, train")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(_config(tmp_path, "data", **changes))
     budgets = load_config(_config(tmp_path, "data", sweep=[

@@ -253,14 +253,16 @@ def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="names: only for a cfg"):
         TrainConfig(model="yolov2", names="coco.names")
     assert TrainConfig(lr="1e-3", epochs="4").lr == 0.001  # YAML 1.1 reads 1e-3 as a string
-    with pytest.raises(ValueError, match="lr = 'fast': expected a number"):
-        TrainConfig(lr="fast")
-    with pytest.raises(ValueError, match="epochs = 2.5: expected a whole number"):
-        TrainConfig(epochs=2.5)
-    with pytest.raises(ValueError, match="loss: unknown key\\(s\\) objectness_scale; known: object_scale"):
-        TrainConfig(loss={"objectness_scale": 2})
+    with pytest.raises(ValueError, match="run.yaml: lr = 'fast': expected a number"):
+        build(TrainConfig, {"lr": "fast"}, "run.yaml")
+    with pytest.raises(ValueError, match="run.yaml: epochs = 2.5: expected a whole number"):
+        build(TrainConfig, {"epochs": 2.5}, "run.yaml")
+    with pytest.raises(ValueError, match="run.yaml: loss: unknown key\\(s\\) objectness_scale; known keys: object_scale"):
+        build(TrainConfig, {"loss": {"objectness_scale": 2}}, "run.yaml")
     with pytest.raises(ValueError, match="augment: unknown key\\(s\\) mosaic"):
         TrainConfig(augment={"mosaic": True})
+    with pytest.raises(ValueError, match="run.yaml: augment: Augment.flip = 2.0: a probability in"):
+        build(TrainConfig, {"augment": {"flip": 2}}, "run.yaml")  # checked when the config is read
     with pytest.raises(ValueError, match="give one of model, init or cfg"):
         TrainConfig(model="yolov2", init="x.keras")
     with pytest.raises(ValueError, match="no converted dataset in .*nowhere"):

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from kprune._keras import tf
+from kprune.config import Float, schema
 from kprune.data.tfrecord import Manifest, parse_example, read_manifest
 
 GREY = 0.5
 
 
-@dataclass(frozen=True)
+@schema(frozen=True)
 class Augment:
     """Training augmentation (Darknet's jitter / hue / saturation / exposure in spirit).
 
@@ -46,15 +46,15 @@ class Augment:
         min_visible: boxes with less than this fraction of their area left inside the input are dropped.
     """
 
-    flip: float = 0.5
-    scale: Tuple[float, float] = (0.7, 1.3)
-    aspect: Tuple[float, float] = (0.8, 1.25)
-    translate: float = 0.2
-    hue: float = 0.05
-    saturation: Tuple[float, float] = (0.67, 1.5)
-    value: Tuple[float, float] = (0.67, 1.5)
-    min_box_size: float = 2.0
-    min_visible: float = 0.25
+    flip: Float = 0.5
+    scale: Tuple[Float, Float] = (0.7, 1.3)
+    aspect: Tuple[Float, Float] = (0.8, 1.25)
+    translate: Float = 0.2
+    hue: Float = 0.05
+    saturation: Tuple[Float, Float] = (0.67, 1.5)
+    value: Tuple[Float, Float] = (0.67, 1.5)
+    min_box_size: Float = 2.0
+    min_visible: Float = 0.25
 
     def __post_init__(self):
         for name in ("scale", "aspect", "saturation", "value"):

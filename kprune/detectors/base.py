@@ -10,9 +10,11 @@ interface; :mod:`kprune.detectors` holds the registry that finds a model's famil
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from kprune._keras import keras, tf
+from kprune.config import build
 from kprune.models.layers import detection_heads
 
 
@@ -113,15 +115,8 @@ class DetectorFamily:
         Raises:
             ValueError: an unknown key (naming it and the known ones) or a bad value.
         """
-        import dataclasses
-
-        values = dict(values or {})
-        known = [f.name for f in dataclasses.fields(self.loss_options)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"loss: unknown key(s) {', '.join(unknown)} for a {self.name} model; known: "
-                             f"{', '.join(known)}")
-        return dataclasses.replace(self.default_loss_options(model), **values)
+        defaults = dataclasses.asdict(self.default_loss_options(model))
+        return build(self.loss_options, {**defaults, **dict(values or {})}, f"loss (a {self.name} model)")
 
     def default_loss_options(self, model):
         return self.loss_options()

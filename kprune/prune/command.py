@@ -26,6 +26,7 @@ import os
 import sys
 from typing import Dict, Optional
 
+from kprune.config import build
 from kprune.evaluate import evaluate_loaded
 from kprune.fileio import json_safe, write_json_atomic
 from kprune.models import sparsity as S
@@ -70,7 +71,7 @@ def retrain(model, run_dir: str, data: str, epochs: int, train_options: Optional
     ``teacher``: the dense model, for ``distill: {teacher: dense}`` in ``train_options``."""
     options = {**(train_options or {}), "dataset": data, "epochs": int(epochs), "out": str(run_dir),
                "keep_sparsity": keep_sparsity}
-    return train_model(model, TrainConfig(**options), progress=progress, prepare=prepare, teacher=teacher)
+    return train_model(model, build(TrainConfig, options, "retraining options"), progress=progress, prepare=prepare, teacher=teacher)
 
 
 def dense_teacher(model, train_options: Optional[dict]):

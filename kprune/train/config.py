@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from dataclasses import field
+from typing import Dict, List, Optional
 
 from kprune import detectors
+from kprune.config import Float, Int, build, schema
 from kprune.data.pipeline import Augment
 from kprune.models.variants import check_policy
 
@@ -20,7 +21,7 @@ DISTRIBUTIONS = ("default", "mirrored", "multi-worker")
 DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti", "voc0712": "data/voc0712"}
 
 
-@dataclass
+@schema
 class TrainConfig:
     """Everything a training run needs; saved as ``config.yaml`` in the run directory.
 
@@ -77,41 +78,40 @@ class TrainConfig:
     cfg: Optional[str] = None
     weights: Optional[str] = None
     names: Optional[str] = None
-    input_size: Optional[int] = None
-    width: float = 1.0
+    input_size: Optional[Int] = None
+    width: Float = 1.0
     mode: str = "full"
     class_map: Dict[str, str] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
+    epochs: Int = 10
+    batch_size: Int = 16
+    lr: Float = 1e-3
     optimizer: str = "adam"
-    warmup_epochs: float = 1.0
+    warmup_epochs: Float = 1.0
     decay: str = "cosine"
-    decay_epochs: List[int] = field(default_factory=list)
+    decay_epochs: List[Int] = field(default_factory=list)
     augment: Dict[str, object] = field(default_factory=dict)
-    multiscale: Optional[List[int]] = None
+    multiscale: Optional[List[Int]] = None
     letterbox: bool = True
     loss: Dict[str, object] = field(default_factory=dict)
-    seed: int = 0
+    seed: Int = 0
     distribution: str = "default"
-    bn_momentum: Optional[float] = 0.9
-    recalibrate_bn: int = 32
-    pretrain_epochs: int = 0
-    pretrain_crop: int = 64
+    bn_momentum: Optional[Float] = 0.9
+    recalibrate_bn: Int = 32
+    pretrain_epochs: Int = 0
+    pretrain_crop: Int = 64
     keep_sparsity: bool = False
-    early_stopping: Optional[int] = None
-    eval_every: int = 0
-    validate_every: int = 1
-    steps_per_epoch: Optional[int] = None
-    anchors: Union[None, str, List[List[float]]] = None
+    early_stopping: Optional[Int] = None
+    eval_every: Int = 0
+    validate_every: Int = 1
+    steps_per_epoch: Optional[Int] = None
+    anchors: Optional[object] = None  # kmeans or [[w, h], ...]: checked by _check_anchors
     precision: str = "float32"
-    final_size: Optional[int] = None
+    final_size: Optional[Int] = None
     distill: Optional[Dict[str, object]] = None
-    slimming: float = 0.0
+    slimming: Float = 0.0
     out: str = "runs/train"
 
     def __post_init__(self):
-        self._coerce()
         sources = [name for name in ("model", "init", "cfg") if getattr(self, name)]
         if len(sources) > 1:
             raise ValueError(f"give one of model, init or cfg + weights, not {' and '.join(sources)}")
@@ -156,25 +156,6 @@ class TrainConfig:
             raise ValueError(f"distill weight = {weight!r}: a number > 0")
         self.distill = {"teacher": str(self.distill["teacher"]), "weight": float(weight)}
 
-    def _coerce(self):
-        """YAML 1.1 reads ``1e-3`` as a string: convert numbers by the field types, refusing nonsense."""
-        kinds = {"input_size": int, "epochs": int, "batch_size": int, "seed": int, "recalibrate_bn": int,
-                 "pretrain_epochs": int, "pretrain_crop": int,
-                 "eval_every": int, "validate_every": int, "early_stopping": int, "steps_per_epoch": int,
-                 "final_size": int,
-                 "width": float, "lr": float, "warmup_epochs": float, "bn_momentum": float, "slimming": float}
-        for name, kind in kinds.items():
-            value = getattr(self, name)
-            if value is None or isinstance(value, bool):
-                continue
-            try:
-                converted = kind(float(value)) if kind is int else kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} = {value!r}: expected a number") from None
-            if kind is int and converted != float(value):
-                raise ValueError(f"{name} = {value!r}: expected a whole number")
-            setattr(self, name, converted)
-
     def _check_anchors(self) -> None:
         if self.anchors is None:
             return
@@ -194,25 +175,19 @@ class TrainConfig:
                              "or mode: new-head); a trained head predicts relative to its own anchors")
 
     def _loss_options(self):
-        """The loss options dataclass of the model's family (YOLO's for cfg + weights; for a ``.keras``
-        file, known only once it is loaded, a dataclass with every family's keys)."""
+        """The loss options class of the model's family (YOLO's for cfg + weights; for a ``.keras``
+        file, whose family is known only once it is loaded, any family's keys, checked by the family
+        when the model is loaded)."""
         if self.model:
             return detectors.family_for_name(self.model).loss_options
         if self.cfg:
             return detectors.get("yolo").loss_options
-        fields = {f.name: (f.name, f.type, f) for family in detectors.FAMILIES.values()
-                  for f in dataclasses.fields(family.loss_options)}
-        return dataclasses.make_dataclass("AnyLossOptions", list(fields.values()))
+        names = {f.name for family in detectors.FAMILIES.values() for f in dataclasses.fields(family.loss_options)}
+        return schema(dataclasses.make_dataclass("LossOptions", [(n, object, field(default=None)) for n in sorted(names)]))
 
     def _check_nested(self, name: str, cls) -> None:
-        """``loss:`` and ``augment:`` hold fields of their dataclasses; anything else is refused."""
-        values = getattr(self, name) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{name}: expected a mapping of {cls.__name__} fields, got {values!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        """``loss:`` and ``augment:`` hold fields of their schema classes, validated as they are."""
+        build(cls, getattr(self, name) or {}, name)
 
 
 def resolve_dataset(name_or_path: str) -> str:

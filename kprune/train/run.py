@@ -23,7 +23,7 @@ import tensorflow_model_optimization as tfmot
 
 from kprune import detectors
 from kprune._keras import keras, tf
-from kprune.config import dump_yaml
+from kprune.config import build, dump_yaml
 from kprune.data.pipeline import Augment, make_dataset
 from kprune.data.tfrecord import read_manifest
 from kprune.evaluate import evaluate_detections, predict_dataset
@@ -199,7 +199,7 @@ class TrainingRun:
     def dataset(self, split: str, training: bool, start_epoch: int = 0, fixed_size: bool = False):
         c = self.config
         size = self.detector.input_shape[1]
-        augment = Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.augment.items()})
+        augment = build(Augment, c.augment, "augment")  # [low, high] lists become tuples
         return make_dataset(
             self.manifest, split, size, c.batch_size, training=training, augment=augment, letterbox=c.letterbox,
             encoder=self.encoder, multiscale=c.multiscale if training and not fixed_size else None,

@@ -11,20 +11,20 @@ MultiBoxLoss normalises.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict
 
 from kprune._keras import tf
+from kprune.config import Float, schema
 
 
-@dataclass(frozen=True)
+@schema(frozen=True)
 class MultiBoxOptions:
     """Matching and loss settings (SSD's own defaults)."""
 
-    threshold: float = 0.5
-    neg_pos_ratio: float = 3.0
-    localization_weight: float = 1.0
-    ignore_overlap: float = 0.5
+    threshold: Float = 0.5
+    neg_pos_ratio: Float = 3.0
+    localization_weight: Float = 1.0
+    ignore_overlap: Float = 0.5
 
     def __post_init__(self):
         for name in ("threshold", "ignore_overlap"):

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from kprune._keras import tf
+from kprune.config import Float, schema
 from kprune.detectors.yolo.targets import TargetEncoder
 from kprune.models.layers import detection_heads
 
 _MAX_LOG_WH = 8.0  # exp(8) ~ 3000 times the anchor: beyond any real box, far below overflow
 
 
-@dataclass(frozen=True)
+@schema(frozen=True)
 class LossOptions:
     """Scales and thresholds: YAD2K's defaults for YOLOv2 (:meth:`YoloLoss.from_model` gives YOLOv3
     models ``object_scale`` 1 and ``threshold`` 0.5, Darknet's).
@@ -48,13 +49,13 @@ class LossOptions:
     (in image units), as Darknet's region layer does and YAD2K does not; YOLOv3 heads always do.
     """
 
-    object_scale: float = 5.0
-    no_object_scale: float = 1.0
-    class_scale: float = 1.0
-    coordinate_scale: float = 1.0
-    threshold: float = 0.6
+    object_scale: Float = 5.0
+    no_object_scale: Float = 1.0
+    class_scale: Float = 1.0
+    coordinate_scale: Float = 1.0
+    threshold: Float = 0.6
     rescore: bool = True
-    ignore_overlap: float = 0.5
+    ignore_overlap: Float = 0.5
     class_loss: str = "mse"
     small_box_scale: bool = False
 
