@@ -9,14 +9,19 @@ from tests.conftest import REPO
 ORIGINALS = REPO.parent / "shared" / "darknet" / "cfg"
 
 
-def test_zoo_lists_the_six_cfgs():
-    assert zoo.available() == ["yolov2", "yolov2-tiny", "yolov2-tiny-voc", "yolov2-voc", "yolov3", "yolov3-tiny"]
+ORIGINAL = ["yolov2", "yolov2-tiny", "yolov2-tiny-voc", "yolov2-voc", "yolov3", "yolov3-tiny"]
+FORK = ["yolov4", "yolov4-csp", "yolov4-tiny", "yolov7", "yolov7-tiny"]  # AlexeyAB's fork
 
 
-@pytest.mark.parametrize("name", ["yolov2", "yolov2-tiny", "yolov2-tiny-voc", "yolov2-voc", "yolov3", "yolov3-tiny"])
+def test_zoo_lists_the_eleven_cfgs():
+    assert zoo.available() == sorted(ORIGINAL + FORK)
+
+
+@pytest.mark.parametrize("name", ORIGINAL + FORK)
 @pytest.mark.skipif(not ORIGINALS.is_dir(), reason="the original cfgs (../shared/darknet/cfg) are not beside the repo")
 def test_zoo_cfgs_equal_the_originals(name):
-    with open(zoo.cfg_path(name), "rb") as shipped, open(ORIGINALS / f"{name}.cfg", "rb") as original:
+    folder = ORIGINALS / "alexeyab" if name in FORK else ORIGINALS
+    with open(zoo.cfg_path(name), "rb") as shipped, open(folder / f"{name}.cfg", "rb") as original:
         assert shipped.read() == original.read()
 
 
