@@ -22,6 +22,8 @@ from kprune.darknet.weights import WeightsHeader, load_weights, read_header, wei
 from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model, save_model
 from kprune.models.layers import ChannelSlice, DarknetBatchNormalization, DetectionHead, detection_heads
+from kprune.train import TrainConfig
+from kprune.train.detector import build_detector
 from tests.conftest import CFG_DIR, cfg_path
 
 FORK_DIR = CFG_DIR / "alexeyab"
@@ -102,6 +104,8 @@ def test_head_metadata_scale_x_y_and_new_coords_travel_in_the_keras_file(tmp_pat
     save_model(model, tmp_path / "m.keras")
     loaded = load_model(tmp_path / "m.keras")  # safe_mode=True: no Lambda layers
     assert [(h.scale_x_y, h.new_coords) for h in detection_heads(loaded)] == [(2.0, 1)] * 3
+    assert detection_heads(loaded)[0].loss_settings == {"iou_loss": "ciou", "iou_normalizer": 0.05,
+                                                        "cls_normalizer": 0.5, "obj_normalizer": 1.0}
     metadata = detectors.family_of(loaded).export_metadata(loaded)  # what the phone side decodes with
     assert [(h["scale_x_y"], h["new_coords"]) for h in metadata["heads"]] == [(2.0, 1)] * 3
     tiny4 = detection_heads(build_model(fork_cfg("yolov4-tiny"), input_size=64))
@@ -322,6 +326,9 @@ def test_convert_option_overrides_the_formula(tmp_path):
         model = load_model(out)
         assert {layer.formula for layer in model.layers if isinstance(layer, DarknetBatchNormalization)} == {formula}
         assert weights_bytes(model) == data
+    config = TrainConfig(cfg=str(cfg), weights=str(weights), bn_formula="original", dataset=str(tmp_path))
+    trained, _ = build_detector(config, [f"c{k}" for k in range(80)])  # training a converted model
+    assert {layer.formula for layer in trained.layers if isinstance(layer, DarknetBatchNormalization)} == {"original"}
     result = CliRunner().invoke(main, ["darknet", "convert", str(cfg), str(weights), str(out), "--bn-formula", "x"])
     assert result.exit_code != 0 and "'x' is not one of 'original', 'alexeyab'" in result.output
 

@@ -99,5 +99,15 @@ def test_encoder_from_models_of_both_head_kinds():
 def test_bad_anchor_indices_are_refused():
     with pytest.raises(ValueError, match="distinct and below 2"):
         TargetEncoder([HeadTarget("a", 32, [0, 2])], [(1, 1), (2, 2)])
-    with pytest.raises(ValueError, match="distinct"):
-        TargetEncoder([HeadTarget("a", 32, [0]), HeadTarget("b", 16, [0])], [(1, 1), (2, 2)])
+    with pytest.raises(ValueError, match="head a: anchor indices \\[0, 0\\] must be distinct"):
+        TargetEncoder([HeadTarget("a", 32, [0, 0])], [(1, 1), (2, 2)])
+
+
+def test_an_anchor_shared_by_two_heads_gives_targets_in_both():
+    """yolov4-tiny's masks 3,4,5 and 1,2,3 share anchor 3: a box it fits best trains both heads."""
+    encoder = TargetEncoder([HeadTarget("a", 32, [1, 2]), HeadTarget("b", 16, [0, 1])], [(8, 8), (16, 16), (32, 32)])
+    targets = encoder(np.array([[[0.25, 0.25, 0.5, 0.5]]], np.float32), np.array([[1]], np.int32), (64, 64))
+    # the 16 x 16 px box: best anchor 1, local index 0 in head a (2 x 2 grid), 1 in head b (4 x 4)
+    assert np.argwhere(targets["a"]["mask"].numpy()[..., 0]).tolist() == [[0, 0, 0, 0]]
+    assert np.argwhere(targets["b"]["mask"].numpy()[..., 0]).tolist() == [[0, 1, 1, 1]]
+    np.testing.assert_allclose(targets["b"]["matching"].numpy()[0, 1, 1, 1], [0.5, 0.5, 0.0, 0.0, 1.0], atol=1e-6)

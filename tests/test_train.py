@@ -250,6 +250,10 @@ def test_configs_inherit_and_refuse_unknown_keys(tmp_path):
         build(TrainConfig, {"learning_rate": 1}, "run.yaml")
     with pytest.raises(ValueError, match="mode 'partial': choose one of full, head, new-head"):
         TrainConfig(mode="partial")
+    with pytest.raises(ValueError, match="bn_formula: only for a cfg"):
+        TrainConfig(model="yolov4-tiny", bn_formula="original")
+    with pytest.raises(ValueError, match="batch-norm formula 'fork' is not one of original, alexeyab"):
+        TrainConfig(cfg="x.cfg", weights="x.weights", bn_formula="fork")
     with pytest.raises(ValueError, match="names: only for a cfg"):
         TrainConfig(model="yolov2", names="coco.names")
     assert TrainConfig(lr="1e-3", epochs="4").lr == 0.001  # YAML 1.1 reads 1e-3 as a string

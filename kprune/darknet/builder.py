@@ -217,8 +217,9 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, b
     if kind in HEAD_KINDS:
         anchors = section["anchors"]
         pairs = [anchors[j: j + 2] for j in range(0, len(anchors), 2)]
-        extra = {"mask": section["mask"], "scale_x_y": section["scale_x_y"],
-                 "new_coords": section["new_coords"]} if kind == "yolo" else {}
+        loss = ("iou_loss", "iou_normalizer", "cls_normalizer", "obj_normalizer")
+        extra = {"mask": section["mask"], "scale_x_y": section["scale_x_y"], "new_coords": section["new_coords"],
+                 "loss_settings": {key: section[key] for key in loss}} if kind == "yolo" else {}
         return DetectionHead(
             kind, pairs, section["classes"], names=names, darknet_header=header, backbone=backbone,
             name=f"{kind}_{i}", **extra,

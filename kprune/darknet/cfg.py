@@ -86,6 +86,12 @@ _SCHEMAS: Dict[str, Dict[str, tuple]] = {
         "mask": (_int_list, None),
         "scale_x_y": (float, 1.0),  # fork: DetectionHead.scale_x_y
         "new_coords": (int, 0),  # fork: DetectionHead.new_coords
+        # fork: the box loss and the loss weights, defaults of kprune's YOLO loss options
+        # (DetectionHead.loss_settings; the fork's defaults)
+        "iou_loss": (str, "mse"),  # mse or one of kprune.boxes.IOU_KINDS
+        "iou_normalizer": (float, 0.75),
+        "cls_normalizer": (float, 1.0),
+        "obj_normalizer": (float, 1.0),
     },
 }
 
@@ -100,8 +106,7 @@ TRAINING_ONLY_KEYS: Dict[str, Tuple[str, ...]] = {
     "region": ("bias_match", "jitter", "rescore", "object_scale", "noobject_scale", "class_scale",
                "coord_scale", "absolute", "thresh", "random"),
     "yolo": ("jitter", "ignore_thresh", "truth_thresh", "random",
-             "iou_loss", "iou_normalizer", "iou_thresh", "cls_normalizer", "obj_normalizer",
-             "objectness_smooth", "max_delta", "resize", "nms_kind", "beta_nms"),
+             "iou_thresh", "objectness_smooth", "max_delta", "resize", "nms_kind", "beta_nms"),
 }
 
 #: kind -> keys that only AlexeyAB's fork reads (pjreddie's parser.c does not)
@@ -117,6 +122,8 @@ ACTIVATIONS = ("linear", "leaky", "relu", "logistic", "mish", "swish")
 #: activations only the fork has
 FORK_ACTIVATIONS = ("mish", "swish")
 HEAD_KINDS = ("region", "yolo")
+#: the box losses of ``[yolo] iou_loss`` kprune trains with (the fork's ``mse`` and its IoU losses)
+YOLO_BOX_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 
 
 @dataclass
@@ -238,6 +245,12 @@ def _validate(section: Section) -> None:
                 raise section.error(f"scale_x_y={p['scale_x_y']} must be positive", "scale_x_y")
             if p["new_coords"] not in (0, 1):
                 raise section.error(f"new_coords={p['new_coords']} is not supported; expected 0 or 1", "new_coords")
+            if p["iou_loss"] not in YOLO_BOX_LOSSES:
+                raise section.error(f"iou_loss={p['iou_loss']} is not supported; expected one of "
+                                    f"{', '.join(YOLO_BOX_LOSSES)}", "iou_loss")
+            for key in ("iou_normalizer", "cls_normalizer", "obj_normalizer"):
+                if p[key] < 0:
+                    raise section.error(f"{key}={p[key]} must be >= 0", key)
             if p["mask"] is None:
                 p["mask"] = list(range(p["num"]))
             bad = [m for m in p["mask"] if not 0 <= m < p["num"]]

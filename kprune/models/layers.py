@@ -244,6 +244,9 @@ class DetectionHead(keras.layers.Layer):
             ``(sigmoid(tx) * s - (s - 1) / 2 + col) / grid_w`` (1: YOLOv3's own decoding).
         new_coords: AlexeyAB's ``[yolo] new_coords``: 0 for YOLOv3's coordinates; 1 when the head conv
             applies the logistic itself (no sigmoid here) and ``w = (2 * p_w)^2 * anchor_w``.
+        loss_settings: the fork's ``[yolo]`` loss keys of the cfg (``iou_loss``, ``iou_normalizer``,
+            ``cls_normalizer``, ``obj_normalizer``), the defaults of kprune's YOLO loss for this model;
+            None for models without them.
 
     Raises:
         ValueError: unknown kind, anchors that are not pairs, classes < 1, a mask out of range,
@@ -262,6 +265,7 @@ class DetectionHead(keras.layers.Layer):
         backbone: Optional[Sequence[str]] = None,
         scale_x_y: float = 1.0,
         new_coords: int = 0,
+        loss_settings: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -290,6 +294,7 @@ class DetectionHead(keras.layers.Layer):
         self.backbone = None if backbone is None else [str(n) for n in backbone]
         self.scale_x_y = float(scale_x_y)
         self.new_coords = int(new_coords)
+        self.loss_settings = None if loss_settings is None else dict(loss_settings)
 
     @property
     def head_anchors(self) -> List[List[float]]:
@@ -334,6 +339,7 @@ class DetectionHead(keras.layers.Layer):
             "backbone": self.backbone,
             "scale_x_y": self.scale_x_y,
             "new_coords": self.new_coords,
+            "loss_settings": self.loss_settings,
         }
 
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 from kprune import detectors
 from kprune.config import Float, Int, build, schema
 from kprune.data.pipeline import Augment
+from kprune.models.bn_formulas import bn_formula
 from kprune.models.variants import check_policy
 
 MODES = ("full", "head", "new-head")
@@ -31,7 +32,9 @@ class TrainConfig:
     them by name, case-insensitively, or through ``class_map``), ``new-head`` replaces the last convs
     by new ones for the dataset's classes. ``full`` with a ``class_map`` also keeps the model's
     classes (everything trains). ``names``: a class names file for a ``cfg`` + ``weights`` model
-    (Darknet's .names; ``kprune/models/cfg/coco.names`` for the COCO weights).
+    (Darknet's .names; ``kprune/models/cfg/coco.names`` for the COCO weights). ``bn_formula``: the
+    batch-norm formula of such a model, ``original`` or ``alexeyab`` (default: that of the Darknet its
+    cfg was written for, :func:`kprune.darknet.cfg.default_bn_formula`).
 
     Batch norm: Darknet's momentum 0.99 suits 100k-step runs; over a few hundred steps the moving
     statistics lag far behind the weights, so training uses ``bn_momentum`` (0.9), and at the end the
@@ -78,6 +81,7 @@ class TrainConfig:
     cfg: Optional[str] = None
     weights: Optional[str] = None
     names: Optional[str] = None
+    bn_formula: Optional[str] = None
     input_size: Optional[Int] = None
     width: Float = 1.0
     mode: str = "full"
@@ -121,6 +125,10 @@ class TrainConfig:
             raise ValueError("cfg and weights go together")
         if self.names and not self.cfg:
             raise ValueError("names: only for a cfg + weights model (zoo and .keras models carry their names)")
+        if self.bn_formula is not None:
+            if not self.cfg:
+                raise ValueError("bn_formula: only for a cfg + weights model (a .keras model carries its formula)")
+            bn_formula(self.bn_formula)
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.distribution not in DISTRIBUTIONS:

@@ -40,7 +40,8 @@ def build_detector(config: TrainConfig, classes: Sequence[str], model=None):
                              "needs the model rebuilt from its cfg")
     else:
         names = read_names(config.names) if config.names else None
-        model = build_model(config.cfg, names=names, **({"input_size": size} if size else {}))
+        model = build_model(config.cfg, names=names, bn_formula=config.bn_formula,
+                            **({"input_size": size} if size else {}))
         load_weights(model, config.weights)
     family = detectors.family_of(model)
     count = family.num_classes(model)

@@ -72,9 +72,16 @@ class YoloFamily(DetectorFamily):
         return lines
 
     def default_loss_options(self, model):
-        if self.heads(model)[0].kind == "yolo":  # Darknet's YOLOv3 settings
-            return LossOptions(object_scale=1.0, threshold=0.5)
-        return LossOptions()
+        """YAD2K's settings for region heads; Darknet's for yolo heads (YOLOv3's, with the cfg's box
+        loss and normalizers where the AlexeyAB fork's cfg sets them)."""
+        head = self.heads(model)[0]
+        if head.kind != "yolo":
+            return LossOptions()
+        cfg = head.loss_settings or {}
+        objects = float(cfg.get("obj_normalizer", 1.0))
+        return LossOptions(object_scale=objects, no_object_scale=objects, threshold=0.5,
+                           class_scale=float(cfg.get("cls_normalizer", 1.0)), box_loss=cfg.get("iou_loss", "mse"),
+                           iou_normalizer=float(cfg.get("iou_normalizer", 0.75)))
 
     def target_encoder(self, model, options=None):
         return TargetEncoder.from_model(model)

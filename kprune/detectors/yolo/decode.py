@@ -12,10 +12,28 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from kprune._keras import tf
 from kprune.models.layers import DetectionHead, detection_heads
+
+
+def probabilities(new_coords: int):
+    """The function from a head's raw entries to probabilities: the logistic, or (``new_coords``,
+    where the head conv applied it already) the identity."""
+    return (lambda v: v) if new_coords else tf.sigmoid
+
+
+def cell_offset_and_size(x, scale_x_y: float = 1.0, new_coords: int = 0, max_log_size: Optional[float] = None):
+    """The box centre's offset in its grid cell and the box size in anchors, from raw entries ``x``
+    (..., >= 4: x, y, w, h first). ``max_log_size`` clips log-space sizes before ``exp`` (training:
+    a wild prediction must not overflow)."""
+    s = float(scale_x_y)
+    offset = probabilities(new_coords)(x[..., 0:2]) * s - (s - 1) / 2
+    if new_coords:
+        return offset, tf.square(2 * x[..., 2:4])
+    raw = x[..., 2:4] if max_log_size is None else tf.clip_by_value(x[..., 2:4], -max_log_size, max_log_size)
+    return offset, tf.exp(raw)
 
 
 def decode_head(output, head: DetectionHead, input_hw: Tuple[int, int]):
@@ -36,10 +54,9 @@ def decode_head(output, head: DetectionHead, input_hw: Tuple[int, int]):
     cols, rows = tf.meshgrid(tf.range(grid_w, dtype=tf.float32), tf.range(grid_h, dtype=tf.float32))
     cell = tf.stack([cols, rows], axis=-1)[None, :, :, None, :]  # (1, H, W, 1, 2) as (x, y)
     grid = tf.constant([grid_w, grid_h], tf.float32)
-    logistic = (lambda v: v) if head.new_coords else tf.sigmoid  # new_coords: the conv applied it
-    s = head.scale_x_y
-    centre = (cell + logistic(x[..., 0:2]) * s - (s - 1) / 2) / grid
-    size = tf.square(2 * x[..., 2:4]) if head.new_coords else tf.exp(x[..., 2:4])
+    offset, size = cell_offset_and_size(x, head.scale_x_y, head.new_coords)
+    centre = (cell + offset) / grid
+    logistic = probabilities(head.new_coords)
     if head.kind == "region":
         size = size * anchors / grid
         classes = tf.nn.softmax(x[..., 5:], axis=-1)

@@ -23,6 +23,12 @@ YOLOv3 (``yolo`` heads), Darknet / keras-yolo3 semantics, per image and summed o
   + BCE(mask, objectness), the negatives only where best IoU < threshold and outside ignore regions
   + mask * sum BCE(one_hot(class), class logits)
 
+Heads of the AlexeyAB fork (YOLOv4, YOLOv7) predict boxes as they decode them (``scale_x_y``,
+``new_coords``: :func:`kprune.detectors.yolo.decode.cell_offset_and_size`); a ``new_coords`` head
+outputs probabilities, so its cross-entropies take probabilities. With ``box_loss`` ``ciou`` (or
+``iou``, ``giou``, ``diou``) the coordinate term is ``iou_normalizer * (1 - CIoU)`` of the predicted
+and the true box instead, without the ``2 - w*h`` weight, as the fork trains ``iou_loss=ciou``.
+
 Both are averaged over the images of the batch, not summed, so the learning rate does not depend on
 the batch size. Raw widths are clipped before ``exp`` so that a wild prediction cannot make NaN.
 """
@@ -33,7 +39,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from kprune._keras import tf
+from kprune.boxes import paired_ious
 from kprune.config import Float, schema
+from kprune.darknet.cfg import YOLO_BOX_LOSSES
+from kprune.detectors.yolo.decode import cell_offset_and_size
 from kprune.detectors.yolo.targets import TargetEncoder
 from kprune.models.layers import detection_heads
 
@@ -47,6 +56,12 @@ class LossOptions:
 
     ``small_box_scale``: region heads weigh each coordinate error by ``2 - w h`` of the true box
     (in image units), as Darknet's region layer does and YAD2K does not; YOLOv3 heads always do.
+
+    ``box_loss`` (yolo heads): ``mse`` (YOLOv3's coordinate terms) or ``iou`` / ``giou`` / ``diou`` /
+    ``ciou``: ``iou_normalizer * (1 - that IoU)`` of the predicted and the true box, as the AlexeyAB
+    fork trains with ``iou_loss``. A converted fork model's defaults are its cfg's ``iou_loss``,
+    ``iou_normalizer``, ``cls_normalizer`` (``class_scale``) and ``obj_normalizer`` (``object_scale``
+    and ``no_object_scale``).
     """
 
     object_scale: Float = 5.0
@@ -58,6 +73,8 @@ class LossOptions:
     ignore_overlap: Float = 0.5
     class_loss: str = "mse"
     small_box_scale: bool = False
+    box_loss: str = "mse"
+    iou_normalizer: Float = 0.75
 
     def __post_init__(self):
         for name in ("object_scale", "no_object_scale", "class_scale", "coordinate_scale"):
@@ -66,6 +83,10 @@ class LossOptions:
         for name in ("threshold", "ignore_overlap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss option {name} = {getattr(self, name)}: must be in [0, 1]")
+        if self.box_loss not in YOLO_BOX_LOSSES:
+            raise ValueError(f"loss option box_loss = {self.box_loss!r}: choose one of {', '.join(YOLO_BOX_LOSSES)}")
+        if self.iou_normalizer < 0:
+            raise ValueError(f"loss option iou_normalizer = {self.iou_normalizer}: must be >= 0")
         if self.class_loss not in ("mse", "cross_entropy"):
             raise ValueError(f"loss option class_loss = {self.class_loss!r}: choose mse (YAD2K) or cross_entropy")
 
@@ -77,6 +98,8 @@ class LossHead:
     classes: int
     stride: int
     anchors_px: Sequence[Sequence[float]]
+    scale_x_y: float = 1.0
+    new_coords: int = 0
 
 
 def _xyxy(centre, size):
@@ -139,7 +162,8 @@ class YoloLoss:
         kinds = {h.name: h for h in detection_heads(model)}
         heads = [
             LossHead(spec.name, kinds[spec.name].kind, kinds[spec.name].classes, spec.stride,
-                  encoder.anchors_px[list(spec.anchor_ids)].tolist())
+                     encoder.anchors_px[list(spec.anchor_ids)].tolist(), kinds[spec.name].scale_x_y,
+                     kinds[spec.name].new_coords)
             for spec in encoder.heads
         ]
         if options is None:
@@ -170,9 +194,8 @@ class YoloLoss:
         cell = tf.cast(tf.stack([cols, rows], axis=-1)[None, :, :, None, :], tf.float32)
         grid = tf.cast(tf.stack([grid_w, grid_h]), tf.float32)
         input_wh = grid * float(head.stride)
-        xy = tf.sigmoid(x[..., 0:2])
-        twh = tf.clip_by_value(x[..., 2:4], -_MAX_LOG_WH, _MAX_LOG_WH)
-        pred_xyxy = _xyxy((cell + xy) / grid, tf.exp(twh) * anchors / input_wh)
+        xy, size = cell_offset_and_size(x, head.scale_x_y, head.new_coords, max_log_size=_MAX_LOG_WH)
+        pred_xyxy = _xyxy((cell + xy) / grid, size * anchors / input_wh)
 
         best_iou = tf.stop_gradient(_best_iou(pred_xyxy, targets["true_boxes"]))
         background = tf.cast(best_iou < o.threshold, tf.float32)
@@ -206,9 +229,13 @@ class YoloLoss:
                 "no_objects": 0.5 * o.no_object_scale * per_image((1 - mask) * background * tf.square(confidence)),
                 "classes": o.class_scale * per_image(mask * classes),
             }
-        bce = tf.nn.sigmoid_cross_entropy_with_logits
-        coords = tf.reduce_sum(bce(labels=matching[..., 0:2], logits=x[..., 0:2]), -1) + 0.5 * tf.reduce_sum(
-            tf.square(matching[..., 2:4] - x[..., 2:4]), -1)
+        bce = _bce_of_probabilities if head.new_coords else tf.nn.sigmoid_cross_entropy_with_logits
+        if o.box_loss != "mse":
+            true_xyxy = _xyxy((cell + matching[..., 0:2]) / grid, true_wh)
+            coords = o.iou_normalizer * (1.0 - paired_ious(pred_xyxy, true_xyxy)[o.box_loss])
+            small_box = 1.0  # the fork weighs IoU losses alike for every box size
+        else:
+            coords = _mse_coordinates(head, matching, x, bce)
         objectness = bce(labels=mask, logits=x[..., 4])
         classes = tf.reduce_sum(bce(labels=one_hot, logits=x[..., 5:]), -1)
         return {
@@ -217,6 +244,27 @@ class YoloLoss:
             "no_objects": o.no_object_scale * per_image((1 - mask) * background * objectness),
             "classes": o.class_scale * per_image(mask * classes),
         }
+
+
+def _bce_of_probabilities(labels, logits):
+    """Binary cross-entropy of probabilities (the outputs of a ``new_coords`` head, which applied the
+    logistic already), clipped away from 0 and 1; named like TensorFlow's so that either serves."""
+    p = tf.clip_by_value(logits, 1e-7, 1.0 - 1e-7)
+    return -(labels * tf.math.log(p) + (1.0 - labels) * tf.math.log(1.0 - p))
+
+
+def _mse_coordinates(head: LossHead, matching, x, bce):
+    """YOLOv3's coordinate terms: cross-entropy of the centre offsets, half the squared error of the
+    sizes, in the head's own parametrisation: a fork head's ``scale_x_y`` s shifts the target offset
+    to (offset + (s - 1) / 2) / s; ``new_coords`` sizes are (2 p)^2 anchors, so the target of p is
+    sqrt(size in anchors) / 2 instead of the log size."""
+    s = head.scale_x_y
+    offset = (matching[..., 0:2] + (s - 1) / 2) / s
+    if head.new_coords:
+        sizes = tf.square(tf.sqrt(tf.exp(matching[..., 2:4])) / 2 - x[..., 2:4])
+    else:
+        sizes = tf.square(matching[..., 2:4] - x[..., 2:4])
+    return tf.reduce_sum(bce(labels=offset, logits=x[..., 0:2]), -1) + 0.5 * tf.reduce_sum(sizes, -1)
 
 
 def loss_terms() -> List[str]:

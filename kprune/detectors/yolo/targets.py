@@ -45,23 +45,28 @@ class TargetEncoder:
         anchors_px: every anchor of the model as (width, height) in input pixels.
 
     Raises:
-        ValueError: an anchor index is out of range or used by two heads.
+        ValueError: an anchor index out of range, or listed twice by one head.
+
+    An anchor may belong to several heads (yolov4-tiny's masks 3,4,5 and 1,2,3 share anchor 3): a
+    box whose best anchor it is then has targets in each of them, as in the fork, where every yolo
+    layer takes the truths whose best anchor is in its own mask.
     """
 
     def __init__(self, heads: Sequence[HeadTarget], anchors_px: Sequence[Sequence[float]]):
         self.heads = list(heads)
         self.anchors_px = np.asarray(anchors_px, np.float32).reshape(-1, 2)
-        used = [i for head in self.heads for i in head.anchor_ids]
-        if any(i < 0 or i >= len(self.anchors_px) for i in used) or len(set(used)) != len(used):
-            raise ValueError(f"anchor indices {used} must be distinct and below {len(self.anchors_px)}")
-        owner = np.full(len(self.anchors_px), -1, np.int32)
-        local = np.zeros(len(self.anchors_px), np.int32)
+        member = np.zeros((len(self.heads), len(self.anchors_px)), bool)
+        local = np.zeros((len(self.heads), len(self.anchors_px)), np.int32)
         for h, head in enumerate(self.heads):
-            owner[list(head.anchor_ids)] = h
-            local[list(head.anchor_ids)] = np.arange(len(head.anchor_ids))
+            ids = list(head.anchor_ids)
+            if any(i < 0 or i >= len(self.anchors_px) for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"head {head.name}: anchor indices {ids} must be distinct and below "
+                                 f"{len(self.anchors_px)}")
+            member[h, ids] = True
+            local[h, ids] = np.arange(len(ids))
         # an anchor no head uses (possible in a cfg) must never win the match
-        self._usable = owner >= 0
-        self._owner, self._local = owner, local
+        self._usable = member.any(axis=0)
+        self._member, self._local = member, local
 
     @classmethod
     def from_model(cls, model) -> "TargetEncoder":
@@ -124,8 +129,6 @@ class TargetEncoder:
 
         wh_px = tf.maximum(wh * size, 1e-6)
         best = self.best_anchors(wh_px)  # (B, N)
-        owner = tf.gather(tf.constant(self._owner), best)
-        local = tf.gather(tf.constant(self._local), best)
         batch, count = tf.shape(boxes)[0], tf.shape(boxes)[1]
         box_index = tf.reshape(tf.range(batch * count), [batch, count])
         image_index = tf.repeat(tf.range(batch)[:, None], count, axis=1)
@@ -136,10 +139,11 @@ class TargetEncoder:
             grid_h, grid_w = height // head.stride, width // head.stride
             grid = tf.cast(tf.stack([grid_w, grid_h]), tf.float32)
             cell = tf.clip_by_value(tf.cast(tf.floor(centre * grid), tf.int32), 0, tf.cast(grid, tf.int32) - 1)
+            local = tf.gather(tf.constant(self._local[h]), best)
             num_anchors = len(head.anchor_ids)
             slot = ((image_index * grid_h + cell[..., 1]) * grid_w + cell[..., 0]) * num_anchors + local
             slots = batch * grid_h * grid_w * num_anchors
-            mine = valid & tf.equal(owner, h)
+            mine = valid & tf.gather(tf.constant(self._member[h]), best)
             slot = tf.where(mine, slot, slots)  # boxes of other heads or padding go to a spare slot
             winner = tf.math.unsorted_segment_max(
                 tf.reshape(box_index, [-1]), tf.reshape(slot, [-1]), slots + 1
