@@ -2,9 +2,30 @@
 
 YOLOv2 starts with the 23 layers of Darknet-19 (``darknet19_448.conv.23``), YOLOv3 with the 75 of
 Darknet-53 (``darknet53.conv.74``), the tiny models with 12 conv and max-pool layers. A cfg whose
-first layers have the shape of one of these trunks (layer kinds, kernel sizes, strides, routes and
-shortcuts: filter counts may differ, so width-scaled and pruned cfgs are recognised) has that
-backbone, whatever the file is called. The longest matching trunk wins.
+first layers have the shape of one of these trunks (layer kinds, kernel sizes, strides,
+activations, routes with their channel splits, and shortcuts: filter counts may differ, so
+width-scaled and pruned cfgs are recognised) has that backbone, whatever the file is called. The
+longest matching trunk wins.
+
+The AlexeyAB fork's trunks end where the backbone proper ends, before the neck (SPP, SPP-CSP, the
+FPN / PAN convs), not where the fork's partial weight files end (``yolov4.conv.137`` and
+``yolov4-tiny.conv.29`` hold neck and head layers too). Layer indices are cfg indices:
+
+- ``cspdarknet53`` (yolov4): layers 0-104. Layer 104 is the 1x1 mish conv that closes the last CSP
+  stage (it joins conv 102 with the stage's shortcut branch from 87); from 105 on the activations
+  are leaky: convs 105-107 and the SPP max-pools 108-113 are YOLOv4's neck.
+- ``cspdarknet53-tiny`` (yolov4-tiny): layers 0-26. Layer 26 is the 3x3 conv of 512 filters after
+  the third CSP block and its max-pool, the last layer of CSPDarknet53-tiny; conv 27 (the 1x1 both
+  heads branch from) and conv 28 (the first head's 3x3) are the neck and head that
+  ``yolov4-tiny.conv.29`` also covers.
+- ``cspdarknet53-csp`` (yolov4-csp, scaled-YOLOv4): layers 0-98. Layer 98 is the 1x1 conv that
+  closes the last CSP stage; conv 99 is already the SPP-CSP block's shortcut branch (route 112
+  joins it with the pooled branch).
+- ``elan-tiny`` (yolov7-tiny): layers 0-32. Layer 32 is the 1x1 conv of 512 filters that closes the
+  last ELAN block; conv 33 is the SPP-CSP block's shortcut branch (route 43).
+- ``e-elan`` (yolov7): layers 0-57. Layer 57 is the 1x1 conv of 1024 filters that closes the last
+  ELAN block (YOLOv7's backbone ends there); conv 58 is the SPP-CSP-C block's shortcut branch
+  (route 71).
 """
 
 from __future__ import annotations
@@ -20,6 +41,11 @@ TRUNKS: Dict[str, Tuple[str, int]] = {
     "darknet19": ("yolov2", 23),
     "darknet53": ("yolov3", 75),
     "darknet-tiny": ("yolov2-tiny", 12),
+    "cspdarknet53": ("yolov4", 105),
+    "cspdarknet53-tiny": ("yolov4-tiny", 27),
+    "cspdarknet53-csp": ("yolov4-csp", 99),
+    "elan-tiny": ("yolov7-tiny", 33),
+    "e-elan": ("yolov7", 58),
 }
 
 

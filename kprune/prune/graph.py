@@ -3,7 +3,8 @@
 Every output channel of a *producer* (Conv2D, Dense) gets an integer id. Walking the model's nodes
 in order, each tensor is described by the ids of its channels (its last axis): layers that keep
 channels (batch norm, activations, pooling, padding, upsampling) pass the ids on, a concatenation
-joins them, a reorg repeats them, a flatten tiles them. Layers that add or multiply tensors couple
+joins them, a reorg repeats them, a flatten tiles them, a channel slice (the AlexeyAB fork's CSP
+split) takes one part of them and ties the parts together. Layers that add or multiply tensors couple
 the channels they combine: channel i of every input must be removed together, which a union-find
 over ids records. What the surgeon removes is therefore a *unit* (a union-find class of ids: one
 filter, or filters that must go together), and the producers linked by shared units form a *group*
@@ -25,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.models.layers import DetectionHead, L2Normalization, MultiBoxHead, Reorg
+from kprune.models.layers import ChannelSlice, DetectionHead, L2Normalization, MultiBoxHead, Reorg
 
 
 class UnionFind:
@@ -192,6 +193,37 @@ class ReorgHandler(Handler):
         return np.tile(ids, block)
 
 
+class SliceHandler(Handler):
+    """ChannelSlice ``group_id`` of ``groups`` (AlexeyAB's ``[route] groups= group_id=``, the CSP
+    split): output channel k is input channel ``group_id * C / groups + k``.
+
+    The layer slices by position, so the pruned input must still split into ``groups`` equal slices,
+    and the slice it takes must hold exactly the kept channels of the dense slice. The rule chosen:
+    channel k of every slice is tied to channel k of every other slice (one unit holds input
+    channels k, C/G + k, ..., (G-1)C/G + k), so a removal takes the same positions out of all
+    slices. That is the only rule that keeps the slices equal whatever the criterion picks, and the
+    only one under which the other slices (usually a concatenation that keeps the whole producer,
+    as in YOLOv4-tiny) still line up channel for channel with the dense model. The price is that
+    the producer of a split loses channels in pairs (units of width G). The layer stores no channel
+    count, so its config needs no rewriting.
+
+    Raises:
+        ValueError: an input channel count that is not a multiple of ``groups`` (the message names
+            the layer).
+    """
+
+    def propagate(self, layer, inputs, graph):
+        ids = inputs[0]
+        if len(ids) % layer.groups:
+            raise ValueError(f"layer {layer.name}: {len(ids)} channels do not split into groups={layer.groups} "
+                             "equal slices; a channel split needs a multiple of groups")
+        slices = ids.reshape(layer.groups, -1)
+        for other in slices[1:]:
+            for a, b in zip(slices[0], other):
+                graph.union(a, b)
+        return slices[layer.group_id]
+
+
 class FlattenHandler(Handler):
     """Flatten of (..., C) channels-last: position p * C + c holds channel c."""
 
@@ -253,6 +285,7 @@ HANDLERS: Dict[type, Handler] = {
     L.Concatenate: Concat(),
     L.Flatten: FlattenHandler(),
     Reorg: ReorgHandler(),
+    ChannelSlice: SliceHandler(),
     DetectionHead: PassThrough(),
     MultiBoxHead: Output(),
     L2Normalization: PerChannel(),  # a removed channel is silent, so it adds nothing to the norm

@@ -86,7 +86,8 @@ def units_from_history(graph: ChannelGraph, history: History) -> List[int]:
 
     Raises:
         ValueError: unknown layer, index out of range, or a history that splits a unit (it keeps
-            some channels that must go together with removed ones).
+            some channels that must go together with removed ones, e.g. an odd number of the
+            channels of a layer that a ``[route] groups=2`` splits in two).
     """
     removed = set()
     for name, kept in history.items():
@@ -104,7 +105,8 @@ def units_from_history(graph: ChannelGraph, history: History) -> List[int]:
         expected = history.get(name, list(range(len(ids))))
         if np.flatnonzero(keep(ids)).tolist() != sorted(int(i) for i in expected):
             raise ValueError(f"pruning history: the channels kept in layer {name} split channels that "
-                             f"must be removed together (a residual addition or a reorg block)")
+                             f"must be removed together (a residual addition, a reorg block or the slices of a "
+                             f"channel split)")
     return sorted(removed)
 
 
