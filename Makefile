@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install test test-fast bench demo data-synth baseline prune-yolov2-coco5 prune-yolov2-kitti clean
+.PHONY: install test test-fast bench demo data-synth baseline prune-yolov2-coco5 prune-yolov4-tiny-coco5 prune-yolov2-kitti clean
 
 install: $(STAMP)
 
@@ -63,6 +63,18 @@ data/kitti/dataset.json: | $(STAMP)
 # L1 filter pruning of YOLOv2 on horse, bear, zebra, cow, giraffe -> runs/yolov2-coco5/report.md
 prune-yolov2-coco5: $(STAMP) $(YOLOV2_WEIGHTS) data/coco5/dataset.json
 	$(VENV)/bin/kprune experiment experiments/yolov2_coco5.yaml
+
+YOLOV4_TINY_WEIGHTS := weights/yolov4-tiny.weights
+
+$(YOLOV4_TINY_WEIGHTS):
+	@echo "error: $@ is missing: YOLOv4-tiny's COCO weights from the AlexeyAB fork (about 24 MB) come from" >&2
+	@echo "  https://github.com/AlexeyAB/darknet/releases/download/darknet_yolo_v4_pre/yolov4-tiny.weights" >&2
+	@echo "  -- e.g. mkdir -p weights && curl -L -o $@ <that URL>" >&2
+	@exit 1
+
+# the same for YOLOv4-tiny (the fork's COCO weights) -> runs/yolov4-tiny-coco5/report.md
+prune-yolov4-tiny-coco5: $(STAMP) $(YOLOV4_TINY_WEIGHTS) data/coco5/dataset.json
+	$(VENV)/bin/kprune experiment experiments/yolov4_tiny_coco5.yaml
 
 # the three retraining modes on KITTI, then iterative pruning -> runs/yolov2-kitti/report.md
 prune-yolov2-kitti: $(STAMP) $(YOLOV2_WEIGHTS) data/kitti/dataset.json
