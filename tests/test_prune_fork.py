@@ -11,12 +11,14 @@ from click.testing import CliRunner
 from kprune import detectors
 from kprune._keras import keras
 from kprune.cli import main
+from kprune.darknet.builder import build_model
 from kprune.models.counting import count_params
 from kprune.models.io import load_model, save_model
 from kprune.models.layers import ChannelSlice
 from kprune.prune.graph import ChannelGraph, SliceHandler
 from kprune.prune.plan import prunable_channels
 from kprune.prune.scope import layers_in_scope
+from kprune.prune.structured import prune_filters
 from kprune.prune.surgeon import apply_history
 from tests.conftest import randomize
 from tests.test_prune_structured import _assert_equivalent, _assert_matches_silenced, _random_batch_norms
@@ -83,6 +85,73 @@ def test_split_of_an_odd_count_is_refused():
     assert [u.members for u in graph.groups()[0].units] == [{"c": [k, k + 3]} for k in range(3)]
     with pytest.raises(ValueError, match="layer split: 5 channels do not split into groups=2 equal slices"):
         SliceHandler().propagate(split, [np.arange(5)], graph)
+
+
+_SPLIT_AND_SHORTCUT = """
+[net]
+width=64
+height=64
+channels=3
+
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=1
+pad=1
+activation=mish
+
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=swish
+
+[route]
+layers=-1,-2
+groups=2
+group_id=1
+
+[convolutional]
+batch_normalize=1
+filters=8
+size=1
+stride=1
+pad=1
+activation=leaky
+
+[shortcut]
+from=-3
+activation=mish
+
+[convolutional]
+filters=4
+size=1
+stride=1
+pad=1
+activation=linear
+"""
+
+
+def test_split_of_two_routes_and_a_shortcut(tmp_path):
+    """A route that slices two layers (route_2_slice_0 / _1, then a concatenation), and an
+    activated shortcut adding the second of them to a conv: the split ties conv_1's channels k and
+    k + 4, the shortcut ties conv_1 and conv_3, so their units hold 2 channels of each."""
+    path = tmp_path / "split.cfg"
+    path.write_text(_SPLIT_AND_SHORTCUT)
+    model = build_model(path)
+    groups = {g.name: g for g in ChannelGraph(model).groups()}
+    assert [u.members for u in groups["conv_0"].units] == [{"conv_0": [k, k + 8]} for k in range(8)]
+    assert [u.members for u in groups["conv_1+conv_3"].units] == [
+        {"conv_1": [k, k + 4], "conv_3": [k, k + 4]} for k in range(4)]
+    _random_batch_norms(model)
+    result = prune_filters(model, 0.5, round_to=1)
+    after = {row["name"]: row["channels_after"] for row in result.layers}
+    assert after == {"conv_0": 8, "conv_1": 4, "conv_3": 4, "conv_5": 4}
+    assert result.model.get_layer("route_2").output_shape[-1] == 2 + 4  # slice 1 of conv_1 and of conv_0
+    _assert_matches_silenced(model, result.model, result.history)
 
 
 #: model -> (index of the last backbone layer, backbone convs, head convs without the output convs)
