@@ -99,3 +99,15 @@ def test_a_fork_model_trains_with_its_cfgs_loss_settings(name, expected):
 def test_bad_box_loss_is_refused():
     with pytest.raises(ValueError, match="box_loss = 'eiou': choose one of mse, iou, giou, diou, ciou"):
         LossOptions(box_loss="eiou")
+
+
+def test_a_head_behind_its_activation_gets_new_classes():
+    """YOLOv7's head convs apply the logistic as a layer of their own: the predictor convs are found
+    behind it, and a new head for the dataset's classes replaces those convs."""
+    model = detectors.build("yolov7-tiny", input_size=64, classes=80, width=0.25)
+    family = detectors.family_of(model)
+    assert [(name, conv.filters) for name, conv in family.predictor_convs(model).items()] == [
+        ("conv_89", 255), ("conv_93", 255), ("conv_97", 255)]
+    fitted = family.replace_classes(model, 5, ["a", "b", "c", "d", "e"])
+    assert [conv.filters for conv in family.predictor_convs(fitted).values()] == [30, 30, 30]
+    assert [head.classes for head in family.heads(fitted)] == [5, 5, 5]

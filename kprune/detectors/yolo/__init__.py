@@ -21,6 +21,22 @@ from kprune.detectors.yolo.targets import TargetEncoder
 from kprune.models.layers import DetectionHead
 
 
+def _head_conv(head):
+    """The conv (or the tfmot wrapper around it) whose output a head reads, directly or through an
+    activation (YOLOv7 and scaled-YOLOv4 heads: the conv's ``activation=logistic``).
+
+    Raises:
+        ValueError: something else feeds the head.
+    """
+    (source,) = inbound_layers(head)
+    while isinstance(unwrap(source), keras.layers.Activation):
+        (source,) = inbound_layers(source)
+    if not isinstance(unwrap(source), keras.layers.Conv2D):
+        raise ValueError(f"head {head.name} is not fed by a Conv2D, directly or through an activation "
+                         f"(found {type(unwrap(source)).__name__})")
+    return source
+
+
 class YoloFamily(DetectorFamily):
     name = "yolo"
     head_types = (DetectionHead,)
@@ -99,14 +115,11 @@ class YoloFamily(DetectorFamily):
         """The conv feeding each head (or the tfmot wrapper around it), by conv name.
 
         Raises:
-            ValueError: a head is not fed directly by a Conv2D.
+            ValueError: a head is not fed by a Conv2D (directly or through an activation).
         """
         convs = {}
         for head in self.heads(model):
-            (source,) = inbound_layers(head)
-            if not isinstance(unwrap(source), keras.layers.Conv2D):
-                raise ValueError(f"head {head.name} is not fed directly by a Conv2D "
-                                 f"(found {type(unwrap(source)).__name__})")
+            source = _head_conv(head)
             convs[source.name] = source
         return convs
 
@@ -116,8 +129,7 @@ class YoloFamily(DetectorFamily):
         changes = {head.name: {"classes": classes, "names": list(names) if names is not None else None}
                    for head in self.heads(model)}
         for head in self.heads(model):
-            (source,) = inbound_layers(head)
-            changes[source.name] = {"filters": head.num_anchors * (5 + classes)}
+            changes[_head_conv(head).name] = {"filters": head.num_anchors * (5 + classes)}
         return rebuilt(model, changes)
 
     def fit_anchors(self, model, data, split="train", letterbox=True, seed=0) -> dict:
