@@ -13,6 +13,18 @@ Quantization (``quant``):
     ``io`` sets the input and output type (``float`` keeps float32 at the edges, with
     quantize/dequantize ops inside; ``int8`` / ``uint8`` need the app to apply the scale and zero
     point in the report).
+Full-integer models keep every op int8 (checked for YOLOv2/v3, YOLOv4-tiny and YOLOv7-tiny in the
+tests): the fork's pieces become these TFLite ops, float and int8 alike:
+
+- ``[route] groups=`` (:class:`~kprune.models.layers.ChannelSlice`): STRIDED_SLICE.
+- SPP ``[maxpool] size=5|9|13 stride=1`` and the tiny models' size-2 pools: MAX_POOL_2D (with a PAD
+  before the stride-2 ones Keras pads explicitly).
+- ``logistic``: LOGISTIC; ``swish``: LOGISTIC and MUL; ``leaky``: LEAKY_RELU.
+- ``mish``: Keras' mish becomes EXP, ADD, LOG, TANH, MUL, which converts to int8 but is wrong there
+  (see :class:`~kprune.models.layers.Mish`), so an ``int8`` conversion first replaces it by
+  :class:`~kprune.models.layers.Mish` (RELU, MUL, SUB, EXP, ADD, LOG, ADD, TANH, MUL, all int8);
+  the other modes keep Keras' five ops, exact in float.
+
 ``sparse``: pruned zeros are stored in TFLite's sparse tensor format where that makes the file
 smaller (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
 """
@@ -24,9 +36,10 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-from kprune._keras import tf
+from kprune._keras import keras, tf
 from kprune.data.pipeline import make_dataset
 from kprune.data.tfrecord import Manifest, read_manifest
+from kprune.models.layers import Mish
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
 IO_TYPES = ("float", "int8", "uint8")
@@ -55,6 +68,25 @@ def calibration_images(data, count: int = 100, split: str = "train", size: Optio
     return np.concatenate(batches)[:count]
 
 
+def with_integer_mish(model):
+    """``model`` with every Keras ``mish`` activation replaced by :class:`~kprune.models.layers.Mish`
+    (same names and weights; the same function to float32 rounding), or ``model`` itself when it
+    has none. Full-integer conversion needs it: see :class:`~kprune.models.layers.Mish`."""
+    mish = {layer.name for layer in model.layers
+            if isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] == "mish"}
+    if not mish:
+        return model
+
+    def clone(layer):
+        if layer.name in mish:
+            return Mish(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None, io: str = "float",
             sparse: bool = False) -> bytes:
     """Convert a Keras model to a TFLite flatbuffer.
@@ -69,7 +101,7 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
         raise ValueError(f"io type {io!r}: choose one of {', '.join(IO_TYPES)}")
     if io != "float" and quant != "int8":
         raise ValueError(f"io {io} needs full-integer quantization (--quant int8)")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(with_integer_mish(model) if quant == "int8" else model)
     optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
     if quant in ("fp16", "dynamic", "int8"):
         optimizations.insert(0, tf.lite.Optimize.DEFAULT)

@@ -3,6 +3,7 @@
 - :class:`Reorg`: YOLOv2's passthrough, in Darknet's exact form or as plain space-to-depth.
 - :class:`DarknetBatchNormalization`: batch norm with Darknet's formula (the original's or the fork's).
 - :class:`ChannelSlice`: one of G equal slices of the channels (the fork's ``[route] groups=``).
+- :class:`Mish`: the fork's mish in a form that stays accurate in full-integer TFLite.
 - :class:`DetectionHead`: identity on the raw output of a YOLO head conv, carrying the head metadata
   (kind, anchors, mask, classes, names, backbone boundary) so that it travels with the saved model.
 - :class:`L2Normalization`: SSD's conv4_3 normalisation with a learned per-channel scale.
@@ -220,6 +221,33 @@ class ChannelSlice(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups, "group_id": self.group_id}
+
+
+@_serializable
+class Mish(keras.layers.Layer):
+    """Mish, ``x * tanh(softplus(x))``, with softplus written as ``relu(x) + log(1 + exp(-|x|))`` and
+    ``-|x|`` as ``x - 2 relu(x)`` (TFLite's NEG has no int8 kernel).
+
+    The same function as Keras' ``mish`` activation (to float32 rounding), for TFLite: the converter
+    lowers Keras' softplus to ``LOG(ADD(EXP(x), 1))``, and in a full-integer model ``EXP(x)`` is one
+    int8 tensor spanning ``0 .. exp(max x)``, so for activations up to 11 every ``exp(x)`` below about
+    235 rounds to 0 and mish outputs 0 for all ``x`` under about 5 (measured: max error 5.7 on
+    outputs up to 11). Here ``exp(-|x|)`` lies in ``(0, 1]`` and ``1 + exp(-|x|)`` in ``(1, 2]``, so
+    each int8 tensor keeps its resolution (max error 0.15 on the same outputs, 2 output steps).
+    TFLite ops: RELU, MUL, SUB, EXP, ADD, LOG, ADD, TANH, MUL, all int8 in a full-integer model.
+    """
+
+    def call(self, inputs):
+        positive = tf.nn.relu(inputs)
+        softplus = positive + tf.math.log(1.0 + tf.exp(inputs - 2.0 * positive))
+        return inputs * tf.tanh(softplus)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: an activation has no weights."""
+        return []
 
 
 @_serializable

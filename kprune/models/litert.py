@@ -63,3 +63,37 @@ class TFLiteRunner:
         details = {"input": self.input, **{f"output_{k}": d for k, d in enumerate(self.outputs)}}
         return {name: {"dtype": np.dtype(d["dtype"]).name, "scale": float(d["quantization"][0]),
                        "zero_point": int(d["quantization"][1])} for name, d in details.items()}
+
+
+def operators(content: bytes) -> List[dict]:
+    """The ops of a TFLite flatbuffer's main graph in execution order, read from the file itself:
+    ``op`` (the builtin name, or the custom op's name) and the numpy type names of its ``inputs``
+    and ``outputs`` (optional inputs that are absent left out).
+
+    Raises:
+        ValueError: ``content`` is not a TFLite flatbuffer.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
+    builtin = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    types = {code: name.lower() for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    model = schema.Model.GetRootAs(content, 0)
+    graph = model.Subgraphs(0)
+
+    def op_name(code) -> str:
+        if code.CustomCode():
+            return code.CustomCode().decode()
+        # builtin codes above 127 live in BuiltinCode(); older files only fill the deprecated byte
+        return builtin[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
+
+    def tensor_types(indices) -> List[str]:
+        return [types[graph.Tensors(int(i)).Type()] for i in indices if i >= 0]
+
+    ops = []
+    for k in range(graph.OperatorsLength()):
+        op = graph.Operators(k)
+        ops.append({"op": op_name(model.OperatorCodes(op.OpcodeIndex())),
+                    "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())})
+    return ops
