@@ -264,7 +264,7 @@ def retrain_options(config: ExperimentConfig) -> dict:
     """Retraining settings: the baseline's, without what makes a new model or run, then ``retrain``."""
     skip = {"dataset", "model", "init", "cfg", "weights", "input_size", "width", "mode", "class_map", "epochs",
             "out", "pretrain_epochs", "pretrain_crop", "lr", "warmup_epochs", "decay_epochs", "early_stopping",
-            "eval_every", "steps_per_epoch", "anchors", "final_size", "names"}
+            "eval_every", "steps_per_epoch", "anchors", "final_size", "names", "bn_formula"}
     options = {k: v for k, v in training_values(config.baseline).items() if k not in skip}
     options.update({k: v for k, v in config.retrain.items() if k != "epochs"})
     return options
