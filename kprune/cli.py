@@ -15,6 +15,7 @@ from kprune.models.bn_formulas import BN_FORMULAS  # the registries load without
 from kprune.prune.allocation import ALLOCATIONS
 from kprune.prune.importance import CRITERIA
 from kprune.prune.methods import METHODS
+from kprune.prune.recovery import RECOVERIES
 from kprune.prune.schedules import SCHEDULES
 from kprune.report.runtimes import RUNTIMES
 
@@ -306,8 +307,7 @@ def _layer_ratio(ctx, param, values):
               help="Curves of kprune sensitivity, for --allocation sensitivity.")
 @click.option("--threshold", type=float, help="Magnitude below which weights go (method threshold).")
 @click.option("--reconstruct", is_flag=True,
-              help="After filter pruning, re-fit the convs that lost inputs to the dense model's outputs on "
-                   "training images of --data (least squares).")
+              help=f"{RECOVERIES['reconstruct'].description} (filter pruning; images of --data).")
 @click.option("--criterion", type=click.Choice(list(CRITERIA)),
               help="Filter importance (method filters) [default: l1-normalized for gradual, l1 otherwise]; "
                    "taylor scores on the first batches of --data.")
@@ -332,9 +332,7 @@ def _layer_ratio(ctx, param, values):
 @click.option("--epochs", type=int, help="Retraining epochs (with --data); per round for gradual and iterative.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Retraining learning rate.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Retraining batch size.")
-@click.option("--distill", type=float, metavar="WEIGHT",
-              help="Retraining also learns the unpruned model's outputs (distillation), this weight times the "
-                   "divergence added to the loss.")
+@click.option("--distill", type=float, metavar="WEIGHT", help=f"{RECOVERIES['distill'].description}.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pruned model (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar while retraining.")

@@ -73,6 +73,7 @@ from kprune.models.io import load_model, save_model
 from kprune.models.litert import TFLiteRunner
 from kprune.prune.command import check_options, dense_teacher, prune, retrain, uses_data
 from kprune.prune.methods import METHODS, get_method
+from kprune.prune.recovery import RECOVERIES
 from kprune.prune.schedules import get_schedule
 from kprune.prune.sensitivity import read_sensitivity
 from kprune.report.command import measure_model
@@ -183,7 +184,7 @@ def check_entry(entry: dict) -> None:
     Raises:
         ValueError: what :func:`kprune.prune.command.check_options` refuses for any of its cells, an
             unknown key, none or several of ratios and budgets, a runtime without a latency budget,
-            or a bad distillation weight.
+            or a value a recovery option (:data:`kprune.prune.recovery.RECOVERIES`) does not take.
     """
     method = entry.get("method")
     if method not in METHODS:
@@ -207,10 +208,9 @@ def check_entry(entry: dict) -> None:
         get_runtime(entry.get("runtime", "tflite"), entry.get("threads", 1))
     elif "runtime" in entry or "threads" in entry:
         raise ValueError("runtime and threads belong to target_latency budgets")
-    weight = entry.get("distill")
-    if weight is not None and weight < 0:
-        raise ValueError(f"distill {weight!r}: the weight of distillation from the dense model in this entry's "
-                         "retraining, a number >= 0 (0: none)")
+    for recovery in RECOVERIES.values():
+        if recovery.key in entry:
+            recovery.check(entry[recovery.key])
 
 
 def load_config(path: str) -> ExperimentConfig:

@@ -52,3 +52,21 @@ def test_the_readme_tables_are_the_registries():
     schedules = [f"| `{n}` | {s.allocation} | {s.criterion} | {s.description} |" for n, s in SCHEDULES.items()]
     assert [r for r in rows if r in allocations] == allocations
     assert [r for r in rows if r in schedules] == schedules
+
+
+def test_recovery_options_check_their_values_and_are_the_readme_table():
+    from kprune.prune.recovery import RECOVERIES, get_recovery
+
+    assert list(RECOVERIES) == ["reconstruct", "distill", "slimming"]
+    assert get_recovery("distill").check(2) == 2.0 and get_recovery("reconstruct").check(True) is True
+    for name, value, message in [("distill", -1.0, "distill -1.0: the weight of distill, a number >= 0"),
+                                 ("slimming", True, "slimming True: the weight of slimming"),
+                                 ("reconstruct", 1, "reconstruct 1: true or false")]:
+        with pytest.raises(ValueError, match=message):
+            get_recovery(name).check(value)
+    with pytest.raises(ValueError, match="recovery 'pray': choose one of reconstruct, distill, slimming"):
+        get_recovery("pray")
+    rows = [line.strip() for line in README.read_text().splitlines()]
+    table = [f"| `{n}` | {r.when} | `{r.key}` | " + (f"`{r.option}`" if r.option else "–") + f" | {r.description} |"
+             for n, r in RECOVERIES.items()]
+    assert [r for r in rows if r in table] == table
