@@ -111,3 +111,15 @@ def test_a_head_behind_its_activation_gets_new_classes():
     fitted = family.replace_classes(model, 5, ["a", "b", "c", "d", "e"])
     assert [conv.filters for conv in family.predictor_convs(fitted).values()] == [30, 30, 30]
     assert [head.classes for head in family.heads(fitted)] == [5, 5, 5]
+
+
+def test_distillation_of_a_new_coords_head_reads_probabilities():
+    """yolov7-tiny's heads output probabilities: objectness 0.75 against the teacher's 0.5 is the same
+    Bernoulli KL, 0.5 ln(4/3), as logit ln 3 against 0 in a YOLOv3 head."""
+    model = detectors.build("yolov7-tiny", input_size=64, classes=5, width=0.125)
+    distill = detectors.family_of(model).distillation(model)
+    teacher = [np.full((1, g, g, 3 * 10), 0.5, np.float32) for g in (8, 4, 2)]  # objectness 0.5 everywhere
+    student = [t.copy() for t in teacher]
+    student[1][0, 2, 3, 4] = 0.75
+    assert float(distill(teacher, teacher)["distill"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(distill(student, teacher)["distill"]) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-4)

@@ -38,10 +38,13 @@ class Recovery(Entry):
         raise NotImplementedError
 
 
-def _weight(what: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{what} {value!r}: the weight of {what}, a number >= 0 (0: none)")
-    return float(value)
+class _Weighted(Recovery):
+    """A recovery whose value is its weight in a loss."""
+
+    def check(self, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"{self.name} {value!r}: the weight of {self.name}, a number >= 0 (0: none)")
+        return float(value)
 
 
 @RECOVERIES.register
@@ -63,7 +66,7 @@ class Reconstruct(Recovery):
 
 
 @RECOVERIES.register
-class Distill(Recovery):
+class Distill(_Weighted):
     """Retraining also learns the dense model's head outputs, this weight times their divergence.
 
     The divergence (:mod:`kprune.detectors.distill`) is masked to where the dense model sees
@@ -74,12 +77,9 @@ class Distill(Recovery):
     key = "distill"
     option = "--distill WEIGHT"
 
-    def check(self, value) -> float:
-        return _weight(self.name, value)
-
 
 @RECOVERIES.register
-class Slimming(Recovery):
+class Slimming(_Weighted):
     """Train the dense model with this L1 weight on its batch-norm scales, then prune by bn-gamma.
 
     Network slimming (Liu et al. 2017), as SlimYOLOv3 prunes YOLOv3: the penalty drives the scales
@@ -89,9 +89,6 @@ class Slimming(Recovery):
     when = "while the dense model trains"
     key = "slimming"
     option = ""
-
-    def check(self, value) -> float:
-        return _weight(self.name, value)
 
 
 def get_recovery(name: str) -> Recovery:
