@@ -341,6 +341,7 @@ def prune(model_path, method, ratio, remove_flops, target_latency, runtime, thre
           data, epochs, lr, batch_size, distill, out, as_json, quiet):
     """Prune MODEL.keras by one method, optionally retrain, and save the result to --out."""
     from kprune.prune.command import dumps, prune_model, summary
+    from kprune.train.config import dense_distillation
     from kprune.prune.sensitivity import read_sensitivity
     from kprune.report.runtimes import get_runtime
 
@@ -351,7 +352,7 @@ def prune(model_path, method, ratio, remove_flops, target_latency, runtime, thre
                          allocation=allocation, schedule=schedule, scope=scope, include_outputs=include_outputs, round_to=round_to,
                          max_ratio=max_ratio, layer_ratios=layer_ratio, data=data, epochs=epochs,
                          train_options={"lr": lr, "batch_size": batch_size,
-                                        **({"distill": {"teacher": "dense", "weight": distill}} if distill else {})},
+                                        **({"distill": dense_distillation(distill)} if distill else {})},
                          rounds=rounds, max_drop=max_drop,
                          progress=not quiet and not as_json, remove_flops=remove_flops, reconstruct=reconstruct,
                          target_latency=target_latency,

@@ -81,7 +81,7 @@ from kprune.report.experiment import write_report
 from kprune.report.latency import side_by_side
 from kprune.report.runtimes import get_runtime
 from kprune.train import TrainConfig, resolve_dataset, train
-from kprune.train.config import DENSE_TEACHER
+from kprune.train.config import dense_distillation
 
 
 
@@ -300,7 +300,7 @@ class Experiment:
         options = {**retrain_options(self.config), "seed": self.seed(k)}
         weight = (cell or {}).get("distill")
         if weight is not None:
-            options["distill"] = {"teacher": DENSE_TEACHER, "weight": weight} if weight > 0 else None
+            options["distill"] = dense_distillation(weight, options.get("distill"))
         return options
 
     def _train(self, spec: dict, run_dir: Path, what: str, k: int) -> dict:

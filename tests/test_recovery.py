@@ -9,6 +9,7 @@ import pytest
 
 from kprune import detectors
 from kprune._keras import tf
+from kprune.config import build
 from kprune.darknet.builder import build_model
 from tests.conftest import cfg_path
 
@@ -68,12 +69,15 @@ def test_training_with_a_teacher_and_slimming_adds_both_terms(tmp_path, tiny_syn
     teacher = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
     randomize(teacher, seed=4, scale=0.05)
     save_model(teacher, tmp_path / "teacher.keras")
-    for bad, message in (({"distill": {"teacher": "t.keras", "temperature": 2}}, "keys teacher, weight"),
-                         ({"distill": {"teacher": "t.keras", "weight": 0}}, "distill weight = 0"),
-                         ({"distill": {"weight": 1}}, "expected {teacher"),
-                         ({"slimming": -0.1}, "slimming = -0.1")):
+    for bad, message in (
+            ({"distill": {"teacher": "t.keras", "temperature": 2}},
+             "distill: unknown key\\(s\\) temperature; known keys: teacher, weight, features, feature_weight"),
+            ({"distill": {"teacher": "t.keras", "weight": 0}}, "distill weight = 0"),
+            ({"distill": {"weight": 1}}, "distill.teacher = {'weight': 1}: missing"),
+            ({"distill": {"teacher": "t.keras", "features": "conv_4"}}, "distill.features = 'conv_4': expected a list"),
+            ({"slimming": -0.1}, "slimming = -0.1")):
         with pytest.raises(ValueError, match=message):
-            TrainConfig(dataset=tiny_synth_data, **bad)
+            build(TrainConfig, {"dataset": tiny_synth_data, **bad}, "train.yaml")
     student = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.25, classes=5)
     # the batch norms of yolov2-tiny at width 0.25 (at least 8 filters a layer): 8 + 8 + 16 + 32 + 64 +
     # 128 + 256 + 128 channels, scales 1
@@ -82,8 +86,12 @@ def test_training_with_a_teacher_and_slimming_adds_both_terms(tmp_path, tiny_syn
                   recalibrate_bn=0, seed=0)
     with pytest.raises(ValueError, match="teacher: dense is the unpruned model of a pruning"):
         train_model(student, TrainConfig(**config, distill={"teacher": "dense"}, out=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match=r"distill features \['conv_99'\]: not layers of .*its convs: conv_0, conv_2"):
+        train_model(student, TrainConfig(**config, distill={"teacher": str(tmp_path / "teacher.keras"),
+                                                            "features": ["conv_99"]}, out=str(tmp_path / "c")))
     _, metrics = train_model(student, TrainConfig(**config, distill={"teacher": str(tmp_path / "teacher.keras"),
-                                                                     "weight": 2.0}, slimming=1.0,
+                                                                     "weight": 2.0, "features": ["conv_4", "conv_8"],
+                                                                     "feature_weight": 3.0}, slimming=1.0,
                                                   out=str(tmp_path / "b")), progress=False)
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
     header, first = log[0].split(","), log[1].split(",")
@@ -92,10 +100,26 @@ def test_training_with_a_teacher_and_slimming_adds_both_terms(tmp_path, tiny_syn
     # one step in the first epoch, before any update: 1.0 * 640 scales of 1
     slimmed = float(first[header.index("slimming")])
     assert slimmed == pytest.approx(640.0, rel=1e-6)
-    # the training loss is the detection terms plus the distill and slimming terms
+    imitated = float(first[header.index("imitation")])
+    assert 0 < imitated <= 3.0 * 2 * 4  # two layers, each at most 4 (unit attention maps)
+    # the training loss is the detection terms plus the distill, imitation and slimming terms
     terms = sum(float(first[header.index(t)]) for t in ("coordinates", "objects", "no_objects", "classes"))
-    assert float(first[header.index("loss")]) == pytest.approx(terms + distilled + slimmed, rel=1e-4)
+    assert float(first[header.index("loss")]) == pytest.approx(terms + distilled + imitated + slimmed, rel=1e-4)
     # the L1 penalty dominates the scales' gradient: Adam moves each down by about the learning rate
     # per step, 0.05 + 0.0375 + 0.0125 over the three cosine-decayed steps
     before, after = metrics["bn_gamma_before"], metrics["bn_gamma_after"]
     assert before["median"] == 1.0 and after["median"] == pytest.approx(0.9, abs=0.02)
+
+
+def test_attention_imitation_by_hand_across_widths():
+    from kprune.detectors.distill import attention_imitation, attention_map
+
+    # teacher: 4 channels, energy only at the first of two positions; student: 2 channels, equal energy
+    teacher = np.zeros((1, 1, 2, 4), np.float32)
+    teacher[0, 0, 0] = [1.0, 1.0, 1.0, 1.0]
+    student = np.ones((1, 1, 2, 2), np.float32)
+    np.testing.assert_allclose(attention_map(teacher).numpy(), [[1.0, 0.0]], atol=1e-7)
+    np.testing.assert_allclose(attention_map(student).numpy(), [[0.5 ** 0.5, 0.5 ** 0.5]], rtol=1e-6)
+    # (1 - 1/sqrt 2)^2 + (1/sqrt 2)^2 = 2 - sqrt 2
+    assert float(attention_imitation([student], [teacher])) == pytest.approx(2 - 2 ** 0.5, rel=1e-6)
+    assert float(attention_imitation([teacher], [3 * teacher])) == pytest.approx(0.0, abs=1e-7)  # scale-free

@@ -37,6 +37,24 @@ def softmax_kl(teacher_logits, student_logits):
     return ce(labels=p, logits=student_logits) - ce(labels=p, logits=teacher_logits)
 
 
+def attention_map(features):
+    """The spatial attention map of feature maps (N, H, W, C): the mean over channels of the squared
+    activations, flattened to (N, H*W) and scaled to unit L2 norm (Zagoruyko & Komodakis 2017).
+    It does not depend on the number of channels, so a pruned layer compares with its original."""
+    energy = tf.reduce_mean(tf.square(tf.cast(features, tf.float32)), axis=-1)
+    return tf.math.l2_normalize(tf.reshape(energy, [tf.shape(energy)[0], -1]), axis=-1)
+
+
+def attention_imitation(student_features, teacher_features):
+    """Feature imitation: the squared distance of the student's and the teacher's attention maps
+    (:func:`attention_map`), summed over the given layers and averaged over the images; zero when
+    the maps agree, at most 4 per layer (the maps are unit vectors)."""
+    total = 0.0
+    for s, t in zip(student_features, teacher_features):
+        total += tf.reduce_mean(tf.reduce_sum(tf.square(attention_map(s) - tf.stop_gradient(attention_map(t))), -1))
+    return total
+
+
 def as_float_list(outputs) -> list:
     """A model's output(s) as a list of float32 tensors."""
     return [tf.cast(o, tf.float32) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]

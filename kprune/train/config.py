@@ -8,18 +8,29 @@ import os
 from dataclasses import field
 from typing import Dict, List, Optional
 
+from typing_extensions import Required, TypedDict
+
 from kprune import detectors
-from kprune.config import Float, Int, build, schema
+from kprune.config import Float, Int, build, schema, strict_keys
 from kprune.data.pipeline import Augment
 from kprune.models.bn_formulas import bn_formula
 from kprune.models.variants import check_policy
 
 MODES = ("full", "head", "new-head")
-DISTILL_KEYS = {"teacher", "weight"}
 DENSE_TEACHER = "dense"  # distill.teacher: the unpruned model, passed in memory by the pruning
 DISTRIBUTIONS = ("default", "mirrored", "multi-worker")
 # Dataset names and the folders `make data-synth` / the data_tools converters write them to.
 DATASETS = {"synth": "data/synth", "coco5": "data/coco5", "kitti": "data/kitti", "voc0712": "data/voc0712"}
+
+
+@strict_keys
+class Distillation(TypedDict, total=False):
+    """``distill:`` of a training config (see :class:`TrainConfig`)."""
+
+    teacher: Required[str]  # a .keras file, or dense: the unpruned model of a pruning
+    weight: Float  # of the head-output divergence (default 1)
+    features: List[str]  # layers whose attention maps the model imitates (default none)
+    feature_weight: Float  # of the imitation term (default 1)
 
 
 @schema
@@ -68,7 +79,11 @@ class TrainConfig:
     ``distill``: ``{teacher: T, weight: W}`` adds ``W`` x the divergence of the model's raw outputs
     from the teacher's (:mod:`kprune.detectors.distill`) to every training step's loss; the teacher
     (a ``.keras`` file, or ``dense``: the unpruned model, where a pruning passes it in memory) is
-    frozen and runs in inference mode. Validation losses stay the detection loss alone.
+    frozen and runs in inference mode. Validation losses stay the detection loss alone. With
+    ``features: [LAYER, ...]`` the model also imitates the teacher's feature maps at those layers,
+    ``feature_weight`` x the distance of their attention maps
+    (:func:`kprune.detectors.distill.attention_imitation`), which compares layers of different
+    widths, as a pruned layer and its dense original are.
 
     ``slimming``: λ of an L1 penalty on the batch-norm scales (network slimming,
     :mod:`kprune.train.slimming`), for a later ``bn-gamma`` pruning; the run's metrics give the
@@ -111,7 +126,7 @@ class TrainConfig:
     anchors: Optional[object] = None  # kmeans or [[w, h], ...]: checked by _check_anchors
     precision: str = "float32"
     final_size: Optional[Int] = None
-    distill: Optional[Dict[str, object]] = None
+    distill: Optional[Distillation] = None
     slimming: Float = 0.0
     out: str = "runs/train"
 
@@ -156,13 +171,12 @@ class TrainConfig:
     def _check_distill(self) -> None:
         if self.distill is None:
             return
-        if not isinstance(self.distill, dict) or set(self.distill) - DISTILL_KEYS or "teacher" not in self.distill:
-            raise ValueError(f"distill = {self.distill!r}: expected {{teacher: MODEL.keras or dense, weight: W}} "
-                             f"(keys {', '.join(sorted(DISTILL_KEYS))})")
         weight = self.distill.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        if weight <= 0:
             raise ValueError(f"distill weight = {weight!r}: a number > 0")
-        self.distill = {"teacher": str(self.distill["teacher"]), "weight": float(weight)}
+        if self.distill.get("feature_weight", 1.0) < 0:
+            raise ValueError(f"distill feature_weight = {self.distill['feature_weight']!r}: a number >= 0")
+        self.distill = {**self.distill, "weight": float(weight)}
 
     def _check_anchors(self) -> None:
         if self.anchors is None:
@@ -196,6 +210,14 @@ class TrainConfig:
     def _check_nested(self, name: str, cls) -> None:
         """``loss:`` and ``augment:`` hold fields of their schema classes, validated as they are."""
         build(cls, getattr(self, name) or {}, name)
+
+
+def dense_distillation(weight: float, like: Optional[dict] = None) -> Optional[dict]:
+    """``distill:`` from the unpruned model with ``weight`` (None for a weight of 0), keeping the other
+    keys of ``like`` (a config's own ``distill:``, e.g. its ``features``)."""
+    if not weight:
+        return None
+    return {**(like or {}), "teacher": DENSE_TEACHER, "weight": float(weight)}
 
 
 def resolve_dataset(name_or_path: str) -> str:

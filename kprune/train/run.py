@@ -149,9 +149,11 @@ class TrainingRun:
             teacher = self._teacher(teacher)
             if teacher is not None and config.multiscale:
                 teacher = variable_input_view(teacher)
+            distill = config.distill or {}
             self.trainer = DetectorTrainer(network, self._loss(), teacher=teacher,
-                                           distill_weight=(config.distill or {}).get("weight", 1.0),
-                                           slimming=config.slimming)
+                                           distill_weight=distill.get("weight", 1.0), slimming=config.slimming,
+                                           features=distill.get("features", ()),
+                                           feature_weight=distill.get("feature_weight", 1.0))
             self.gamma_before = gamma_stats(self.detector) if config.slimming else None
             self.encoder = self.family.target_encoder(self.detector, self.loss_options)
             schedule = WarmupCosine(
