@@ -23,6 +23,7 @@ Config keys (see :class:`ExperimentConfig`)::
       - {method: global, ratios: [0.5, 0.8], epochs: 2}   # unstructured; its own retraining epochs
       - {method: filters, allocation: global, criterion: l1-normalized, remove_flops: [0.5]}  # a FLOPs budget
       - {method: filters, ratios: [0.4], reconstruct: true, distill: 1.0}   # recoveries of this entry only
+      - {method: filters, ratios: [0.4], distill: 1.0, features: [conv_16]}  # + feature imitation
       - {method: filters, allocation: sensitivity, sensitivity: model.sensitivity/sensitivity.json,
          target_latency: [20, 15], runtime: tflite, threads: 1}               # latency budgets (ms)
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}     # + distill: {teacher: dense, weight: 1.0}
@@ -98,6 +99,7 @@ class SweepEntry(TypedDict, total=False):
     sensitivity: str
     reconstruct: bool
     distill: Float
+    features: List[str]  # with distill: layers whose attention maps the retraining imitates
     allocation: str
     schedule: str
     criterion: str
@@ -211,6 +213,8 @@ def check_entry(entry: dict) -> None:
     for recovery in RECOVERIES.values():
         if recovery.key in entry:
             recovery.check(entry[recovery.key])
+    if entry.get("features") and not entry.get("distill"):
+        raise ValueError("features (layers to imitate) go with distill: W > 0, the distillation they belong to")
 
 
 def load_config(path: str) -> ExperimentConfig:
@@ -301,6 +305,8 @@ class Experiment:
         weight = (cell or {}).get("distill")
         if weight is not None:
             options["distill"] = dense_distillation(weight, options.get("distill"))
+        if (cell or {}).get("features"):
+            options["distill"] = {**options["distill"], "features": list(cell["features"])}
         return options
 
     def _train(self, spec: dict, run_dir: Path, what: str, k: int) -> dict:

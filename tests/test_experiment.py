@@ -49,6 +49,8 @@ def test_config_checks(tmp_path):
                              ({"sweep": [{"method": "global", "ratios": [0.5, "half"]}]},
                               "sweep.0.ratios.1 = 'half': expected a number"),
                              ({"seeds": True}, "seeds = True: expected a number, not true or false"),
+                             ({"sweep": [{"method": "global", "ratios": [0.5], "features": ["conv_4"]}]},
+                              "features (layers to imitate) go with distill"),
                              ({"compare": {"a": {"train": {}, "colour": 1}}},
                               "compare.a: unknown key(s) colour; known keys: model, config, train")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -81,6 +83,8 @@ def test_a_sweep_entry_sets_its_own_distillation(tmp_path, tiny_synth_data):
     assert experiment._options(1)["seed"] == 1
     assert experiment._options(0, {"distill": 0.5})["distill"] == {"teacher": "dense", "weight": 0.5}
     assert experiment._options(0, {"distill": 0})["distill"] is None
+    assert experiment._options(0, {"distill": 0.5, "features": ["conv_4"]})["distill"] == {
+        "teacher": "dense", "weight": 0.5, "features": ["conv_4"]}
 
 
 def test_shipped_experiments_load():
@@ -91,7 +95,7 @@ def test_shipped_experiments_load():
     expected = {"demo": 2, "demo_seeds": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov4_tiny_coco5": 5, "synth_yolov4_tiny_prune": 2, "yolov2_kitti": 3, "gradual_global": 9,
                 "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
                 "ssd_gradual_global_synth": 9, "recovery": 10, "recovery_slimming": 2,
-                "demo_recovery": 3}
+                "demo_recovery": 3, "recovery_imitation": 2}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in read_yaml(path):  # training configs
