@@ -40,13 +40,14 @@ def backbone_layers(model) -> List[str]:
 
 def output_layers(model) -> List[str]:
     """Names of the kernel layers whose output is what the model predicts: a detector's predictor
-    convs; for any other model, or a detector whose family cannot name them, the kernel layers whose
-    output reaches a model output through single-input layers only (a classifier's last dense, a
-    head conv followed by its activation as in the AlexeyAB fork's ``new_coords`` heads)."""
+    convs; for any other model, the kernel layers whose output reaches a model output through
+    identity-like layers only (a classifier's last dense)."""
     try:
-        return list(family_of(model).predictor_convs(model))
+        family = family_of(model)
     except ValueError:
-        pass  # no family, or a predictor the family's rule does not reach: walk back from the outputs
+        family = None
+    if family is not None:
+        return list(family.predictor_convs(model))
     found = []
     for tensor in tf.nest.flatten(model.outputs):
         layer = tensor._keras_history.layer
