@@ -210,7 +210,8 @@ def evaluate(model_path, data, split, batch_size, keras_path, detections, ground
     """mAP of MODEL (.keras or .tflite) on a dataset, or of COCO-format detections against ground truth.
 
     Detections at score >= 0.001, at most 100 per image; VOC AP at IoU 0.5 (all-point and 11-point),
-    COCO mAP@[.5:.95] and AP50 from pycocotools, per-class AP and recall.
+    COCO mAP@[.5:.95] and AP50 from pycocotools, per-class AP and recall. A .tflite exported with
+    --postprocess is scored on the detections its own post-processing op gives.
     """
     from kprune import evaluate as ev
 
@@ -230,6 +231,8 @@ def evaluate(model_path, data, split, batch_size, keras_path, detections, ground
         click.echo(json.dumps(json_safe(result), indent=1, allow_nan=False))
     else:
         click.echo(ev.report_table(result))
+        for note in result.get("notes", []):
+            click.echo(f"note: {note}")
 
 
 @main.command()
@@ -373,18 +376,34 @@ def prune(model_path, method, ratio, remove_flops, target_latency, runtime, thre
               help="Input/output type of an int8 model (integer io: the app applies the printed scale).")
 @click.option("--sparse", is_flag=True, help="Store pruned zeros in TFLite's sparse format.")
 @click.option("--calibration", type=int, default=100, show_default=True, help="Calibration images for int8.")
+@click.option("--postprocess", is_flag=True,
+              help="Decode and NMS inside the .tflite (TFLite_Detection_PostProcess): outputs boxes, classes, "
+                   "scores, count, as MediaPipe's ObjectDetector and the TFLite Task Library read them.")
+@click.option("--nms-score", type=float, default=0.001, show_default=True,
+              help="With --postprocess: the lowest score kept (0.001 keeps what mAP needs; apps filter on top).")
+@click.option("--nms-iou", type=float, default=0.45, show_default=True, help="With --postprocess: NMS IoU threshold.")
+@click.option("--max-detections", type=int, default=100, show_default=True,
+              help="With --postprocess: detections per image.")
 @click.option("--out", required=True, type=click.Path(), help="OUT.tflite, or a folder for saved_model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def export(model_path, fmt, quant, data, io, sparse, calibration, out, as_json):
+def export(model_path, fmt, quant, data, io, sparse, calibration, postprocess, nms_score, nms_iou, max_detections,
+           out, as_json):
     """Export MODEL.keras for deployment and check the result against Keras on real images.
 
-    The export ends at the raw head outputs: decoding and NMS run on the phone side (the anchors
-    are in the report); `kprune evaluate OUT.tflite` scores it exactly as an app would run it.
+    By default the export ends at the raw head outputs: decoding and NMS run on the phone side (the
+    anchors are in OUT.json); with --postprocess they run inside the file. `kprune evaluate
+    OUT.tflite` scores either exactly as an app would run it.
     """
     from kprune.export.command import export_model, summary
+    from kprune.export.postprocess import PostprocessOptions
     from kprune.fileio import json_safe
 
-    report = export_model(model_path, out, fmt, quant, data, io, sparse, calibration)
+    options = None
+    if postprocess:
+        options = PostprocessOptions(nms_score, nms_iou, max_detections)
+    elif (nms_score, nms_iou, max_detections) != (0.001, 0.45, 100):
+        raise click.UsageError("--nms-score, --nms-iou and --max-detections apply with --postprocess")
+    report = export_model(model_path, out, fmt, quant, data, io, sparse, calibration, postprocess=options)
     click.echo(json.dumps(json_safe(report), indent=1) if as_json else summary(report))
 
 

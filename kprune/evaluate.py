@@ -27,7 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from kprune.boxes import iou_matrix, xywh_to_xyxy, xyxy_to_xywh
-from kprune.models.litert import TFLiteRunner
+from kprune.models.litert import DetectionRunner, TFLiteRunner, detection_op_options
 
 # The metrics (and ``kprune evaluate --detections``) need no TensorFlow, which takes seconds to
 # import: the functions that run models import the modules that load it (data, detectors,
@@ -259,7 +259,7 @@ def detections_from_coco(results: List[dict], index: Dict[int, int]) -> List[Ima
 def predict_dataset(
     model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
     score_threshold: float = SCORE_THRESHOLD, max_detections: int = MAX_DETECTIONS, label_map=None,
-    progress: bool = False, limit: Optional[int] = None,
+    progress: bool = False, limit: Optional[int] = None, detect=None,
 ):
     """Run a model over a split of a converted dataset; detections and ground truth in image pixels.
 
@@ -270,6 +270,9 @@ def predict_dataset(
         batch_size: images per batch.
         letterbox: place images as the model was trained to see them.
         predict: optional function images -> raw outputs (e.g. a TFLite interpreter); default the model.
+        detect: instead of ``predict``, a function images -> detections of each image as
+            :func:`~kprune.models.head.non_max_suppression` returns them (a post-processed TFLite
+            file, :class:`~kprune.models.litert.DetectionRunner`).
         score_threshold, max_detections: kept detections per image (0.001 and 100 for mAP).
         label_map: the model label of each dataset label (a model that keeps its own classes).
         progress: show a progress bar.
@@ -293,15 +296,21 @@ def predict_dataset(
         if limit < 1:
             raise ValueError(f"limit {limit}: evaluate at least one image")
         dataset, total = dataset.unbatch().take(limit).batch(batch_size), min(total, limit)
-    decode = family_of(model).decode
-    if predict is None:
-        predict = tf.function(lambda images: model(images, training=False))
+    if detect is None:
+        decode = family_of(model).decode
+        if predict is None:
+            predict = tf.function(lambda images: model(images, training=False))
+
+        def detect(images):
+            outputs = predict(images)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            return non_max_suppression(*decode(model, outputs), score_threshold, 0.45, max_detections)
+    elif predict is not None:
+        raise ValueError("give predict (raw outputs) or detect (detections), not both")
     detections, truths = [], []
     with tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
         for images, meta in dataset:
-            outputs = predict(images)
-            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            kept = non_max_suppression(*decode(model, outputs), score_threshold, 0.45, max_detections)
+            kept = detect(images)
             for k, (det_boxes, det_scores, det_labels) in enumerate(kept):
                 hw = tuple(int(v) for v in meta["image_hw"][k].numpy())
                 transform = ImageTransform(hw, (size, size), tuple(meta["scale_xy"][k].numpy().tolist()),
@@ -318,10 +327,16 @@ def predict_dataset(
     return detections, truths
 
 
-def tflite_predict(path: str, model):
-    """A ``predict`` function for :func:`predict_dataset` that runs a .tflite file with the LiteRT
-    interpreter, image by image (:class:`kprune.models.litert.TFLiteRunner`); ``model`` is the Keras
-    model the file was converted from, for the metadata.
+def tflite_predict(path: str, model) -> tuple:
+    """How :func:`predict_dataset` runs a .tflite file with the LiteRT interpreter, image by image;
+    ``model`` is the Keras model the file was converted from, for the metadata.
+
+    Returns:
+        (predict, detect, notes): for a file of raw outputs, ``predict`` (a
+        :class:`kprune.models.litert.TFLiteRunner`) and ``detect`` None; for a post-processed file
+        (decoding and NMS inside), ``detect`` (a :class:`kprune.models.litert.DetectionRunner`) and
+        ``predict`` None, with ``notes`` on settings fixed in it that make its mAP differ from the
+        model's (a score threshold above 0.001, fewer than 100 detections).
 
     Raises:
         ValueError: the file cannot be loaded, or its inputs / outputs do not match ``model``.
@@ -329,9 +344,21 @@ def tflite_predict(path: str, model):
     with open(path, "rb") as handle:
         content = handle.read()
     try:
-        return TFLiteRunner(content, model)
+        if detection_op_options(content) is None:
+            return TFLiteRunner(content, model), None, []
+        runner = DetectionRunner(content)
+        if runner.input_size != tuple(model.input_shape[1:3]):
+            raise ValueError(f"input {runner.input_size}, the Keras model has {tuple(model.input_shape[1:3])}")
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    notes = []
+    if runner.options["nms_score_threshold"] > SCORE_THRESHOLD * 1.0001:
+        notes.append(f"exported with score threshold {runner.options['nms_score_threshold']:.3g}: detections below it "
+                     f"are missing, the mAP is lower than at {SCORE_THRESHOLD}")
+    if runner.options["max_detections"] < MAX_DETECTIONS:
+        notes.append(f"exported with at most {runner.options['max_detections']} detections per image "
+                     f"(mAP is computed on {MAX_DETECTIONS})")
+    return None, runner, notes
 
 
 def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, keras_path: Optional[str] = None,
@@ -351,26 +378,30 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
     from kprune.models.io import load_model
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
-    predict = None
+    predict = detect = None
+    notes = []
     if path.endswith(".tflite"):
         keras_path = keras_path or path[: -len(".tflite")] + ".keras"
         if not os.path.isfile(keras_path):
             raise ValueError(f"{path}: a .tflite file needs the .keras model it was converted from for its head "
                              f"metadata; {keras_path} does not exist (give --keras)")
         model = load_model(keras_path)
-        predict = tflite_predict(path, model)
+        predict, detect, notes = tflite_predict(path, model)
     elif path.endswith(".keras"):
         model = load_model(path)
     else:
         raise ValueError(f"{path}: expected a .keras or .tflite model")
     result = evaluate_loaded(model, manifest, split, batch_size, letterbox, predict=predict, progress=progress,
-                             source=path)
+                             source=path, detect=detect)
     result["model"] = path
+    if notes:
+        result["notes"] = notes
     return result
 
 
 def evaluate_loaded(model, data, split: str = "val", batch_size: int = 8, letterbox: bool = True, predict=None,
-                    progress: bool = False, limit: Optional[int] = None, source: Optional[str] = None) -> dict:
+                    progress: bool = False, limit: Optional[int] = None, source: Optional[str] = None,
+                    detect=None) -> dict:
     """mAP of a Keras detector already in memory (see :func:`evaluate_model`); ``limit``: only the
     first that many images of the split; ``source``: the model's file, for messages.
 
@@ -392,7 +423,7 @@ def evaluate_loaded(model, data, split: str = "val", batch_size: int = 8, letter
         raise ValueError(f"{source or 'model ' + model.name} has {classes} unnamed classes, the dataset {len(manifest.classes)} "
                          f"({', '.join(manifest.classes)})")
     detections, truths = predict_dataset(model, manifest, split, batch_size, letterbox=letterbox, predict=predict,
-                                         label_map=label_map, progress=progress, limit=limit)
+                                         label_map=label_map, progress=progress, limit=limit, detect=detect)
     result = evaluate_detections(detections, truths, names)
     result["split"] = split
     return result

@@ -194,7 +194,9 @@ def test_a_tflite_model_is_evaluated_through_litert_like_its_keras_model(tmp_pat
     save_model(model, tmp_path / "m.keras")
     (tmp_path / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     images = np.random.default_rng(1).random((3, 96, 96, 3)).astype(np.float32)
-    got = tflite_predict(str(tmp_path / "m.tflite"), model)(images)
+    predict, detect, notes = tflite_predict(str(tmp_path / "m.tflite"), model)
+    assert detect is None and notes == []
+    got = predict(images)
     for a, b in zip(got, model(images)):
         assert np.abs(a - b.numpy()).max() < 1e-4 * max(1.0, np.abs(b.numpy()).max())
     keras_result = evaluate_model(str(tmp_path / "m.keras"), tmp_path / "data")

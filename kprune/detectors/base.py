@@ -134,6 +134,33 @@ class DetectorFamily:
         """Raw outputs -> boxes (N, B, 4) xyxy normalised to the input and scores (N, B, classes)."""
         raise NotImplementedError
 
+    def detection_op_inputs(self, model, outputs: Sequence) -> "DetectionOpInputs":
+        """Raw outputs -> the inputs of TFLite's ``TFLite_Detection_PostProcess`` op, so that the
+        op's decoding followed by its per-class NMS gives what :meth:`decode` followed by
+        :func:`~kprune.models.head.non_max_suppression` gives. Traced into the exported graph: TensorFlow
+        ops only."""
+        raise NotImplementedError(f"the {self.name} family cannot export with the detection post-processing op")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionOpInputs:
+    """What ``TFLite_Detection_PostProcess`` takes. The op decodes box ``i`` with anchor ``i``
+    (y_a, x_a, h_a, w_a) as centre y = ty / y_scale * h_a + y_a, height = exp(th / h_scale) * h_a
+    (x, w alike) and reads ``scores`` from column ``background`` on (0 or 1: a background column first).
+
+    Attributes:
+        encodings: (1, B, 4) as (ty, tx, th, tw).
+        scores: (1, B, background + classes) class scores (not logits: the op only compares them).
+        anchors: (B, 4) numpy float32 as (y_a, x_a, h_a, w_a).
+        scales: (y_scale, x_scale, h_scale, w_scale).
+        background: 1 if ``scores`` starts with a background column, else 0.
+    """
+    encodings: object
+    scores: object
+    anchors: object
+    scales: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    background: int = 0
+
 
 def unwrap(layer):
     """The layer inside a tfmot pruning wrapper (or the layer itself)."""

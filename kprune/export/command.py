@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,10 +18,11 @@ import numpy as np
 from kprune._keras import tf
 from kprune.data.tfrecord import read_manifest
 from kprune.detectors import family_of
+from kprune.export.postprocess import PostprocessOptions, compare_detections
 from kprune.export.tflite import calibration_images, compare, convert, differences
 from kprune.fileio import write_bytes_atomic, write_json_atomic
 from kprune.models.io import load_model
-from kprune.models.litert import TFLiteRunner
+from kprune.models.litert import DETECTION_OP, DetectionRunner, TFLiteRunner
 
 FORMATS = ("tflite", "saved_model")
 CHECK_IMAGES = 8
@@ -48,10 +50,12 @@ def _replace_dir(tmp: str, path: str) -> None:
         shutil.rmtree(old)
 
 
-def decoder_metadata(model, family, io_quantization: Optional[dict] = None) -> dict:
+def decoder_metadata(model, family, io_quantization: Optional[dict] = None,
+                     postprocess: Optional[PostprocessOptions] = None) -> dict:
     """What a phone-side decoder needs to use an exported model: the family's output layout and
-    anchors (:meth:`~kprune.detectors.base.DetectorFamily.export_metadata`), the class names and the
-    input normalisation (and, for integer io, the tensors' quantization)."""
+    anchors (:meth:`~kprune.detectors.base.DetectorFamily.export_metadata`), or, for a post-processed
+    export, its four outputs and the op's settings; the class names and the input normalisation
+    (and, for integer io, the tensors' quantization)."""
     classes = family.num_classes(model)
     height, width, channels = model.input_shape[1:]
     metadata = {
@@ -62,15 +66,24 @@ def decoder_metadata(model, family, io_quantization: Optional[dict] = None) -> d
                   "fit": "letterbox: scale to fit keeping the aspect ratio, centre, pad with 0.5 grey"},
         "classes": family.class_names(model) or [str(i) for i in range(classes)],
         "boxes_per_image": family.boxes_per_image(model),
-        **family.export_metadata(model),
     }
+    if postprocess is None:
+        metadata.update(family.export_metadata(model))
+    else:
+        rows = postprocess.max_detections
+        metadata["outputs"] = {
+            "detection_boxes": f"(1, {rows}, 4): ymin, xmin, ymax, xmax normalised to the input (letterboxed)",
+            "detection_classes": f"(1, {rows}): class index into classes (float)",
+            "detection_scores": f"(1, {rows})",
+            "num_detections": "(1,): how many rows are detections, best first"}
+        metadata["postprocess"] = {"op": DETECTION_OP, "nms": "per class", **dataclasses.asdict(postprocess)}
     if io_quantization:
         metadata["io_quantization"] = io_quantization
     return metadata
 
 
 def check_options(out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
-                  io: str = "float", sparse: bool = False) -> None:
+                  io: str = "float", sparse: bool = False, postprocess: Optional[PostprocessOptions] = None) -> None:
     """Refuse export options that do not fit together, before any work is done.
 
     Raises:
@@ -81,14 +94,15 @@ def check_options(out: str, format: str = "tflite", quant: str = "none", data: O
         raise ValueError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
     if format == "tflite" and not str(out).endswith(".tflite"):
         raise ValueError(f"--out {out}: a TFLite export must end in .tflite")
-    if format == "saved_model" and (quant != "none" or io != "float" or sparse):
-        raise ValueError("--quant, --io and --sparse apply to TFLite; a SavedModel keeps the float model")
+    if format == "saved_model" and (quant != "none" or io != "float" or sparse or postprocess is not None):
+        raise ValueError("--quant, --io, --sparse and --postprocess apply to TFLite; a SavedModel keeps the float model")
     if quant == "int8" and data is None:
         raise ValueError("int8 quantization is calibrated on real images: give --data DATASET_DIR")
 
 
 def export(model, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
-           io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
+           io: str = "float", sparse: bool = False, calibration: int = 100,
+           postprocess: Optional[PostprocessOptions] = None) -> dict:
     """Export ``model`` (in memory, left unchanged) to ``out`` and compare the result with it.
 
     A TFLite export also gets the decoder metadata (:func:`decoder_metadata`) beside it, as
@@ -99,18 +113,21 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         quant, io, sparse: see :mod:`kprune.export.tflite` (TFLite only).
         data: a converted dataset: calibration images (``train`` split, ``calibration`` of them,
             needed by ``int8``) and check images (``val``); without it the check uses random images.
+        postprocess: end the file in the detection post-processing op with these settings
+            (:mod:`kprune.export.postprocess`; TFLite only).
 
     Returns:
         The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``family``, ``description``,
-        ``check`` (``images``, ``on`` and :func:`~kprune.export.tflite.differences`),
+        ``check`` (``images``, ``on`` and :func:`~kprune.export.tflite.differences`, or for a
+        post-processed file :func:`~kprune.export.postprocess.compare_detections`),
         ``bytes``; for TFLite also ``io_quantization`` (dtype, scale, zero point of the input and
-        outputs), ``metadata_file`` and, for int8, ``calibration_images``.
+        outputs), ``metadata_file``, for int8 ``calibration_images`` and with ``postprocess`` its settings.
 
     Raises:
         ValueError: unknown format, options that do not fit the format, int8 without data, an
             output name that does not fit the format, or a conversion that fails.
     """
-    check_options(out, format, quant, data, io, sparse)
+    check_options(out, format, quant, data, io, sparse, postprocess)
     family = family_of(model)
     images, on = _check_images(model, data, CHECK_IMAGES)
     report = {"format": format, "quant": quant, "io": io, "sparse": sparse, "out": str(out), "family": family.name,
@@ -120,11 +137,16 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         if quant == "int8":
             calibration_set = calibration_images(data, calibration, "train", model.input_shape[1])
             report["calibration_images"] = int(len(calibration_set))
-        content = convert(model, quant, calibration_set, io, sparse)
-        runner = TFLiteRunner(content, model)
-        report["check"] = {**compare(runner, model, images), "on": on}
+        content = convert(model, quant, calibration_set, io, sparse, postprocess=postprocess)
+        if postprocess is None:
+            runner = TFLiteRunner(content, model)
+            report["check"] = {**compare(runner, model, images), "on": on}
+        else:
+            runner = DetectionRunner(content)
+            report["check"] = {**compare_detections(runner, model, images, postprocess), "on": on}
+            report["postprocess"] = dataclasses.asdict(postprocess)
         report["io_quantization"] = runner.io_quantization()
-        metadata = decoder_metadata(model, family, report["io_quantization"])
+        metadata = decoder_metadata(model, family, report["io_quantization"], postprocess)
         report["metadata_file"] = str(out)[: -len(".tflite")] + ".json"
         write_json_atomic(report["metadata_file"], metadata)
         write_bytes_atomic(out, content)
@@ -149,7 +171,8 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
 
 
 def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
-                 io: str = "float", sparse: bool = False, calibration: int = 100) -> dict:
+                 io: str = "float", sparse: bool = False, calibration: int = 100,
+                 postprocess: Optional[PostprocessOptions] = None) -> dict:
     """Load ``model_path`` (a ``.keras`` file) and :func:`export` it to ``out``.
 
     Returns:
@@ -159,8 +182,9 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
     Raises:
         ValueError: as :func:`export` (checked before the model is loaded), or a model that cannot be read.
     """
-    check_options(out, format, quant, data, io, sparse)
-    exported = export(load_model(model_path), out, format, quant, data, io, sparse, calibration)
+    check_options(out, format, quant, data, io, sparse, postprocess)
+    exported = export(load_model(model_path), out, format, quant, data, io, sparse, calibration,
+                      postprocess=postprocess)
     head = {"model": str(model_path), **{k: exported[k] for k in ("format", "quant", "io", "sparse", "out")},
             "keras_bytes": os.path.getsize(model_path)}
     return {**head, **exported}
@@ -169,12 +193,23 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
 def summary(report: dict) -> str:
     """A few readable lines for the terminal."""
     check = report["check"]
+    post = report.get("postprocess")
     kind = report["format"] + ("" if report["format"] != "tflite" else f" ({report['quant']}, io {report['io']}"
-                                                                        f"{', sparse' if report['sparse'] else ''})")
+                                                                        f"{', sparse' if report['sparse'] else ''}"
+                                                                        f"{', post-processed' if post else ''})")
     lines = [f"exported {report['model']} -> {report['out']}: {kind}, {report['bytes'] / 1e6:.2f} MB "
-             f"(.keras {report['keras_bytes'] / 1e6:.2f} MB)",
-             f"check on {check['images']} {check['on']}: largest difference from Keras {check['max_abs_diff']:.4g} "
-             f"(mean {check['mean_abs_diff']:.3g}; outputs up to {check['max_abs_output']:.3g})"]
+             f"(.keras {report['keras_bytes'] / 1e6:.2f} MB)"]
+    if post:
+        lines.append(f"decoding and per-class NMS inside the file (score >= {post['score_threshold']}, IoU "
+                     f"{post['iou_threshold']}, at most {post['max_detections']}): outputs boxes (ymin, xmin, ymax, "
+                     f"xmax), classes, scores, count")
+        lines.append(f"check on {check['images']} {check['on']} against kprune detect: {check['file_detections']} "
+                     f"detections for {check['detections']}, {check['unmatched']} unmatched; largest difference "
+                     f"box {check['max_box_diff']:.3g}, score {check['max_score_diff']:.3g}")
+    else:
+        lines.append(f"check on {check['images']} {check['on']}: largest difference from Keras "
+                     f"{check['max_abs_diff']:.4g} (mean {check['mean_abs_diff']:.3g}; outputs up to "
+                     f"{check['max_abs_output']:.3g})")
     lines.extend(report.get("description", []))
     for name, q in report.get("io_quantization", {}).items():
         if q["scale"]:

@@ -39,6 +39,7 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.data.pipeline import make_dataset
 from kprune.data.tfrecord import Manifest, read_manifest
+from kprune.export.postprocess import PostprocessOptions, outputs_in_op_order, postprocess_function
 from kprune.models.layers import Mish
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
@@ -88,8 +89,9 @@ def with_integer_mish(model):
 
 
 def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None, io: str = "float",
-            sparse: bool = False) -> bytes:
-    """Convert a Keras model to a TFLite flatbuffer.
+            sparse: bool = False, postprocess: Optional[PostprocessOptions] = None) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer; with ``postprocess``, one that ends in the
+    detection post-processing op (:mod:`kprune.export.postprocess`).
 
     Raises:
         ValueError: an unknown mode or io type, ``int8`` without calibration images, an integer
@@ -101,7 +103,12 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
         raise ValueError(f"io type {io!r}: choose one of {', '.join(IO_TYPES)}")
     if io != "float" and quant != "int8":
         raise ValueError(f"io {io} needs full-integer quantization (--quant int8)")
-    converter = tf.lite.TFLiteConverter.from_keras_model(with_integer_mish(model) if quant == "int8" else model)
+    source = with_integer_mish(model) if quant == "int8" else model
+    if postprocess is None:
+        converter = tf.lite.TFLiteConverter.from_keras_model(source)
+    else:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([postprocess_function(source, postprocess)], source)
+        converter.allow_custom_ops = True  # TFLite_Detection_PostProcess is a custom op
     optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
     if quant in ("fp16", "dynamic", "int8"):
         optimizations.insert(0, tf.lite.Optimize.DEFAULT)
@@ -126,9 +133,10 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
             # float io with int8 inside: the converter warns that the input has no statistics, which
             # is exactly the case (the quantize op at the input uses the calibrated range)
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-            return converter.convert()
+            content = converter.convert()
     except Exception as error:  # the converter raises many types; keep its message, drop its traceback
         raise ValueError(f"TFLite conversion of {model.name} ({quant}) failed: {str(error).strip()[-400:]}") from None
+    return content if postprocess is None else outputs_in_op_order(content)
 
 
 def differences(expected: List[np.ndarray], got: List[np.ndarray]) -> dict:

@@ -7,12 +7,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 
-class TFLiteRunner:
-    """A TFLite model in the LiteRT interpreter that takes float images and returns float outputs
-    in the order of the Keras model's outputs (matched by shape), quantizing at the edges as the
-    file's input and output types require."""
+class _LoadedModel:
+    """A flatbuffer loaded in the LiteRT interpreter, with one float image input quantized at the
+    edge as the file's input type requires."""
 
-    def __init__(self, content: bytes, model, threads: Optional[int] = None):
+    def __init__(self, content: bytes, threads: Optional[int] = None):
         from ai_edge_litert.interpreter import Interpreter
 
         try:
@@ -21,15 +20,7 @@ class TFLiteRunner:
         except (ValueError, RuntimeError) as error:
             raise ValueError(f"not a loadable TFLite model ({error})") from None
         (self.input,) = self.interpreter.get_input_details()
-        expected = (1, *model.input_shape[1:])
-        if tuple(self.input["shape"]) != expected:
-            raise ValueError(f"TFLite input shape {tuple(self.input['shape'])}, the Keras model has {expected}")
-        by_shape = {tuple(d["shape"][1:]): d for d in self.interpreter.get_output_details()}
-        shapes = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
-        wanted = [tuple(shape[1:]) for shape in shapes]
-        if sorted(by_shape) != sorted(wanted):
-            raise ValueError(f"TFLite outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
-        self.outputs = [by_shape[shape] for shape in wanted]
+        self.outputs = self.interpreter.get_output_details()
 
     @staticmethod
     def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
@@ -49,6 +40,30 @@ class TFLiteRunner:
         self.interpreter.set_tensor(self.input["index"], self._quantize(image, self.input))
         self.interpreter.invoke()
 
+    def io_quantization(self) -> Dict[str, dict]:
+        """Input and output types with their scale and zero point (what an integer-io app applies)."""
+        details = {"input": self.input, **{f"output_{k}": d for k, d in enumerate(self.outputs)}}
+        return {name: {"dtype": np.dtype(d["dtype"]).name, "scale": float(d["quantization"][0]),
+                       "zero_point": int(d["quantization"][1])} for name, d in details.items()}
+
+
+class TFLiteRunner(_LoadedModel):
+    """A TFLite model in the LiteRT interpreter that takes float images and returns float outputs
+    in the order of the Keras model's outputs (matched by shape), quantizing at the edges as the
+    file's input and output types require."""
+
+    def __init__(self, content: bytes, model, threads: Optional[int] = None):
+        super().__init__(content, threads)
+        expected = (1, *model.input_shape[1:])
+        if tuple(self.input["shape"]) != expected:
+            raise ValueError(f"TFLite input shape {tuple(self.input['shape'])}, the Keras model has {expected}")
+        by_shape = {tuple(d["shape"][1:]): d for d in self.outputs}
+        shapes = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
+        wanted = [tuple(shape[1:]) for shape in shapes]
+        if sorted(by_shape) != sorted(wanted):
+            raise ValueError(f"TFLite outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
+        self.outputs = [by_shape[shape] for shape in wanted]
+
     def __call__(self, images: np.ndarray) -> List[np.ndarray]:
         """Raw outputs for a batch of float32 images, image by image."""
         outputs = [[] for _ in self.outputs]
@@ -57,12 +72,6 @@ class TFLiteRunner:
             for k, detail in enumerate(self.outputs):
                 outputs[k].append(self._dequantize(self.interpreter.get_tensor(detail["index"]), detail))
         return [np.concatenate(o, axis=0) for o in outputs]
-
-    def io_quantization(self) -> Dict[str, dict]:
-        """Input and output types with their scale and zero point (what an integer-io app applies)."""
-        details = {"input": self.input, **{f"output_{k}": d for k, d in enumerate(self.outputs)}}
-        return {name: {"dtype": np.dtype(d["dtype"]).name, "scale": float(d["quantization"][0]),
-                       "zero_point": int(d["quantization"][1])} for name, d in details.items()}
 
 
 def operators(content: bytes) -> List[dict]:
@@ -97,3 +106,66 @@ def operators(content: bytes) -> List[dict]:
         ops.append({"op": op_name(model.OperatorCodes(op.OpcodeIndex())),
                     "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())})
     return ops
+
+
+#: the custom op that ends a post-processed (phone-ready) export, and the names of its outputs
+DETECTION_OP = "TFLite_Detection_PostProcess"
+DETECTION_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
+
+
+def detection_op_options(content: bytes) -> Optional[dict]:
+    """The settings of the ``TFLite_Detection_PostProcess`` op in a flatbuffer (its custom options,
+    a FlexBuffer map: ``max_detections``, ``nms_score_threshold``, ...), or None when the file has
+    no such op.
+
+    Raises:
+        ValueError: ``content`` is not a TFLite flatbuffer.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers import flexbuffers
+
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
+    model = schema.Model.GetRootAs(content, 0)
+    graph = model.Subgraphs(0)
+    for k in range(graph.OperatorsLength()):
+        op = graph.Operators(k)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        if code.CustomCode() and code.CustomCode().decode() == DETECTION_OP:
+            return dict(flexbuffers.Loads(op.CustomOptionsAsNumpy().tobytes()))
+    return None
+
+
+class DetectionRunner(_LoadedModel):
+    """A post-processed TFLite detector (one ending in ``TFLite_Detection_PostProcess``) in the
+    LiteRT interpreter: float images in, detections out, as a phone app runs it.
+
+    Attributes:
+        options: the op's settings (:func:`detection_op_options`).
+        input_size: (height, width) of the input.
+    """
+
+    def __init__(self, content: bytes, threads: Optional[int] = None):
+        self.options = detection_op_options(content)
+        if self.options is None:
+            raise ValueError(f"the model has no {DETECTION_OP} op: export it with --postprocess")
+        super().__init__(content, threads)
+        self.input_size = tuple(int(v) for v in self.input["shape"][1:3])
+        shapes = [tuple(d["shape"]) for d in self.outputs]
+        rows = shapes[0][1] if shapes and len(shapes[0]) == 3 else None
+        if shapes != [(1, rows, 4), (1, rows), (1, rows), (1,)]:
+            raise ValueError(f"a post-processed model has the outputs boxes (1, N, 4), classes (1, N), scores (1, N) "
+                             f"and count (1,) in this order; this one has {shapes}")
+
+    def __call__(self, images: np.ndarray) -> List[tuple]:
+        """Detections of each image of a float32 batch: (boxes (K, 4) as (x_min, y_min, x_max, y_max)
+        normalised to the input, scores (K,), classes (K,) int64), best first, as
+        :func:`kprune.models.head.non_max_suppression` returns them."""
+        results = []
+        for image in np.asarray(images, np.float32):
+            self.invoke(image[None])
+            boxes, classes, scores, count = (self.interpreter.get_tensor(d["index"]) for d in self.outputs)
+            n = int(count[0])
+            results.append((boxes[0, :n][:, [1, 0, 3, 2]].astype(np.float32), scores[0, :n].astype(np.float32),
+                            classes[0, :n].astype(np.int64)))
+        return results

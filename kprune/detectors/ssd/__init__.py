@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
+from kprune.detectors.base import DetectionOpInputs, DetectorFamily, inbound_layers, rebuilt, unwrap
 from kprune.detectors.ssd import builders
 from kprune.detectors.ssd.distill import ssd_distillation
 from kprune.detectors.ssd.loss import MultiBoxLoss, MultiBoxOptions
@@ -105,6 +105,19 @@ class SSDFamily(DetectorFamily):
         boxes = decode(output[..., :4], tf.constant(self.anchors(model)), head.variances)
         scores = tf.nn.softmax(output[..., 4:], axis=-1)[..., 1:]
         return boxes, scores
+
+    def detection_op_inputs(self, model, outputs):
+        """The op decodes SSD's offsets itself: the default boxes as its anchors, the inverse
+        variances as its scales, the softmax scores with their background column."""
+        if isinstance(outputs, (list, tuple)):
+            (outputs,) = outputs
+        head = self.head(model)
+        output = tf.cast(outputs, tf.float32)
+        variances = head.variances
+        return DetectionOpInputs(output[..., :4], tf.nn.softmax(output[..., 4:], axis=-1),
+                                 np.asarray(self.anchors(model), np.float32),
+                                 (1 / variances[0], 1 / variances[0], 1 / variances[1], 1 / variances[1]),
+                                 background=1)
 
     def predictor_convs(self, model) -> Dict[str, object]:
         convs = {}

@@ -14,7 +14,7 @@ from kprune.darknet import zoo
 from kprune.darknet.builder import build_model
 from kprune.detectors.base import DetectorFamily, inbound_layers, rebuilt, unwrap
 from kprune.detectors.yolo.anchors import fit_anchors
-from kprune.detectors.yolo.decode import decode_outputs
+from kprune.detectors.yolo.decode import decode_outputs, detection_op_inputs
 from kprune.detectors.yolo.distill import yolo_distillation
 from kprune.detectors.yolo.loss import LossOptions, YoloLoss
 from kprune.detectors.yolo.targets import TargetEncoder
@@ -110,6 +110,9 @@ class YoloFamily(DetectorFamily):
 
     def decode(self, model, outputs):
         return decode_outputs(model, outputs)
+
+    def detection_op_inputs(self, model, outputs):
+        return detection_op_inputs(model, outputs)
 
     def predictor_convs(self, model) -> Dict[str, object]:
         """The conv feeding each head (or the tfmot wrapper around it), by conv name.
