@@ -76,12 +76,15 @@ def darknet_convert(cfg, weights, out, reorg, names, bn_formula):
 @click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 def darknet_export(model_path, out):
-    """Write a model built from a Darknet cfg as a Darknet .weights file."""
+    """Write a model built from a Darknet cfg as OUT (.weights) and its cfg beside it (OUT's stem +
+    .cfg), as the model now is (pruned filters, width, input size), for Darknet to load: pjreddie's
+    or AlexeyAB's fork (only the fork reads the fork's features). The cfg's top comment says which
+    of them computes the model's batch norm exactly."""
     from kprune.darknet.convert import export_darknet
     from kprune.models.io import load_model
 
-    export_darknet(load_model(model_path), out)
-    click.echo(f"wrote {out}: {os.path.getsize(out):,} bytes")
+    cfg = export_darknet(load_model(model_path), out)
+    click.echo(f"wrote {out}: {os.path.getsize(out):,} bytes, and {cfg}")
 
 
 @main.command()

@@ -191,7 +191,8 @@ def _route(section: Section, outputs: List):
     return keras.layers.Concatenate(name=f"route_{i}")(sources)
 
 
-def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, backbone, formula: str):
+def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, backbone, formula: str,
+           net: Section):
     """The Keras output of one cfg layer, given the outputs of all earlier layers."""
     kind, i = section.kind, section.index
     if kind == "convolutional":
@@ -220,9 +221,11 @@ def _layer(section: Section, outputs: List, x, reorg_mode: str, names, header, b
         loss = ("iou_loss", "iou_normalizer", "cls_normalizer", "obj_normalizer")
         extra = {"mask": section["mask"], "scale_x_y": section["scale_x_y"], "new_coords": section["new_coords"],
                  "loss_settings": {key: section[key] for key in loss}} if kind == "yolo" else {}
+        # the cfg text the model does not otherwise carry (training settings), for kprune.darknet.writer
+        options = {"net": dict(net.raw), "section": dict(section.raw)}
         return DetectionHead(
             kind, pairs, section["classes"], names=names, darknet_header=header, backbone=backbone,
-            name=f"{kind}_{i}", **extra,
+            name=f"{kind}_{i}", darknet_options=options, **extra,
         )(x)
     raise section.error(f"no builder for [{kind}]")  # the parser only lets known kinds through
 
@@ -282,7 +285,7 @@ def build_model(
         if backbone is None and backbone_end is not None and section.index > backbone_end:
             backbone = [outputs[backbone_end]._keras_history.layer.name]
         try:
-            x = _layer(section, outputs, x, reorg_mode, names, darknet_header, backbone, formula)
+            x = _layer(section, outputs, x, reorg_mode, names, darknet_header, backbone, formula, cfg.net)
         except CfgError:
             raise
         except ValueError as exc:

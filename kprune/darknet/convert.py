@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 
 from kprune.darknet.builder import build_model
 from kprune.darknet.cfg import read_cfg
-from kprune.darknet.weights import load_weights, save_weights
+from kprune.darknet.weights import load_weights, weights_bytes
+from kprune.darknet.writer import cfg_path_for, model_cfg
+from kprune.fileio import write_bytes_atomic
 
 
 def load_darknet(
@@ -41,6 +43,27 @@ def load_darknet(
     return model
 
 
-def export_darknet(model, weights_path: str | os.PathLike) -> None:
-    """Write a model built from a Darknet cfg as a .weights file (atomically)."""
-    save_weights(model, weights_path)
+def export_darknet(model, weights_path: str | os.PathLike) -> str:
+    """Write a model built from a Darknet cfg as a Darknet cfg + .weights pair, each atomically.
+
+    The cfg goes beside the weights with the same stem (``out.weights`` -> ``out.cfg``) and is
+    generated from the model (:func:`kprune.darknet.writer.model_cfg`), so a pruned or width-scaled
+    model's pair loads in Darknet as it is.
+
+    Args:
+        model: a model built from a Darknet cfg (possibly pruned, width-scaled or resized since).
+        weights_path: the .weights file to write.
+
+    Returns:
+        The path of the cfg file written.
+
+    Raises:
+        ValueError: the model was not built from a Darknet cfg or has a layer a cfg cannot express
+            (the message names the layer); then neither file is written.
+    """
+    text = model_cfg(model)  # first: a model without a cfg gets no .weights either
+    data = weights_bytes(model)
+    cfg_path = cfg_path_for(weights_path)
+    write_bytes_atomic(weights_path, data)
+    write_bytes_atomic(cfg_path, text.encode("utf-8"))
+    return cfg_path

@@ -275,11 +275,18 @@ class DetectionHead(keras.layers.Layer):
         loss_settings: the fork's ``[yolo]`` loss keys of the cfg (``iou_loss``, ``iou_normalizer``,
             ``cls_normalizer``, ``obj_normalizer``), the defaults of kprune's YOLO loss for this model;
             None for models without them.
+        darknet_options: the text of the cfg sections the model does not otherwise carry, so that
+            :mod:`kprune.darknet.writer` writes them back: ``{"net": {key: value}, "section": {key:
+            value}}``, every ``key=value`` of the ``[net]`` section and of this head's own section as
+            written in the cfg, in file order (values of keys the model carries itself, such as the
+            input size or the classes, are taken from the model instead); None for models saved
+            before it was stored, and for heads not built from a cfg.
 
     Raises:
         ValueError: unknown kind, anchors that are not pairs, classes < 1, a mask out of range,
-            names whose count is not ``classes``, scale_x_y <= 0, new_coords not 0 or 1, or
-            scale_x_y / new_coords other than 1 / 0 on a region head.
+            names whose count is not ``classes``, scale_x_y <= 0, new_coords not 0 or 1,
+            scale_x_y / new_coords other than 1 / 0 on a region head, or
+            darknet_options that are not a dict of ``net`` / ``section`` dicts.
     """
 
     def __init__(
@@ -294,6 +301,7 @@ class DetectionHead(keras.layers.Layer):
         scale_x_y: float = 1.0,
         new_coords: int = 0,
         loss_settings: Optional[dict] = None,
+        darknet_options: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -323,6 +331,12 @@ class DetectionHead(keras.layers.Layer):
         self.scale_x_y = float(scale_x_y)
         self.new_coords = int(new_coords)
         self.loss_settings = None if loss_settings is None else dict(loss_settings)
+        if darknet_options is not None and (
+                not isinstance(darknet_options, dict) or set(darknet_options) - {"net", "section"}
+                or not all(isinstance(v, dict) for v in darknet_options.values())):
+            raise ValueError(f"head darknet_options must be a dict of 'net' and 'section' dicts, got {darknet_options!r}")
+        self.darknet_options = None if darknet_options is None else {
+            part: {str(k): str(v) for k, v in options.items()} for part, options in darknet_options.items()}
 
     @property
     def head_anchors(self) -> List[List[float]]:
@@ -368,6 +382,7 @@ class DetectionHead(keras.layers.Layer):
             "scale_x_y": self.scale_x_y,
             "new_coords": self.new_coords,
             "loss_settings": self.loss_settings,
+            "darknet_options": self.darknet_options,
         }
 
 
