@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from kprune import detectors
+from kprune._keras import keras
 from kprune.cli import main
 from kprune.darknet.builder import build_model
 from kprune.darknet.cfg import TRAINING_ONLY_KEYS, default_bn_formula, parse_cfg, read_cfg
@@ -168,6 +169,16 @@ def test_models_without_a_darknet_cfg_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"layer reorg_27 \(Reorg\): only a Reorg in mode 'darknet'"):
         write_cfg(s2d, tmp_path / "s2d.cfg")
     assert not (tmp_path / "s2d.cfg").exists()
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv_0")(inputs)
+    leaky = keras.Model(inputs, keras.layers.LeakyReLU(alpha=0.2, name="leaky_0")(x))
+    with pytest.raises(ValueError, match=r"layer leaky_0 \(LeakyReLU\): is not Darknet's leaky activation"):
+        model_cfg(leaky)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv_1")(inputs)  # conv_0 comes after conv_1
+    rewired = keras.Model(inputs, keras.layers.Add(name="shortcut_2")([x, keras.layers.Conv2D(8, 1, name="conv_0")(x)]))
+    with pytest.raises(ValueError, match=r"layer conv_0 \(Conv2D\): takes the output of layer 1, but a Darknet "
+                                         r"\[convolutional\] at index 0 takes the image"):
+        model_cfg(rewired)
     with pytest.raises(ValueError, match=r"\[yolo\]: mask=' 1#2' cannot be written"):
         format_cfg([("yolo", [("mask", " 1#2")])])
     assert cfg_path_for("a/b.weights") == "a/b.cfg" and cfg_path_for("c") == "c.cfg"

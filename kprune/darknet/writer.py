@@ -152,6 +152,8 @@ class _Block:
         found = [(p, self.layers[p]) for p in _ACTIVATION_PREFIXES if p in self.layers]
         if len(found) > 1:
             raise _fail(found[1][1], f"layer {self.index} has two activations ({found[0][1].name})")
+        for prefix, layer in found:
+            _check_activation(prefix, layer)
         return found[0] if found else ("linear", None)
 
 
@@ -346,6 +348,10 @@ def _net_options(model, heads: Sequence) -> List[Tuple[str, str]]:
     return options + [(key, value) for key, value in carried.items() if key not in written]
 
 
+def _output_name(index: int) -> str:
+    return "the image" if index < 0 else f"the output of layer {index}"
+
+
 def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
     """The cfg sections of a model built from a Darknet cfg, ``net`` first, and the batch-norm
     formulas its layers use.
@@ -420,8 +426,8 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
         kind, block = kinds[i], blocks[i]
         first = first_of[i]
         if kind != "route" and sequential[i] != canonical(i - 1):
-            raise _fail(first, f"takes the output of layer {sequential[i]}, but a Darknet [{kind}] at index {i} "
-                               f"takes the output of layer {i - 1}")
+            raise _fail(first, f"takes {_output_name(sequential[i])}, but a Darknet [{kind}] at index {i} takes "
+                               f"{_output_name(i - 1)}")
         if kind in ("convolutional", "maxpool"):
             size = tuple(int(v) for v in first.input_shape[1:3])
         if kind == "convolutional":
@@ -450,7 +456,7 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
             heads.append(first)
             options = _head_options(first, kind)
         sections.append((kind, options))
-    _check_outputs(model, blocks, kinds, last)
+    _check_outputs(model, blocks)
     return [("net", _net_options(model, heads))] + sections, sorted(formulas)
 
 
@@ -487,7 +493,7 @@ def _route_options(block: _Block, i: int, index_of: Callable) -> List[Tuple[str,
     return options
 
 
-def _check_outputs(model, blocks: Dict[int, _Block], kinds: Dict[int, str], last: int) -> None:
+def _check_outputs(model, blocks: Dict[int, _Block]) -> None:
     """Darknet's outputs are its detection layers (or its last layer): the model's must be the same."""
     heads = [b.layers[k] for i, b in sorted(blocks.items()) for k in ("region", "yolo") if k in b.layers]
     expected = [h.name for h in heads] if heads else None
