@@ -14,7 +14,8 @@ from kprune.detectors.inference import detect
 from kprune.export.command import export
 from kprune.export.postprocess import PostprocessOptions, compare_detections
 from kprune.export.tflite import convert
-from kprune.models.head import preprocess_image
+from kprune.detectors import family_of
+from kprune.models.head import non_max_suppression, preprocess_image
 from kprune.models.io import save_model
 from kprune.models.litert import DETECTION_OP, DetectionRunner, TFLiteRunner, detection_op_options, operators
 
@@ -36,7 +37,11 @@ def yolov2():
 @pytest.mark.parametrize("name, size, width", [("yolov3-tiny", 96, 0.125), ("ssdlite-mobilenetv2", 96, 0.35)])
 def test_post_processed_file_gives_the_detections_of_kprune_detect(name, size, width):
     model = _model(name, size, width=width)
-    runner = DetectionRunner(convert(model, postprocess=OPTIONS))
+    content = convert(model, postprocess=OPTIONS)
+    if name.startswith("ssd"):  # the op decodes SSD's offsets with the inverse variances as scales
+        options = detection_op_options(content)
+        assert [options[k] for k in ("y_scale", "x_scale", "h_scale", "w_scale")] == pytest.approx([10, 10, 5, 5])
+    runner = DetectionRunner(content)
     images = np.random.default_rng(5).random((3, size, size, 3)).astype(np.float32)
     check = compare_detections(runner, model, images, OPTIONS)
     # 30 per image: random weights score thousands of boxes above 0.001
@@ -58,12 +63,6 @@ def test_yolov2_region_head_and_the_op_settings(yolov2):
     check = compare_detections(runner, model, images, OPTIONS)
     assert check["file_detections"] == 60 and check["unmatched"] == 0
     assert check["max_box_diff"] < 1e-3 and check["max_score_diff"] < 1e-3, check
-
-
-def test_ssd_scales_are_the_inverse_variances():
-    model = _model("ssdlite-mobilenetv2", 96, width=0.35)
-    options = detection_op_options(convert(model, postprocess=OPTIONS))
-    assert [options[k] for k in ("y_scale", "x_scale", "h_scale", "w_scale")] == pytest.approx([10, 10, 5, 5])
 
 
 def test_detect_on_image_pixels_matches(yolov2):
@@ -136,3 +135,32 @@ def test_cli_export_postprocess(tmp_path, yolov2):
     result = CliRunner().invoke(main, ["export", str(tmp_path / "m.keras"), "--nms-iou", "0.5",
                                        "--out", str(tmp_path / "n.tflite")])
     assert result.exit_code != 0 and "apply with --postprocess" in result.output
+
+
+def test_int8_keeps_the_decoding_float():
+    """int8: the network is integer up to its heads, the decoding before the op float, so the file
+    gives what the plain int8 file's outputs give when decoded in float."""
+    model = _model("yolov3-tiny", 96, width=0.125)
+    rng = np.random.default_rng(9)
+    calibration = rng.random((8, 96, 96, 3)).astype(np.float32)
+    content = convert(model, "int8", calibration, postprocess=OPTIONS)
+    ops = operators(content)
+    names = [op["op"] for op in ops]
+    # float in at the input, out after each of the two heads
+    assert names.count("QUANTIZE") == 1 and names.count("DEQUANTIZE") == 2 and names[-1] == DETECTION_OP
+    assert {op["inputs"][0] for op in ops if op["op"] in ("CONV_2D", "LEAKY_RELU", "MAX_POOL_2D")} == {"int8"}
+    decoding = {op["op"] for op in ops if op["inputs"][0] == "float32"}
+    assert decoding == {"QUANTIZE", "RESHAPE", "STRIDED_SLICE", "LOGISTIC", "ADD", "MUL", "CONCATENATION", DETECTION_OP}
+    with pytest.raises(ValueError, match="keeps float io"):
+        convert(model, "int8", calibration, io="uint8", postprocess=OPTIONS)
+    plain = TFLiteRunner(convert(model, "int8", calibration), model)
+    images = rng.random((2, 96, 96, 3)).astype(np.float32)
+    runner = DetectionRunner(content)
+    check = compare_detections(runner, model, images, OPTIONS, predict=plain)
+    assert check["file_detections"] == check["detections"] == 60
+    assert check["max_box_diff"] < 1e-6 and check["max_score_diff"] < 1e-6, check
+    # int8 scores tie a lot (here 10 values among 30 detections) and the two NMS break ties in
+    # their own order, so boxes of equal score may differ; the scores kept are the same
+    want = non_max_suppression(*family_of(model).decode(model, plain(images)), 0.001, 0.45, 30)
+    for (_, scores, _), (_, want_scores, _) in zip(runner(images), want):
+        np.testing.assert_allclose(np.sort(scores), np.sort(want_scores), atol=1e-6)

@@ -39,7 +39,8 @@ import numpy as np
 from kprune._keras import keras, tf
 from kprune.data.pipeline import make_dataset
 from kprune.data.tfrecord import Manifest, read_manifest
-from kprune.export.postprocess import PostprocessOptions, outputs_in_op_order, postprocess_function
+from kprune.export.postprocess import (PostprocessOptions, outputs_in_op_order, postprocess_function,
+                                       quantize_keeping_postprocess_float)
 from kprune.models.layers import Mish
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
@@ -89,9 +90,11 @@ def with_integer_mish(model):
 
 
 def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None, io: str = "float",
-            sparse: bool = False, postprocess: Optional[PostprocessOptions] = None) -> bytes:
+            sparse: bool = False, postprocess: Optional[PostprocessOptions] = None, per_channel: bool = True) -> bytes:
     """Convert a Keras model to a TFLite flatbuffer; with ``postprocess``, one that ends in the
-    detection post-processing op (:mod:`kprune.export.postprocess`).
+    detection post-processing op (:mod:`kprune.export.postprocess`). ``per_channel=False`` gives
+    quantized conv weights one scale per tensor instead of one per output channel (the converter's
+    default), the comparison point of :mod:`kprune.export.ptq`.
 
     Raises:
         ValueError: an unknown mode or io type, ``int8`` without calibration images, an integer
@@ -113,6 +116,8 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
     if quant in ("fp16", "dynamic", "int8"):
         optimizations.insert(0, tf.lite.Optimize.DEFAULT)
     converter.optimizations = optimizations
+    if not per_channel:
+        converter._experimental_disable_per_channel = True  # the converter's only switch for it
     if quant == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     elif quant == "int8":
@@ -125,7 +130,13 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if io != "float":
+        if postprocess is not None:
+            if io != "float":
+                raise ValueError(f"io {io} with --postprocess: a post-processed file keeps float io (the op's outputs "
+                                 f"are float); its input is quantized inside")
+            # the decoding before the op stays float (see kprune.export.postprocess)
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
+        elif io != "float":
             converter.inference_input_type = converter.inference_output_type = {"int8": tf.int8,
                                                                                  "uint8": tf.uint8}[io]
     try:
@@ -133,7 +144,10 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
             # float io with int8 inside: the converter warns that the input has no statistics, which
             # is exactly the case (the quantize op at the input uses the calibrated range)
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-            content = converter.convert()
+            if postprocess is not None and quant == "int8":
+                content = quantize_keeping_postprocess_float(converter, representative)
+            else:
+                content = converter.convert()
     except Exception as error:  # the converter raises many types; keep its message, drop its traceback
         raise ValueError(f"TFLite conversion of {model.name} ({quant}) failed: {str(error).strip()[-400:]}") from None
     return content if postprocess is None else outputs_in_op_order(content)
