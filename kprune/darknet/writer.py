@@ -390,6 +390,13 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
                                "cfg can only refer to whole layers)")
         return output_of[source]
 
+    def reference(layer, source: str, i: int) -> int:
+        """A route's or shortcut's layer: Darknet refers only to layers before the referring one."""
+        j = index_of(layer, source)
+        if not 0 <= j < i:
+            raise _fail(layer, f"takes {_output_name(j)}; a Darknet layer {i} can only refer to layers 0..{i - 1}")
+        return j
+
     # the layer each block takes as "the previous layer's output" (Darknet's implicit input)
     sequential: Dict[int, int] = {}
     for i, kind in kinds.items():
@@ -419,8 +426,9 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
     heads = []
     for i in range(last + 1):
         if i in repeats:
-            if not repeats[i] < i:
-                raise ValueError(f"model {model.name!r}: layer {i + 1} takes a later layer's output")
+            if not 0 <= repeats[i] < i:
+                raise ValueError(f"model {model.name!r}: layer {i + 1} takes {_output_name(repeats[i])}, which a "
+                                 f"[route] at index {i} cannot repeat")
             sections.append(("route", [("layers", str(repeats[i] - i))]))
             continue
         kind, block = kinds[i], blocks[i]
@@ -448,10 +456,10 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
         elif kind == "shortcut":
             if _class_name(first) != "Add":
                 raise _fail(first, "Darknet's [shortcut] is an Add")
-            other = index_of(first, _sources(first)[1])
+            other = reference(first, _sources(first)[1], i)
             options = [("from", str(other - i)), ("activation", block.activation()[0])]
         elif kind == "route":
-            options = _route_options(block, i, index_of)
+            options = _route_options(block, i, reference)
         else:
             heads.append(first)
             options = _head_options(first, kind)
@@ -460,12 +468,12 @@ def model_sections(model) -> Tuple[List[CfgSection], List[str]]:
     return [("net", _net_options(model, heads))] + sections, sorted(formulas)
 
 
-def _route_options(block: _Block, i: int, index_of: Callable) -> List[Tuple[str, str]]:
+def _route_options(block: _Block, i: int, reference: Callable) -> List[Tuple[str, str]]:
     route = block.layers["route"]
     if _class_name(route) == "ChannelSlice":
         if block.slices:
             raise _fail(route, "a channel slice route with slices of its own")
-        slices, sources = [route], [index_of(route, s) for s in _sources(route)]
+        slices, sources = [route], [reference(route, s, i) for s in _sources(route)]
     elif _class_name(route) == "Concatenate":
         if int(_config(route).get("axis", -1)) not in (-1, 3):
             raise _fail(route, "Darknet's [route] concatenates channels (axis -1)")
@@ -478,9 +486,9 @@ def _route_options(block: _Block, i: int, index_of: Callable) -> List[Tuple[str,
             for s in slices:
                 if _class_name(s) != "ChannelSlice":
                     raise _fail(s, "a route slice is a ChannelSlice")
-                sources += [index_of(s, name) for name in _sources(s)]
+                sources += [reference(s, name, i) for name in _sources(s)]
         else:
-            sources = [index_of(route, name) for name in names]
+            sources = [reference(route, name, i) for name in names]
     else:
         raise _fail(route, "Darknet's [route] is a Concatenate or a ChannelSlice")
     options = [("layers", ",".join(str(j - i) for j in sources))]
@@ -521,7 +529,7 @@ def _notes(text: str, formulas: Sequence[str], name: str) -> List[str]:
     formula = formulas[0] if formulas else None
     if fork:
         notes.append("Uses features only AlexeyAB's fork of Darknet reads (" + ", ".join(fork) + "): run it "
-                     "with the fork (or OpenCV 4's dnn module), not with pjreddie's Darknet.")
+                     "with the fork, not with pjreddie's Darknet.")
         if formula == "original":
             notes.append("Its batch norm is pjreddie's (x - mean) / (sqrt(var) + 1e-6), while the fork computes "
                          "(x - mean) / sqrt(var + 1e-5): the fork's outputs differ on channels of small variance.")
