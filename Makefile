@@ -17,6 +17,8 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	# MediaPipe's metadata writer for phone-ready exports; its own pins clash with TensorFlow's (kprune/export/metadata.py)
+	$(PY) -m pip install --quiet --no-deps mediapipe==0.10.21
 	touch $@
 
 # two test processes: most of a tiny test's time is single-threaded Python (tracing, building)

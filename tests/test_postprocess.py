@@ -11,7 +11,9 @@ from conftest import randomize
 from kprune import detectors
 from kprune.cli import main
 from kprune.detectors.inference import detect
+from kprune.data.tfrecord import read_manifest
 from kprune.export.command import export
+from kprune.export.metadata import WRITER_PACKAGE, read_labels
 from kprune.export.postprocess import PostprocessOptions, compare_detections
 from kprune.export.tflite import convert
 from kprune.detectors import family_of
@@ -87,12 +89,18 @@ def test_export_and_evaluate_a_post_processed_file(tmp_path, tiny_synth_data):
     from kprune.evaluate import evaluate_model
 
     model = _model("yolov3-tiny", 64, width=0.125)
-    model = detectors.family_of(model).replace_classes(model, 5, None)
+    names = read_manifest(tiny_synth_data).classes
+    model = detectors.family_of(model).replace_classes(model, len(names), names)
     randomize(model, seed=8, scale=0.05)
     save_model(model, tmp_path / "m.keras")
     report = export(model, str(tmp_path / "m.tflite"), data=tiny_synth_data, postprocess=PostprocessOptions())
     assert report["check"]["unmatched"] == 0 and report["check"]["max_box_diff"] < 1e-3
     assert report["postprocess"] == {"score_threshold": 0.001, "iou_threshold": 0.45, "max_detections": 100}
+    # the labels and normalisation in the file itself (MediaPipe's writer), and the file still runs
+    assert report["tflite_metadata"].startswith("labels, input normalisation")
+    content = (tmp_path / "m.tflite").read_bytes()
+    assert read_labels(content) == list(names) and len(names) == 5
+    assert b"TFLITE_METADATA" in content and DetectionRunner(content).input_size == (64, 64)
     metadata = json.loads((tmp_path / "m.json").read_text())
     assert metadata["postprocess"]["op"] == DETECTION_OP and "anchors" not in json.dumps(metadata)
     assert list(metadata["outputs"]) == ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]
@@ -164,3 +172,9 @@ def test_int8_keeps_the_decoding_float():
     want = non_max_suppression(*family_of(model).decode(model, plain(images)), 0.001, 0.45, 30)
     for (_, scores, _), (_, want_scores, _) in zip(runner(images), want):
         np.testing.assert_allclose(np.sort(scores), np.sort(want_scores), atol=1e-6)
+
+
+def test_the_makefile_installs_the_metadata_writer():
+    from conftest import REPO
+
+    assert f"pip install --quiet --no-deps {WRITER_PACKAGE}" in (REPO / "Makefile").read_text()

@@ -11,14 +11,18 @@ import os
 import shutil
 import tempfile
 from io import StringIO
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from kprune._keras import tf
 from kprune.data.tfrecord import read_manifest
 from kprune.detectors import family_of
+from kprune.export.metadata import embed_detector_metadata
 from kprune.export.postprocess import PostprocessOptions, compare_detections
+from kprune.export.ptq import check_ptq
+from kprune.export.ptq import prepare as prepare_ptq
+from kprune.export.qat import quantize_aware_train
 from kprune.export.tflite import calibration_images, compare, convert, differences
 from kprune.fileio import write_bytes_atomic, write_json_atomic
 from kprune.models.io import load_model
@@ -50,13 +54,17 @@ def _replace_dir(tmp: str, path: str) -> None:
         shutil.rmtree(old)
 
 
+def metadata_names(model, family) -> list:
+    """The class names an export carries: the model's, or the class indices as text."""
+    return list(family.class_names(model) or [str(i) for i in range(family.num_classes(model))])
+
+
 def decoder_metadata(model, family, io_quantization: Optional[dict] = None,
                      postprocess: Optional[PostprocessOptions] = None) -> dict:
     """What a phone-side decoder needs to use an exported model: the family's output layout and
     anchors (:meth:`~kprune.detectors.base.DetectorFamily.export_metadata`), or, for a post-processed
     export, its four outputs and the op's settings; the class names and the input normalisation
     (and, for integer io, the tensors' quantization)."""
-    classes = family.num_classes(model)
     height, width, channels = model.input_shape[1:]
     metadata = {
         "family": family.name,
@@ -64,7 +72,7 @@ def decoder_metadata(model, family, io_quantization: Optional[dict] = None,
         "input": {"height": int(height), "width": int(width), "channels": int(channels),
                   "normalisation": "RGB, float = pixel / 255 (0..1); the model does its own normalisation after",
                   "fit": "letterbox: scale to fit keeping the aspect ratio, centre, pad with 0.5 grey"},
-        "classes": family.class_names(model) or [str(i) for i in range(classes)],
+        "classes": metadata_names(model, family),
         "boxes_per_image": family.boxes_per_image(model),
     }
     if postprocess is None:
@@ -83,12 +91,14 @@ def decoder_metadata(model, family, io_quantization: Optional[dict] = None,
 
 
 def check_options(out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
-                  io: str = "float", sparse: bool = False, postprocess: Optional[PostprocessOptions] = None) -> None:
+                  io: str = "float", sparse: bool = False, postprocess: Optional[PostprocessOptions] = None,
+                  qat_epochs: int = 0, ptq: Sequence[str] = ()) -> None:
     """Refuse export options that do not fit together, before any work is done.
 
     Raises:
         ValueError: an unknown format, an output name that does not fit the format, TFLite options
-            for a SavedModel, or int8 without data.
+            for a SavedModel, int8 without data, QAT epochs that are not a whole number >= 0, unknown
+            PTQ options, QAT or PTQ options without int8, or both together.
     """
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -98,11 +108,20 @@ def check_options(out: str, format: str = "tflite", quant: str = "none", data: O
         raise ValueError("--quant, --io, --sparse and --postprocess apply to TFLite; a SavedModel keeps the float model")
     if quant == "int8" and data is None:
         raise ValueError("int8 quantization is calibrated on real images: give --data DATASET_DIR")
+    check_ptq(ptq)
+    if int(qat_epochs) != qat_epochs or qat_epochs < 0:
+        raise ValueError(f"--qat-epochs {qat_epochs!r}: a whole number of epochs >= 0")
+    if (qat_epochs or ptq) and quant != "int8":
+        raise ValueError("--qat-epochs and --ptq prepare a full-integer file: add --quant int8")
+    if qat_epochs and ptq:
+        raise ValueError("--ptq transforms a float model for post-training quantization, --qat-epochs trains "
+                         "the model for int8 itself: give one of them")
 
 
 def export(model, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
            io: str = "float", sparse: bool = False, calibration: int = 100,
-           postprocess: Optional[PostprocessOptions] = None) -> dict:
+           postprocess: Optional[PostprocessOptions] = None, qat_epochs: int = 0, qat_options: Optional[dict] = None,
+           ptq: Sequence[str] = ()) -> dict:
     """Export ``model`` (in memory, left unchanged) to ``out`` and compare the result with it.
 
     A TFLite export also gets the decoder metadata (:func:`decoder_metadata`) beside it, as
@@ -115,19 +134,27 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
             needed by ``int8``) and check images (``val``); without it the check uses random images.
         postprocess: end the file in the detection post-processing op with these settings
             (:mod:`kprune.export.postprocess`; TFLite only).
+        qat_epochs, qat_options: int8 only: first train the model this many epochs with
+            quantization-aware training on ``data`` (:func:`kprune.export.qat.quantize_aware_train`,
+            with these training options; its run in ``OUT.qat/``), then convert the QAT model; the
+            check compares the file with the QAT model.
+        ptq: int8 only: post-training options (:mod:`kprune.export.ptq`: ``equalize``,
+            ``bias-correction``, ``per-tensor``) applied to the float model before the conversion.
 
     Returns:
         The report: ``format``, ``quant``, ``io``, ``sparse``, ``out``, ``family``, ``description``,
         ``check`` (``images``, ``on`` and :func:`~kprune.export.tflite.differences`, or for a
         post-processed file :func:`~kprune.export.postprocess.compare_detections`),
         ``bytes``; for TFLite also ``io_quantization`` (dtype, scale, zero point of the input and
-        outputs), ``metadata_file``, for int8 ``calibration_images`` and with ``postprocess`` its settings.
+        outputs), ``metadata_file``, for int8 ``calibration_images`` and with ``postprocess`` its settings;
+        with QAT ``qat`` (``epochs``, ``run``, ``map50`` of the QAT model in Keras), with PTQ options
+        ``ptq`` (:func:`kprune.export.ptq.prepare`'s report).
 
     Raises:
         ValueError: unknown format, options that do not fit the format, int8 without data, an
             output name that does not fit the format, or a conversion that fails.
     """
-    check_options(out, format, quant, data, io, sparse, postprocess)
+    check_options(out, format, quant, data, io, sparse, postprocess, qat_epochs, ptq)
     family = family_of(model)
     images, on = _check_images(model, data, CHECK_IMAGES)
     report = {"format": format, "quant": quant, "io": io, "sparse": sparse, "out": str(out), "family": family.name,
@@ -137,11 +164,22 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         if quant == "int8":
             calibration_set = calibration_images(data, calibration, "train", model.input_shape[1])
             report["calibration_images"] = int(len(calibration_set))
-        content = convert(model, quant, calibration_set, io, sparse, postprocess=postprocess)
+        source, per_channel = model, True  # what is converted: the model, its QAT model or its PTQ-prepared copy
+        if qat_epochs:
+            run_dir = str(out)[: -len(".tflite")] + ".qat"
+            source, trained = quantize_aware_train(model, data, qat_epochs, qat_options, run_dir=run_dir,
+                                                   calibration=calibration)
+            report["qat"] = {"epochs": int(qat_epochs), "run": run_dir, "map50": trained["map50"]}
+        elif ptq:
+            source, report["ptq"] = prepare_ptq(model, ptq, calibration_set)
+            per_channel = report["ptq"]["per_channel"]
+        content = convert(source, quant, calibration_set, io, sparse, postprocess=postprocess, per_channel=per_channel)
         if postprocess is None:
             runner = TFLiteRunner(content, model)
-            report["check"] = {**compare(runner, model, images), "on": on}
+            report["check"] = {**compare(runner, source, images), "on": on}
         else:
+            content, missing = embed_detector_metadata(content, metadata_names(model, family))
+            report["tflite_metadata"] = missing or "labels, input normalisation and outputs (MediaPipe ObjectDetector)"
             runner = DetectionRunner(content)
             # quantized: what an app shows (the detect default), not the order of the low-scoring boxes
             min_score = 0.0 if quant == "none" else 0.25
@@ -174,7 +212,8 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
 
 def export_model(model_path: str, out: str, format: str = "tflite", quant: str = "none", data: Optional[str] = None,
                  io: str = "float", sparse: bool = False, calibration: int = 100,
-                 postprocess: Optional[PostprocessOptions] = None) -> dict:
+                 postprocess: Optional[PostprocessOptions] = None, qat_epochs: int = 0,
+                 qat_options: Optional[dict] = None, ptq: Sequence[str] = ()) -> dict:
     """Load ``model_path`` (a ``.keras`` file) and :func:`export` it to ``out``.
 
     Returns:
@@ -184,9 +223,9 @@ def export_model(model_path: str, out: str, format: str = "tflite", quant: str =
     Raises:
         ValueError: as :func:`export` (checked before the model is loaded), or a model that cannot be read.
     """
-    check_options(out, format, quant, data, io, sparse, postprocess)
+    check_options(out, format, quant, data, io, sparse, postprocess, qat_epochs, ptq)
     exported = export(load_model(model_path), out, format, quant, data, io, sparse, calibration,
-                      postprocess=postprocess)
+                      postprocess=postprocess, qat_epochs=qat_epochs, qat_options=qat_options, ptq=ptq)
     head = {"model": str(model_path), **{k: exported[k] for k in ("format", "quant", "io", "sparse", "out")},
             "keras_bytes": os.path.getsize(model_path)}
     return {**head, **exported}
@@ -213,10 +252,19 @@ def summary(report: dict) -> str:
         lines.append(f"check on {check['images']} {check['on']}: largest difference from Keras "
                      f"{check['max_abs_diff']:.4g} (mean {check['mean_abs_diff']:.3g}; outputs up to "
                      f"{check['max_abs_output']:.3g})")
+    if report.get("qat"):
+        qat = report["qat"]
+        lines.append(f"quantization-aware training: {qat['epochs']} epochs before the int8 conversion (QAT model "
+                     f"mAP@0.5 {qat['map50']:.4f} in Keras; run in {qat['run']})")
+    if report.get("ptq"):
+        lines.append(f"post-training options: {', '.join(report['ptq']['options'])} (weights "
+                     f"{'per channel' if report['ptq']['per_channel'] else 'per tensor'})")
     lines.extend(report.get("description", []))
     for name, q in report.get("io_quantization", {}).items():
         if q["scale"]:
             lines.append(f"{name}: {q['dtype']}, real = (q - {q['zero_point']}) * {q['scale']:.6g}")
+    if report.get("tflite_metadata"):
+        lines.append(f"metadata in the file: {report['tflite_metadata']}")
     if report.get("metadata_file"):
         lines.append(f"what a phone-side decoder needs (anchors, classes, input) -> {report['metadata_file']}")
     return "\n".join(lines)
