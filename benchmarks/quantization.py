@@ -12,7 +12,6 @@ run in LiteRT) with the host's matmul GFLOP/s beside the times, as JSON, and pri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -387,10 +387,20 @@ def prune(model_path, method, ratio, remove_flops, target_latency, runtime, thre
 @click.option("--nms-iou", type=float, default=0.45, show_default=True, help="With --postprocess: NMS IoU threshold.")
 @click.option("--max-detections", type=int, default=100, show_default=True,
               help="With --postprocess: detections per image.")
+@click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --quant int8: quantization-aware training for this many epochs on --data before the "
+                   "conversion (the run goes to OUT.qat/).")
+@click.option("--qat-config", type=click.Path(dir_okay=False),
+              help="With --qat-epochs: the model's training config (e.g. its run's config.yaml); QAT takes its "
+                   "batch size, loss and augmentation.")
+@click.option("--qat-lr", type=float, default=None, help="With --qat-epochs: the learning rate [default: 1e-4].")
+@click.option("--ptq", multiple=True, type=click.Choice(["equalize", "bias-correction", "per-tensor"]),
+              help="With --quant int8, repeatable: post-training quantization options, applied in this order: "
+                   "cross-layer equalisation, bias correction, per-tensor weights (default: per channel).")
 @click.option("--out", required=True, type=click.Path(), help="OUT.tflite, or a folder for saved_model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export(model_path, fmt, quant, data, io, sparse, calibration, postprocess, nms_score, nms_iou, max_detections,
-           out, as_json):
+           qat_epochs, qat_config, qat_lr, ptq, out, as_json):
     """Export MODEL.keras for deployment and check the result against Keras on real images.
 
     By default the export ends at the raw head outputs: decoding and NMS run on the phone side (the
@@ -406,7 +416,16 @@ def export(model_path, fmt, quant, data, io, sparse, calibration, postprocess, n
         options = PostprocessOptions(nms_score, nms_iou, max_detections)
     elif (nms_score, nms_iou, max_detections) != (0.001, 0.45, 100):
         raise click.UsageError("--nms-score, --nms-iou and --max-detections apply with --postprocess")
-    report = export_model(model_path, out, fmt, quant, data, io, sparse, calibration, postprocess=options)
+    qat_options = None
+    if qat_epochs:
+        from kprune.config import read_yaml
+        from kprune.export.qat import qat_options as make_qat_options
+
+        qat_options = make_qat_options(read_yaml(qat_config) if qat_config else None, lr=qat_lr)
+    elif qat_config or qat_lr is not None:
+        raise click.UsageError("--qat-config and --qat-lr apply with --qat-epochs")
+    report = export_model(model_path, out, fmt, quant, data, io, sparse, calibration, postprocess=options,
+                          qat_epochs=qat_epochs, qat_options=qat_options, ptq=list(ptq))
     click.echo(json.dumps(json_safe(report), indent=1) if as_json else summary(report))
 
 

@@ -102,3 +102,58 @@ def test_sparse_qat_model_converts_all_integer_keeps_zeros_and_matches_keras(tin
     # steps along 23 layers: measured max 1.9 %, mean 0.8 % of the output's size
     assert np.max(np.abs(got - expected)) < 0.05 * np.max(np.abs(expected))
     assert np.mean(np.abs(got - expected)) < 0.02 * np.mean(np.abs(expected))
+
+
+def _export(*args):
+    from click.testing import CliRunner
+
+    from kprune.cli import main
+
+    return CliRunner().invoke(main, ["export", *[str(a) for a in args]])
+
+
+def test_export_with_qat_and_ptq_options(tiny_synth_data, tmp_path):
+    import json
+
+    from kprune.models.io import save_model
+
+    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.125, classes=5)
+    randomize(model, seed=12, scale=0.1)
+    path = tmp_path / "tiny.keras"
+    save_model(model, path)
+    config = tmp_path / "train.yaml"
+    config.write_text("batch_size: 8\nsteps_per_epoch: 1\nepochs: 30\nlr: 0.004\n")  # epochs and lr: QAT's own
+    out = tmp_path / "qat.tflite"
+    result = _export(path, "--quant", "int8", "--data", tiny_synth_data, "--qat-epochs", 1, "--qat-config", config,
+                     "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["qat"]["epochs"] == 1 and report["qat"]["run"] == str(tmp_path / "qat.qat")
+    assert (tmp_path / "qat.qat" / "log.csv").read_text().count("\n") == 2  # a header and one epoch
+    assert _is_integer(operators(out.read_bytes()))
+    check = report["check"]  # against the QAT model: what the file should compute
+    assert check["mean_abs_diff"] < 0.02 * check["mean_abs_output"]
+    from kprune.export.command import summary
+
+    assert "quantization-aware training: 1 epochs before the int8 conversion" in summary({**report, "model": "m"})
+    out = tmp_path / "ptq.tflite"
+    result = _export(path, "--quant", "int8", "--data", tiny_synth_data, "--ptq", "bias-correction", "--ptq", "equalize",
+                     "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ptq"]["options"] == ["equalize", "bias-correction"] and report["ptq"]["per_channel"]
+    assert report["ptq"]["equalize"]["range_ratio_after"] < report["ptq"]["equalize"]["range_ratio_before"]
+    assert report["check"]["mean_abs_diff"] < 0.05 * report["check"]["mean_abs_output"]
+    for args, message in [(["--qat-epochs", 1], "add --quant int8"),
+                          (["--quant", "int8", "--qat-epochs", 1, "--ptq", "equalize"], "give one of them"),
+                          (["--quant", "int8", "--qat-lr", 0.001], "apply with --qat-epochs")]:
+        result = _export(path, "--data", tiny_synth_data, "--out", tmp_path / "x.tflite", *args)
+        assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_cli_ptq_choices_are_the_library_options():
+    from kprune.cli import main
+    from kprune.export.ptq import PTQ_OPTIONS
+
+    (option,) = [p for p in main.commands["export"].params if p.name == "ptq"]
+    assert tuple(option.type.choices) == PTQ_OPTIONS
