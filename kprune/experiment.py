@@ -28,6 +28,7 @@ Config keys (see :class:`ExperimentConfig`)::
          target_latency: [20, 15], runtime: tflite, threads: 1}               # latency budgets (ms)
     retrain: {epochs: 4, lr: 0.001, batch_size: 8}     # + distill: {teacher: dense, weight: 1.0}
     export: [none, int8]                 # TFLite quantizations of the baseline and every cell
+    qat: {epochs: 2, lr: 0.0001}         # also an int8 file after QAT (export int8-qat), beside the PTQ int8
     latency_runs: 20
     latency_threads: [1, 2]
     samples: 2                           # validation images drawn before / after pruning
@@ -63,11 +64,12 @@ from dataclasses import field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from typing_extensions import TypedDict
+from typing_extensions import Required, TypedDict
 
 from kprune.config import Float, Int, build, dump_yaml, read_yaml, schema, strict_keys
 from kprune.evaluate import evaluate_loaded
 from kprune.export.command import export
+from kprune.export.qat import qat_options
 from kprune.export.tflite import QUANT_MODES
 from kprune.fileio import atomic_path, write_json_atomic
 from kprune.models.io import load_model, save_model
@@ -123,6 +125,16 @@ class TrainingSpec(TypedDict, total=False):
     train: Optional[Dict[str, object]]
 
 
+@strict_keys
+class QatSpec(TypedDict, total=False):
+    """``qat:``: every model of the experiment also exported as int8 after quantization-aware
+    training (:func:`kprune.export.qat.quantize_aware_train`) with the baseline's batch size, loss and
+    augmentation; its file and mAP are ``export["int8-qat"]`` beside the post-training ``int8``."""
+
+    epochs: Required[Int]
+    lr: Float  # default 1e-4 (kprune.export.qat.QAT_DEFAULTS)
+
+
 BUDGETS = ("remove_flops", "target_latency")  # sweep keys whose values are budgets, each a cell
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
@@ -138,6 +150,7 @@ class ExperimentConfig:
     sweep: List[SweepEntry] = field(default_factory=list)
     retrain: Dict[str, object] = field(default_factory=lambda: {"epochs": 4})
     export: List[str] = field(default_factory=lambda: ["none", "int8"])
+    qat: Optional[QatSpec] = None
     latency_runs: Int = 20
     latency_threads: List[Int] = field(default_factory=lambda: [1, 2])
     samples: Int = 2
@@ -169,6 +182,8 @@ class ExperimentConfig:
             raise ValueError(f"experiment export {bad}: choose from {', '.join(QUANT_MODES)}")
         if "none" not in self.export:
             self.export = ["none", *self.export]  # latency and the int8 comparison need the float file
+        if self.qat is not None and (self.qat["epochs"] < 1 or self.qat.get("lr", 1e-4) <= 0):
+            raise ValueError(f"experiment qat {self.qat!r}: epochs >= 1 and lr > 0")
         if 2 not in self.latency_threads:
             raise ValueError(f"latency_threads {self.latency_threads}: must include 2 (the report compares at 2)")
         if self.latency_runs < 1:
@@ -448,9 +463,15 @@ class Experiment:
         save_model(model, final)
         scores = evaluate_loaded(model, self.data, source=str(final))
         result = {"model": str(final), "map50": scores["map50"], "coco_map": scores["coco_map"], "export": {}}
-        for quant in self.config.export:
+        qat = self.config.qat
+        for quant in [*self.config.export, *(["int8-qat"] if qat else [])]:
             out = folder / ("final.tflite" if quant == "none" else f"final-{quant}.tflite")
-            exported = export(model, str(out), "tflite", quant, self.data if quant == "int8" else None)
+            if quant == "int8-qat":  # QAT options: the baseline's batch, loss and augmentation, qat's epochs and lr
+                options = qat_options(training_values(self.config.baseline), lr=qat.get("lr"))
+                exported = export(model, str(out), "tflite", "int8", self.data, qat_epochs=qat["epochs"],
+                                  qat_options=options)
+            else:
+                exported = export(model, str(out), "tflite", quant, self.data if quant == "int8" else None)
             entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
             runner = TFLiteRunner(out.read_bytes(), model)  # the file as written
             entry["map50"] = evaluate_loaded(model, self.data, predict=runner, source=str(out))["map50"]

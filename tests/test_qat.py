@@ -157,3 +157,16 @@ def test_cli_ptq_choices_are_the_library_options():
 
     (option,) = [p for p in main.commands["export"].params if p.name == "ptq"]
     assert tuple(option.type.choices) == PTQ_OPTIONS
+
+
+def test_experiment_config_takes_qat():
+    from kprune.config import build
+    from kprune.experiment import ExperimentConfig
+
+    values = {"baseline": {"model": "m.keras"}, "sweep": [{"method": "filters", "ratios": [0.5]}]}
+    assert build(ExperimentConfig, {**values, "qat": {"epochs": 2, "lr": 1e-4}}, "e.yaml").qat == {"epochs": 2, "lr": 1e-4}
+    assert build(ExperimentConfig, values, "e.yaml").qat is None
+    with pytest.raises(ValueError, match="qat: unknown key.*epochs_per_round.*known keys: epochs, lr"):
+        build(ExperimentConfig, {**values, "qat": {"epochs_per_round": 2}}, "e.yaml")
+    with pytest.raises(ValueError, match="epochs >= 1 and lr > 0"):
+        build(ExperimentConfig, {**values, "qat": {"epochs": 0}}, "e.yaml")
