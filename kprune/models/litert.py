@@ -74,10 +74,11 @@ class TFLiteRunner(_LoadedModel):
         return [np.concatenate(o, axis=0) for o in outputs]
 
 
-def operators(content: bytes) -> List[dict]:
+def operators(content: bytes, versions: bool = False) -> List[dict]:
     """The ops of a TFLite flatbuffer's main graph in execution order, read from the file itself:
     ``op`` (the builtin name, or the custom op's name) and the numpy type names of its ``inputs``
-    and ``outputs`` (optional inputs that are absent left out).
+    and ``outputs`` (optional inputs that are absent left out); with ``versions``, also ``version``,
+    the op's kernel version as the file asks for it (a runtime must implement that version).
 
     Raises:
         ValueError: ``content`` is not a TFLite flatbuffer.
@@ -103,9 +104,43 @@ def operators(content: bytes) -> List[dict]:
     ops = []
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
-        ops.append({"op": op_name(model.OperatorCodes(op.OpcodeIndex())),
-                    "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())})
+        code = model.OperatorCodes(op.OpcodeIndex())
+        ops.append({"op": op_name(code), "inputs": tensor_types(op.InputsAsNumpy()),
+                    "outputs": tensor_types(op.OutputsAsNumpy())})
+        if versions:
+            ops[-1]["version"] = int(code.Version())
     return ops
+
+
+def delegated_ops(content: bytes, threads: int = 1) -> List[bool]:
+    """Which ops of a flatbuffer's main graph (in :func:`operators`' order) the LiteRT interpreter's
+    default delegate (XNNPACK on CPU) takes; the others run in the builtin kernels.
+
+    Read from the interpreter after it applied the delegate: each delegate node lists the tensors
+    that enter and leave its partition, and an op belongs to a partition when it produces one of
+    the partition's outputs or a tensor that a delegated op consumes without it entering the
+    partition from outside (walked from the last op back, consumers before producers).
+
+    Raises:
+        ValueError: ``content`` cannot be loaded.
+    """
+    wrapper = _LoadedModel(content, threads).interpreter._interpreter
+    nodes = []
+    for k in range(wrapper.NumNodes()):
+        nodes.append((wrapper.NodeName(k), {int(t) for t in wrapper.NodeInputs(k) if t >= 0},
+                      {int(t) for t in wrapper.NodeOutputs(k) if t >= 0}))
+    # the interpreter appends its delegate nodes after the file's ops
+    delegates = [node for node in nodes if node[0] == "DELEGATE"]
+    original = [node for node in nodes if node[0] != "DELEGATE"]
+    entering = set().union(*(node[1] for node in delegates))
+    leaving = set().union(*(node[2] for node in delegates))
+    taken, inside = [False] * len(original), set()
+    for k in reversed(range(len(original))):
+        _, inputs, outputs = original[k]
+        taken[k] = bool(outputs & leaving) or bool((outputs & inside) - entering)
+        if taken[k]:
+            inside |= inputs
+    return taken
 
 
 #: the custom op that ends a post-processed (phone-ready) export, and the names of its outputs
