@@ -70,9 +70,11 @@ def test_bias_correction_by_hand():
 def test_per_tensor_conversion_has_one_scale_per_kernel_and_options_are_checked():
     from ai_edge_litert.interpreter import Interpreter
 
-    model = build_model(cfg_path("yolov2-tiny"), input_size=64, width=0.125, classes=2)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.LeakyReLU(0.1)(keras.layers.Conv2D(8, 3, padding="same", name="conv_a")(inputs))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1, name="conv_b")(x))
     randomize(model, seed=10, scale=0.1)
-    images = np.random.default_rng(11).random((4, 64, 64, 3)).astype(np.float32)
+    images = np.random.default_rng(11).random((4, 16, 16, 3)).astype(np.float32)
     scales = {}
     for per_channel in (True, False):
         interpreter = Interpreter(model_content=convert(model, "int8", images, per_channel=per_channel))
