@@ -483,15 +483,18 @@ class Experiment:
 
     def latency(self, rows: List[dict]) -> None:
         """Time every architecture of the sweep side by side — the baseline and each cell of the
-        first seed, Keras and the float TFLite file, at each thread count, runs interleaved across the
-        models — and put the figures into the rows (other seeds' models are the same architecture:
-        they take their cell's figures; a dense control takes the baseline's). Measured anew on every
-        run of the experiment, so that all models share the same conditions."""
+        first seed, Keras, the float TFLite file and (when ``export`` has int8) the int8 file, at each
+        thread count, runs interleaved across the models — and put the figures into the rows (other
+        seeds' models are the same architecture: they take their cell's figures; a dense control
+        takes the baseline's). Measured anew on every run of the experiment, so that all models
+        share the same conditions."""
         timed = [r for r in rows if r["kind"] != "control" and r.get("seed_index", 0) == 0]
         self.log(f"[{self.config.name}] timing {len(timed)} models side by side")
         models = {r["model"]: (Path(r["model"]).with_suffix(".tflite").read_bytes(), load_model(r["model"]))
                   for r in timed}
-        latency = side_by_side(models, self.config.latency_threads, self.config.latency_runs)
+        int8 = ({r["model"]: (Path(r["model"]).parent / "final-int8.tflite").read_bytes() for r in timed}
+                if "int8" in self.config.export else None)
+        latency = side_by_side(models, self.config.latency_threads, self.config.latency_runs, int8=int8)
         by_label = {r["label"]: latency[r["model"]] for r in timed}
         for r in rows:
             r["measure"]["latency"] = by_label["baseline" if r["kind"] == "control" else r["label"]]

@@ -146,12 +146,13 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     assert sparse["map50"] == sparse["map50_pruned"] and results["rows"][3]["retrained"] is False
     assert sparse["nonzero_removed"] == pytest.approx(0.6 * 0.97, abs=0.05)  # kernels are ~97 % of the weights
     for row in results["rows"]:  # timed side by side at the end: every model, the same runs
-        assert sorted(row["measure"]["latency"]) == ["keras_2t", "tflite_2t"]
+        assert sorted(row["measure"]["latency"]) == ["keras_2t", "tflite_2t", "tflite_int8_2t"]
         assert {v["runs"] for v in row["measure"]["latency"].values()} == {2}
     for r in flat.values():
         # the float TFLite file scores as the Keras model (outputs within 1e-4): the same mAP to a point
         assert r["none_map50"] == pytest.approx(r["map50"], abs=0.01) and r["tflite_2t_ms"] > 0
         assert r["int8_tflite_mb"] < 0.4 * r["none_tflite_mb"]
+        assert r["speedup_int8_2t"] == pytest.approx(r["tflite_2t_ms"] / r["tflite_int8_2t_ms"])
     for row in results["rows"]:  # the figures are those of the files as written
         folder = Path(row["model"]).parent
         assert row["export"]["int8"]["bytes"] == (folder / "final-int8.tflite").stat().st_size

@@ -2,9 +2,11 @@
 
 For each model: parameters and non-zero parameters, FLOPs, the size of the ``.keras`` file and of
 its float TFLite export (the ``.tflite`` of the same name if there is one, else converted in
-memory), each also under gzip, bzip2 and xz; batch-1 latency in Keras and in TFLite at 1 and 2
-threads (mean, median, p90 over ``runs`` runs after warm-up); and with a dataset, mAP@0.5 (VOC
-all-point) and COCO mAP of the Keras model.
+memory), each also under gzip, bzip2 and xz; batch-1 latency in Keras, in float TFLite and in
+full-integer int8 TFLite (the ``-int8.tflite`` of the same name if there is one, else converted in
+memory: :func:`int8_flatbuffer`) at 1 and 2 threads (mean, median, p90 over ``runs`` runs after
+warm-up; the float and int8 files of all models in one interleaved run); and with a dataset,
+mAP@0.5 (VOC all-point) and COCO mAP of the Keras model.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import os
 from typing import List, Optional, Sequence
 
 from kprune.evaluate import evaluate_loaded
-from kprune.export.tflite import convert
+import numpy as np
+
+from kprune.export.tflite import calibration_images, convert
 from kprune.models.counting import count_flops, count_params
 from kprune.models.io import load_model
 from kprune.report.latency import side_by_side
 from kprune.report.metrics import compressed_sizes, file_sizes
 
 THREADS = (1, 2)
+INT8_CALIBRATION = 100
 
 
 def _check_path(path) -> str:
@@ -58,11 +63,38 @@ def figures(model, path: str, data: Optional[str] = None, progress: bool = False
     return result, content
 
 
+def int8_flatbuffer(model, path: str, data: Optional[str] = None, calibration: int = INT8_CALIBRATION) -> tuple:
+    """The full-integer (int8) TFLite file of ``model``, saved as ``path``, for timing it.
+
+    Returns:
+        (flatbuffer, source): the ``-int8.tflite`` of the same name as ``path`` if there is one (as
+        ``kprune export --quant int8`` and experiments name it), else ``model`` converted here,
+        calibrated on ``calibration`` images of ``data``'s train split, or without ``data`` on
+        seeded random images (the file then times right, the int8 kernels taking as long whatever
+        the ranges, but is no measure of int8 accuracy).
+
+    Raises:
+        ValueError: a dataset without train images, or a conversion that fails.
+    """
+    int8_path = str(path)[: -len(".keras")] + "-int8.tflite"
+    if os.path.isfile(int8_path):
+        with open(int8_path, "rb") as handle:
+            return handle.read(), int8_path
+    size = model.input_shape[1]
+    if data is not None:
+        images, source = calibration_images(data, calibration, "train", size), "dataset"
+    else:
+        images = np.random.default_rng(0).random((min(calibration, 8), size, size, 3), dtype=np.float32)
+        source = "random"
+    return convert(model, "int8", images), f"int8, calibrated on {len(images)} {source} images for this report"
+
+
 def report_models(paths: Sequence[str], data: Optional[str] = None, runs: int = 20,
                   threads: Sequence[int] = THREADS, progress: bool = False,
                   models: Optional[Sequence] = None) -> List[dict]:
     """All figures of each ``.keras`` model (see the module docstring), the models timed side by side
-    (:func:`kprune.report.latency.side_by_side`); no latency for empty ``threads``.
+    (:func:`kprune.report.latency.side_by_side`), float and int8 TFLite alike; no latency (and no
+    int8 conversion) for empty ``threads``. A row with latency names its int8 file in ``tflite_int8``.
 
     Args:
         models: the models of ``paths`` (same order) already in memory, so that they are not
@@ -79,7 +111,11 @@ def report_models(paths: Sequence[str], data: Optional[str] = None, runs: int = 
     loaded = [load_model(p) if m is None else m for p, m in zip(paths, models)]
     measured = [(*figures(model, path, data, progress), model) for path, model in zip(paths, loaded)]
     if threads:
-        latency = side_by_side({r["model"]: (content, model) for r, content, model in measured}, threads, runs)
+        int8 = {}
+        for r, _, model in measured:
+            int8[r["model"]], r["tflite_int8"] = int8_flatbuffer(model, r["model"], data)
+        latency = side_by_side({r["model"]: (content, model) for r, content, model in measured}, threads, runs,
+                               int8=int8)
         for r, _, _ in measured:
             r["latency"] = latency[r["model"]]
     return [r for r, _, _ in measured]

@@ -65,6 +65,9 @@ def flat_rows(rows: List[dict]) -> List[dict]:
             row[f"{quant}_tflite_mb"] = entry["bytes"] / 1e6
             row[f"{quant}_map50"] = entry["map50"]
         row["speedup_tflite_2t"] = base["measure"]["latency"]["tflite_2t"]["median_ms"] / row["tflite_2t_ms"]
+        if row.get("tflite_int8_2t_ms"):
+            # the same model's float file against its int8 file, timed in the same interleaved runs
+            row["speedup_int8_2t"] = row["tflite_2t_ms"] / row["tflite_int8_2t_ms"]
         out.append(row)
     return out
 
@@ -116,18 +119,26 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def headline_table(flat: List[dict]) -> str:
-    """The table users compare: size, FLOPs, accuracy before / after retraining, int8, latency."""
+    """The table users compare: size, FLOPs, accuracy before / after retraining, int8, latency
+    (float TFLite at 2 threads and its speed-up over the baseline; with int8 files, the int8 file
+    at 2 threads and its speed-up over the same model's float file)."""
+    int8 = any(r.get("tflite_int8_2t_ms") for r in flat)
     head = ["model", "runs", "params", "non-zero", "GFLOPs", "FLOPs removed", "mAP@0.5 pruned",
             "mAP@0.5 retrained", "vs dense control", "vs baseline", "minutes", "int8 mAP@0.5", "TFLite 2t ms",
-            "speed-up", "int8 MB"]
+            "speed-up", *(["int8 2t ms", "int8 vs float"] if int8 else []), "int8 MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in flat:
+        int8_cells = []
+        if int8:
+            int8_cells = ([f"{r['tflite_int8_2t_ms']:.1f}", f"{r['speedup_int8_2t']:.2f}x"]
+                          if r.get("tflite_int8_2t_ms") else ["–", "–"])
         lines.append("| " + " | ".join([
             r["label"], str(r.get("n", 1)), _fmt(r["params"]), _fmt(r["nonzero_params"]), f"{r['flops'] / 1e9:.3f}",
             f"{100 * r['flops_removed']:.1f} %", _fmt(r["map50_pruned"]), r.get("map50_text") or _fmt(r["map50"]),
             _difference_text(r.get("vs_control")), _difference_text(r.get("vs_baseline")), _fmt(r.get("minutes"), 1),
             _fmt(r.get("int8_map50")),
-            f"{r['tflite_2t_ms']:.1f}", f"{r['speedup_tflite_2t']:.2f}x", _fmt(r.get("int8_tflite_mb"), 2)]) + " |")
+            f"{r['tflite_2t_ms']:.1f}", f"{r['speedup_tflite_2t']:.2f}x", *int8_cells,
+            _fmt(r.get("int8_tflite_mb"), 2)]) + " |")
     return "\n".join(lines)
 
 
@@ -153,6 +164,13 @@ def findings(flat: List[dict]) -> List[str]:
         lines.append(f"No cell removed 50 % of the FLOPs; the most was {most['label']}: "
                      f"{100 * most['flops_removed']:.1f} %, mAP@0.5 {most['map50']:.4f} "
                      f"({100 * most['map50_change']:+.1f} points against the baseline).")
+    if base.get("tflite_int8_2t_ms"):
+        timed = [r for r in flat if r.get("tflite_int8_2t_ms") and r.get("kind", "cell") != "control"]
+        slowest = min(timed, key=lambda r: r["speedup_int8_2t"])
+        lines.append(f"int8 TFLite at 2 threads (timed in the same runs as float): the baseline "
+                     f"{base['tflite_int8_2t_ms']:.1f} ms against {base['tflite_2t_ms']:.1f} ms float "
+                     f"({base['speedup_int8_2t']:.2f}x); the smallest int8 gain is {slowest['speedup_int8_2t']:.2f}x "
+                     f"({slowest['label']}).")
     if "int8_map50" in base:
         worst = min(flat, key=lambda r: r["int8_map50"] - r["none_map50"])
         lines.append(f"int8 against float TFLite: the baseline changes by "

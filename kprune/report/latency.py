@@ -69,9 +69,10 @@ def tflite_latency(content: bytes, model, threads: int, runs: int = RUNS, warmup
     return tflite_latencies({"model": (content, model)}, threads, runs, warmup)["model"]
 
 
-def tflite_latencies(flatbuffers: Dict[str, tuple], threads: int, runs: int = RUNS,
-                     warmup: int = WARMUP) -> Dict[str, Dict[str, float]]:
-    """Interleaved batch-1 latencies of several TFLite flatbuffers (name -> (content, Keras model))."""
+def tflite_latencies(flatbuffers: Dict[object, tuple], threads: int, runs: int = RUNS,
+                     warmup: int = WARMUP) -> Dict[object, Dict[str, float]]:
+    """Interleaved batch-1 latencies of several TFLite flatbuffers (name -> (content, Keras model);
+    a name is any hashable key)."""
     passes = {}
     for name, (content, model) in flatbuffers.items():
         runner, image = TFLiteRunner(content, model, threads=threads), _image(model)
@@ -107,22 +108,40 @@ def keras_latencies(model_paths, threads: int, runs: int = RUNS, warmup: int = W
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def side_by_side(models: Dict[str, tuple], threads: Sequence[int], runs: int = RUNS) -> Dict[str, Dict[str, dict]]:
+def side_by_side(models: Dict[str, tuple], threads: Sequence[int], runs: int = RUNS,
+                 int8: Optional[Dict[str, bytes]] = None) -> Dict[str, Dict[str, dict]]:
     """Keras and TFLite latency of several models timed side by side: at each thread count their
-    runs alternate (Keras in one fresh process, TFLite here).
+    runs alternate (Keras in one fresh process, TFLite here; the int8 files in the same interleaved
+    runs as the float ones, so that their ratio is a ratio of one run).
 
     Args:
         models: ``.keras`` path -> (its TFLite flatbuffer, the loaded Keras model).
         threads: thread counts.
+        int8: ``.keras`` path -> its full-integer TFLite flatbuffer, for the models that have one.
 
     Returns:
-        path -> ``{"keras_<n>t": stats, ..., "tflite_<n>t": stats, ...}``.
+        path -> ``{"keras_<n>t": stats, ..., "tflite_<n>t": stats, ...}``, and
+        ``"tflite_int8_<n>t"`` for the paths of ``int8``.
+
+    Raises:
+        ValueError: an ``int8`` path that is not one of ``models``.
     """
+    int8 = dict(int8 or {})
+    unknown = sorted(set(int8) - set(models))
+    if unknown:
+        raise ValueError(f"int8 files given for {', '.join(map(str, unknown))}: not among the models timed")
     paths = list(models)
+    files = {(p, "float"): models[p] for p in paths}
+    files.update({(p, "int8"): (content, models[p][1]) for p, content in int8.items()})
     keras = {n: keras_latencies(paths, n, runs) for n in threads}
-    tflite = {n: tflite_latencies(models, n, runs) for n in threads}
-    return {p: {**{f"keras_{n}t": keras[n][os.fspath(p)] for n in threads},
-                **{f"tflite_{n}t": tflite[n][p] for n in threads}} for p in paths}
+    tflite = {n: tflite_latencies(files, n, runs) for n in threads}
+    out = {}
+    for p in paths:
+        out[p] = {**{f"keras_{n}t": keras[n][os.fspath(p)] for n in threads},
+                  **{f"tflite_{n}t": tflite[n][(p, "float")] for n in threads}}
+        if p in int8:
+            out[p].update({f"tflite_int8_{n}t": tflite[n][(p, "int8")] for n in threads})
+    return out
 
 
 def _measure_here(model_paths, threads: int, runs: int, warmup: int) -> Dict[str, Dict[str, float]]:
