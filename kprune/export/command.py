@@ -183,7 +183,7 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
             runner = DetectionRunner(content)
             # quantized: what an app shows (the detect default), not the order of the low-scoring boxes
             min_score = 0.0 if quant == "none" else 0.25
-            report["check"] = {**compare_detections(runner, model, images, postprocess, min_score), "on": on}
+            report["check"] = {**compare_detections(runner, source, images, postprocess, min_score), "on": on}
             report["postprocess"] = dataclasses.asdict(postprocess)
         report["io_quantization"] = runner.io_quantization()
         metadata = decoder_metadata(model, family, report["io_quantization"], postprocess)

@@ -20,6 +20,8 @@ with its own anchor generator, and the YOLO heads' decoding is not among its opt
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Optional, Sequence, Tuple
 
 #: the release installed for its metadata writer (``pip install --no-deps``)
@@ -29,7 +31,10 @@ WRITER_PACKAGE = "mediapipe==0.10.21"
 def _writers():
     """MediaPipe's ``object_detector`` and ``metadata_writer`` modules, or the reason they cannot be used."""
     try:
-        from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer, object_detector
+        # importing mediapipe loads its native framework bindings, which print a protobuf version
+        # complaint to stderr with this TensorFlow's protobuf; the metadata writer does not use them
+        with contextlib.redirect_stderr(io.StringIO()):
+            from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer, object_detector
     except ImportError as error:
         return None, f"MediaPipe's metadata writer is not installed ({error}; `pip install --no-deps {WRITER_PACKAGE}`)"
     return (object_detector, metadata_writer), None
@@ -62,7 +67,6 @@ def embed_detector_metadata(content: bytes, names: Sequence[str]) -> Tuple[bytes
 
 def read_labels(content: bytes) -> Optional[list]:
     """The labels stored in a file's metadata (its associated ``labels.txt``), or None."""
-    import io
     import zipfile
 
     try:  # associated files are a zip archive appended to the flatbuffer
