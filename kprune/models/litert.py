@@ -124,7 +124,14 @@ def delegated_ops(content: bytes, threads: int = 1) -> List[bool]:
     Raises:
         ValueError: ``content`` cannot be loaded.
     """
-    wrapper = _LoadedModel(content, threads).interpreter._interpreter
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+        interpreter.allocate_tensors()  # the default delegate is applied here
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"not a loadable TFLite model ({error})") from None
+    wrapper = interpreter._interpreter  # node names, inputs and outputs after delegation
     nodes = []
     for k in range(wrapper.NumNodes()):
         nodes.append((wrapper.NodeName(k), {int(t) for t in wrapper.NodeInputs(k) if t >= 0},
