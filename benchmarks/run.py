@@ -53,6 +53,8 @@ TFLITE_THREADS = 2
 BUDGET_MODEL = {"input_size": 384, "width": 0.25}  # the synthetic baseline's architecture
 BUDGET_TARGETS = (0.6, 0.4)  # latency targets, fractions of the dense model's measured time
 BUDGET_LANDING = 0.05
+INT8_GOAL = 1.5  # float / int8 TFLite median time on XNNPACK, same run
+INT8_THREADS = (1, 2)
 
 
 def find_cfg(name: str) -> Path:
@@ -529,6 +531,39 @@ def latency_budget(args: argparse.Namespace) -> Dict:
     return result
 
 
+def int8_speedup(args: argparse.Namespace) -> Dict:
+    """Is full-integer int8 TFLite faster than float? The synthetic baseline's architecture
+    (``BUDGET_MODEL``, seeded random kernels) as float32 and as int8 (calibrated on 8 random images:
+    the int8 kernels take as long whatever the ranges), on the LiteRT interpreter with its default
+    XNNPACK delegate at ``INT8_THREADS`` threads, all timed interleaved
+    (``benchmarks/int8_profile.py`` profiles a trained model op by op).
+
+    Returns:
+        per ``<variant>_<n>t`` the median ms, ``ratio_<n>t`` = float / int8, ``goal`` (``INT8_GOAL``)
+        and ``meets_goal`` (every thread count), and ``int8_features`` (the CPU flags int8 kernels use).
+    """
+    from kprune.export.tflite import convert
+    from kprune.models.variants import cpu_flags
+    from kprune.report.profile import profile_files
+
+    model = _randomized_yolov2(BUDGET_MODEL["input_size"], BUDGET_MODEL["width"])
+    size = BUDGET_MODEL["input_size"]
+    calibration = np.random.default_rng(2).random((8, size, size, 3), dtype=np.float32)
+    files = {"float": convert(model), "int8": convert(model, "int8", calibration)}
+    timed = profile_files(files, INT8_THREADS, max(args.runs, 10), runtimes=("xnnpack",))
+    flags = cpu_flags()
+    result = {**BUDGET_MODEL, "runs": max(args.runs, 10), "goal": INT8_GOAL,
+              "int8_features": ",".join(f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+                                        if f in flags)}
+    for variant, times in timed.items():
+        result.update({f"{variant}_{n}t_ms": times[f"xnnpack_{n}t"] for n in INT8_THREADS})
+    for n in INT8_THREADS:
+        result[f"ratio_{n}t"] = result[f"float_{n}t_ms"] / result[f"int8_{n}t_ms"]
+    result["meets_goal"] = bool(all(result[f"ratio_{n}t"] >= INT8_GOAL for n in INT8_THREADS))
+    keras.backend.clear_session()
+    return result
+
+
 # Later sections (training, pruning) register here; the order is the run order.
 SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "matmul_peak": matmul_peak,
@@ -540,6 +575,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict]] = {
     "pruning_surgery": pruning_surgery,
     "pruned_speedup": pruned_speedup,
     "latency_budget": latency_budget,
+    "int8_speedup": int8_speedup,
 }
 
 
