@@ -18,6 +18,8 @@ import numpy as np
 from kprune._keras import tf
 from kprune.data.tfrecord import read_manifest
 from kprune.detectors import family_of
+from kprune.export.compat import compatibility
+from kprune.export.compat import text as compatibility_text
 from kprune.export.metadata import embed_detector_metadata
 from kprune.export.postprocess import PostprocessOptions, compare_detections
 from kprune.export.ptq import check_ptq
@@ -146,7 +148,7 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         ``check`` (``images``, ``on`` and :func:`~kprune.export.tflite.differences`, or for a
         post-processed file :func:`~kprune.export.postprocess.compare_detections`),
         ``bytes``; for TFLite also ``io_quantization`` (dtype, scale, zero point of the input and
-        outputs), ``metadata_file``, for int8 ``calibration_images`` and with ``postprocess`` its settings;
+        outputs), ``metadata_file``, ``compatibility`` (:func:`kprune.export.compat.compatibility`), for int8 ``calibration_images`` and with ``postprocess`` its settings;
         with QAT ``qat`` (``epochs``, ``run``, ``map50`` of the QAT model in Keras), with PTQ options
         ``ptq`` (:func:`kprune.export.ptq.prepare`'s report).
 
@@ -191,6 +193,7 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         write_json_atomic(report["metadata_file"], metadata)
         write_bytes_atomic(out, content)
         report["bytes"] = len(content)
+        report["compatibility"] = compatibility(content, model)  # ops, versions, XNNPACK / GPU, sparsity warning
     else:
         folder = os.path.dirname(os.path.abspath(out))
         os.makedirs(folder, exist_ok=True)
@@ -267,4 +270,6 @@ def summary(report: dict) -> str:
         lines.append(f"metadata in the file: {report['tflite_metadata']}")
     if report.get("metadata_file"):
         lines.append(f"what a phone-side decoder needs (anchors, classes, input) -> {report['metadata_file']}")
+    if report.get("compatibility"):
+        lines.append(compatibility_text(report["compatibility"]))
     return "\n".join(lines)
