@@ -175,7 +175,7 @@ def test_export_in_memory_and_the_file_adapter(tiny_keras, tmp_path):
     from_file = export_model(str(tiny_keras), str(tmp_path / "f.tflite"))
     # the adapter's report: the file's path first and its size after out, as kprune export printed it
     assert list(from_file) == ["model", "format", "quant", "io", "sparse", "out", "keras_bytes", "family",
-                               "description", "check", "io_quantization", "metadata_file", "bytes"]
+                               "description", "check", "io_quantization", "metadata_file", "bytes", "compatibility"]
     assert from_file["model"] == str(tiny_keras) and from_file["keras_bytes"] == tiny_keras.stat().st_size
     assert list(in_memory) == [k for k in from_file if k not in ("model", "keras_bytes")]
     assert {k: v for k, v in from_file.items() if k not in ("model", "keras_bytes", "out", "metadata_file")} == {
