@@ -25,7 +25,6 @@ from tests.conftest import randomize
 # dynamic: int8 weights and int8 activations inside each conv; int8: everything in 8 bits.
 BOUNDS = {"none": 1e-4, "fp16": 5e-3, "dynamic": 0.05, "int8": 0.1}
 INT8_LOGISTIC_STEP = 1 / 256
-TINY = [pytest.param("yolov4-tiny"), pytest.param("yolov7-tiny", marks=pytest.mark.slow)]
 _exports = {}
 
 
@@ -65,8 +64,12 @@ def exported(tmp_path_factory, tiny_synth_data):
     _exports.clear()
 
 
-@pytest.mark.parametrize("quant", ["none", "fp16", "dynamic", "int8"])
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name, quant", [
+    *[("yolov4-tiny", quant) for quant in ("none", "fp16", "dynamic", "int8")],
+    # yolov7-tiny's float, fp16 and dynamic figures above were measured once: each conversion of it
+    # takes about 13 s, and its int8 file is the one with something of its own to check
+    pytest.param("yolov7-tiny", "int8", marks=pytest.mark.slow),
+])
 def test_fork_tiny_export_matches_keras(exported, name, quant):
     report, content, expected = exported(name, quant)
     std = max(float(e.std()) for e in expected)

@@ -36,7 +36,7 @@ def yolov2():
     return model, convert(model, postprocess=OPTIONS)
 
 
-@pytest.mark.parametrize("name, size, width", [("yolov3-tiny", 96, 0.125), ("ssdlite-mobilenetv2", 96, 0.35)])
+@pytest.mark.parametrize("name, size, width", [("yolov3-tiny", 96, 0.125), ("ssd300-vgg16", 258, 0.125)])
 def test_post_processed_file_gives_the_detections_of_kprune_detect(name, size, width):
     model = _model(name, size, width=width)
     content = convert(model, postprocess=OPTIONS)
