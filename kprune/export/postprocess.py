@@ -4,16 +4,17 @@
 op, the op TensorFlow's object-detection exports end in and that phone-side detector APIs
 (MediaPipe's ObjectDetector, the TFLite Task Library) expect. The file then gives four outputs:
 
-- ``boxes`` (1, N, 4): (ymin, xmin, ymax, xmax) normalised to the network input;
-- ``classes`` (1, N): class indices (0 = the first class; float, as the op writes them);
-- ``scores`` (1, N);
-- ``count`` (1,): how many of the N rows are detections.
+- ``detection_boxes`` (1, N, 4): (ymin, xmin, ymax, xmax) normalised to the network input;
+- ``detection_classes`` (1, N): class indices (0 = the first class; float, as the op writes them);
+- ``detection_scores`` (1, N);
+- ``num_detections`` (1,): how many of the N rows are detections.
 
 The family puts its raw outputs into the op's terms (:meth:`~kprune.detectors.base.DetectorFamily.detection_op_inputs`):
 YOLO heads do their grid and anchor arithmetic in the graph and hand the op boxes it only has to
 copy (anchors (0, 0, 1, 1), unit scales); SSD hands the op its offsets and default boxes and the op
 decodes them. The op runs per-class NMS (``use_regular_nms``), as :func:`kprune.models.head.non_max_suppression`
-does, keeping at most ``max_detections`` per class and in all.
+does, keeping ``max_detections`` in all and at most 100 per class (the op's own limit: the converter
+does not pass a ``detections_per_class`` attribute on).
 
 TensorFlow has no kernel for the op: the graph holds a function annotated to *implement* it
 (``experimental_implements``), which the converter replaces by the custom op; its body is never run.
@@ -21,6 +22,7 @@ TensorFlow has no kernel for the op: the graph holds a function annotated to *im
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +79,8 @@ def _implements(options: PostprocessOptions, classes: int, scales) -> str:
 
 def postprocess_function(model, options: PostprocessOptions = PostprocessOptions()):
     """``model`` followed by its family's preparation and the detection post-processing op, as a
-    concrete function of one float image (1, H, W, 3) returning (boxes, classes, scores, count).
+    concrete function of one float image (1, H, W, 3) returning the op's four outputs by their names
+    (:data:`~kprune.models.litert.DETECTION_OUTPUTS`: boxes, classes, scores, count).
 
     Raises:
         ValueError: the model's family cannot export with the op.
@@ -104,7 +107,8 @@ def postprocess_function(model, options: PostprocessOptions = PostprocessOptions
 
         results = detection_post_process(inputs.encodings, inputs.scores,
                                          tf.constant(np.asarray(inputs.anchors, np.float32)))
-        # named outputs: the converter orders a function's outputs by name, and these sort in the op's order
+        # named outputs (the file's signature keys); their order in the graph is set after the
+        # conversion, which orders them its own way (outputs_in_op_order)
         return dict(zip(DETECTION_OUTPUTS, results))
 
     return detect.get_concrete_function()
@@ -126,8 +130,6 @@ def quantize_keeping_postprocess_float(converter, representative) -> bytes:
             builtin ops, custom ops allowed).
         representative: the calibration generator.
     """
-    import warnings
-
     options = tf.lite.experimental.QuantizationDebugOptions()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")  # the debugger's own use
