@@ -446,16 +446,39 @@ def report(models, data, runs, as_json):
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--list", "list_parts", is_flag=True,
+              help="Print the parts (baselines, cells, dense controls, compared trainings), one per line: name, "
+                   "kind, done or not, what it is.")
+@click.option("--cell", "names", multiple=True, metavar="NAME",
+              help="Run only this part (repeatable), after the baseline it needs; no report.")
+@click.option("--report", "report_only", is_flag=True, help="Write the report of the parts done so far; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def experiment(config_path, quiet):
+def experiment(config_path, list_parts, names, report_only, quiet):
     """Run a pruning sweep (baseline, then prune -> evaluate -> retrain -> evaluate -> export ->
     measure for every method x ratio) and write report.md, results.csv/json and plots. Cells already
-    done are skipped when the same config is run again."""
+    done are skipped when the same config is run again.
+
+    The parts can also run one by one, e.g. in parallel on several machines sharing the run folder:
+    `--list`, then `--cell NAME` for each, then `--report`.
+    """
     from kprune.experiment import Experiment, load_config
 
+    if sum((list_parts, bool(names), report_only)) > 1:
+        raise click.UsageError("give one of --list, --cell and --report")
     config = load_config(config_path)
     log = (lambda line: click.echo(line, err=True))
-    results = Experiment(config, progress=not quiet, log=log).run()
+    runner = Experiment(config, progress=not quiet, log=log)
+    if list_parts:
+        for part in runner.parts().values():
+            state = "done" if (part.folder / "result.json").is_file() else "to do"
+            click.echo(f"{part.name}\t{part.kind}\t{state}\t{part.what}")
+        return
+    if names:
+        for name in names:
+            result = runner.run_part(name)
+            click.echo(f"{name}: done, mAP@0.5 {result['map50']:.4f} ({runner.parts()[name].folder})")
+        return
+    results = runner.report() if report_only else runner.run()
     from kprune.report.experiment import headline_table
 
     click.echo(headline_table(results["flat"]))

@@ -51,18 +51,28 @@ through (their learning-rate schedule restarts every round, the control's does n
 cells prune seed k's baseline; a given baseline model is the same for all); folders of seed k > 0
 end in ``.seedK``. The report gives mean ± standard deviation and calls a change better or worse
 only when it is larger than the spread (:mod:`kprune.report.stats`).
+
+Parts (:meth:`Experiment.parts`): every baseline, ``compare`` training, cell and dense control is a
+part with a name (its folder's): ``kprune experiment CONFIG --list`` prints them, ``--cell NAME``
+runs one (after the baseline it needs, computed once and shared: a lock file makes a second process
+wait for the first one's baseline instead of training its own), and ``--report`` writes the report of
+whatever parts are done. A part's result is written atomically (``result.json``, last), so parts run
+in parallel never see or leave half a result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
 import json
 import os
 import shutil
 import time
 from dataclasses import field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 from typing_extensions import Required, TypedDict
 
@@ -375,8 +385,7 @@ class Experiment:
         loaded once, and pruned, evaluated, retrained, saved (``final.keras``), exported and measured
         in memory."""
         folder = self.out / "cells" / (cell["label"] + _suffix(k))
-        epochs = int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
-        trains_itself = get_method(cell["method"]).trains or get_schedule(cell.get("schedule", "once")).in_rounds
+        epochs, trains_itself = self._epochs(cell), _trains_itself(cell)
         done = _done(folder / "result.json")
         if done:
             if "train_epochs" not in done:  # stored before controls: the one-shot epochs, rounds unknown
@@ -503,6 +512,115 @@ class Experiment:
         write_json_atomic(folder / "result.json", result)
         return result
 
+    def _epochs(self, cell: dict) -> int:
+        """The retraining epochs of a cell (its own, or ``retrain``'s)."""
+        return int(cell.get("epochs", self.config.retrain.get("epochs", 0)))
+
+    def _control_epochs(self, cell: dict, k: int) -> Optional[int]:
+        """The epochs of the dense control a cell of seed ``k`` is compared with (0: the baseline
+        itself), or None while unknown: a cell that trains in rounds knows them once it has run."""
+        done = _done(self.out / "cells" / (cell["label"] + _suffix(k)) / "result.json")
+        if done is not None:
+            return int(done["train_epochs"])
+        return None if _trains_itself(cell) else self._epochs(cell)
+
+    @contextlib.contextmanager
+    def _baseline_lock(self, k: int):
+        """Held while seed ``k``'s baseline is trained or read, across processes (parts of one
+        experiment run in parallel share the run folder)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f".baseline{_suffix(k)}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _shared_baseline(self, k: int) -> dict:
+        with self._baseline_lock(k):
+            return self.baseline(k)
+
+    def _after_baseline(self, run: Callable[..., dict], k: int, *args) -> dict:
+        self._shared_baseline(k)
+        return run(*args, k)
+
+    def parts(self) -> Dict[str, "Part"]:
+        """Every part of the experiment that runs on its own, by name (its folder's name), in the
+        order :meth:`run` runs them: the ``compare`` trainings, then per seed the baseline, the cells
+        and the dense controls whose epochs are known (see :meth:`_control_epochs`).
+
+        Raises:
+            ValueError: two parts share a name (a ``compare`` label that is also a cell's).
+        """
+        found: Dict[str, Part] = {}
+
+        def add(name: str, kind: str, what: str, folder: Path, run: Callable[[], dict]) -> None:
+            if name in found:
+                raise ValueError(f"experiment {self.config.name!r}: two parts are named {name!r}; give the "
+                                 f"compare entry or the sweep entry another label")
+            found[name] = Part(name, kind, what, folder, run)
+
+        seeds = range(self.config.seeds)
+        for label in self.config.compare:
+            for k in seeds:
+                add(label + _suffix(k), "compare", f"training compared with the baseline, seed index {k}",
+                    self.out / "compare" / (label + _suffix(k)), functools.partial(self.compared, label, k))
+        for k in seeds:
+            seed = "the given model" if self.given else f"seed index {k}"
+            if k == 0 or not self.given:
+                folder = self._baseline_folder(k)
+                add(folder.name, "baseline", f"baseline, {seed}", folder, functools.partial(self._shared_baseline, k))
+            controls = set()
+            for cell in self.cells:
+                name = cell["label"] + _suffix(k)
+                what = ", ".join(f"{key} {cell[key]}" for key in ("method", "allocation", "criterion", "schedule",
+                                                                   "ratio", "remove_flops", "target_latency")
+                                 if cell.get(key) is not None)
+                add(name, "cell", f"{what}; prunes the baseline of {seed}", self.out / "cells" / name,
+                    functools.partial(self._after_baseline, self.cell, k, cell))
+                epochs = self._control_epochs(cell, k)
+                if self.config.control and epochs:
+                    controls.add(epochs)
+            for epochs in sorted(controls):
+                name = control_label(epochs) + _suffix(k)
+                add(name, "control", f"dense control: the baseline of {seed} retrained {epochs} epochs",
+                    self.out / "controls" / name, functools.partial(self._after_baseline, self.control, k, epochs))
+        return found
+
+    def run_part(self, name: str) -> dict:
+        """Run the part ``name`` (:meth:`parts`) after the baseline it needs, or return its stored result.
+
+        Raises:
+            ValueError: no part has that name (the message lists them).
+        """
+        parts = self.parts()
+        if name not in parts:
+            raise ValueError(f"experiment {self.config.name!r} has no part {name!r}; its parts: {', '.join(parts)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+        return parts[name].run()
+
+    def report(self) -> dict:
+        """Results, plots and report of the parts that are done (timing the models side by side
+        anew); returns the results.
+
+        Raises:
+            ValueError: the baseline is not done yet.
+        """
+        parts = self.parts()  # the controls of the cells done are known
+        done = {name: _done(part.folder / "result.json") for name, part in parts.items()}
+        rows = [r for name, r in done.items() if r is not None and parts[name].kind != "compare"]
+        compared = [r for name, r in done.items() if r is not None and parts[name].kind == "compare"]
+        if not any(r["kind"] == "baseline" for r in rows):
+            raise ValueError(f"experiment {self.config.name!r}: nothing to report before the baseline is done "
+                             f"(kprune experiment CONFIG --cell {self._baseline_folder(0).name})")
+        return self._write_report(rows, compared)
+
+    def _write_report(self, rows: List[dict], compared: List[dict]) -> dict:
+        rows.sort(key=lambda r: ({"baseline": 0, "control": 1}.get(r["kind"], 2), r.get("seed_index", 0)))
+        self.latency(rows)
+        return write_report(self.out, self.config, rows, self.data, self.config.samples, compared)
+
     def run(self) -> dict:
         """For each seed: the baseline, every cell, then the dense controls the cells need; then
         results, plots and report; returns the results."""
@@ -520,9 +638,21 @@ class Experiment:
                 epochs = sorted({r["train_epochs"] for r in done if r["train_epochs"] > 0})
                 rows.extend(self.control(e, k) for e in epochs)
             rows.extend(done)
-        rows.sort(key=lambda r: ({"baseline": 0, "control": 1}.get(r["kind"], 2), r.get("seed_index", 0)))
-        self.latency(rows)
-        return write_report(self.out, self.config, rows, self.data, self.config.samples, compared)
+        return self._write_report(rows, compared)
+
+
+class Part(NamedTuple):
+    """One part of an experiment (:meth:`Experiment.parts`)."""
+    name: str
+    kind: str  # baseline, cell, control or compare
+    what: str
+    folder: Path
+    run: Callable[[], dict]
+
+
+def _trains_itself(cell: dict) -> bool:
+    """Whether a cell's pruning trains (tfmot methods, round schedules) instead of being retrained after."""
+    return get_method(cell["method"]).trains or get_schedule(cell.get("schedule", "once")).in_rounds
 
 
 def control_label(epochs: int) -> str:

@@ -192,11 +192,9 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     assert again.exit_code == 0 and (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns == stamp
 
 
-def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, tiny_synth_data, monkeypatch):
-    """``seeds: 2`` with a given baseline model: the cells and the dense controls run once per seed
-    (seeds 7 and 8 from the config's 7), each seed's controls match its cells' epochs, and the report
-    averages over the seeds. Retraining is replaced by a recorder, export and timing by stand-ins
-    (the real ones are tested above)."""
+def _stand_ins(monkeypatch, tmp_path) -> list:
+    """A given baseline model (``tmp_path / "given.keras"``), and retraining replaced by a recorder
+    (returned: its calls), export and timing by stand-ins (the real ones are tested above)."""
     import kprune.experiment as E
     from kprune.darknet.builder import build_model
     from kprune.models.io import save_model
@@ -231,6 +229,17 @@ def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, 
 
     monkeypatch.setattr(E.Experiment, "_finish", finish)
     monkeypatch.setattr(E.Experiment, "latency", latency)
+    return calls
+
+
+def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, tiny_synth_data, monkeypatch):
+    """``seeds: 2`` with a given baseline model: the cells and the dense controls run once per seed
+    (seeds 7 and 8 from the config's 7), each seed's controls match its cells' epochs, and the report
+    averages over the seeds. Retraining is replaced by a recorder, export and timing by stand-ins
+    (the real ones are tested above)."""
+    import kprune.experiment as E
+
+    calls = _stand_ins(monkeypatch, tmp_path)
     config = E.ExperimentConfig(
         name="seeds", dataset=tiny_synth_data, baseline={"model": str(tmp_path / "given.keras"), "train": {"seed": 7}},
         sweep=[{"method": "global", "ratios": [0.6], "epochs": 3}],
@@ -257,3 +266,53 @@ def test_seeds_give_each_training_its_seed_and_each_seed_its_controls(tmp_path, 
     calls.clear()
     E.Experiment(config, progress=False, log=lambda line: None).run()
     assert calls == []
+
+
+def test_parts_run_one_by_one_and_report_as_a_serial_run(tmp_path, tiny_synth_data, monkeypatch):
+    """--list names every part; --cell runs one after the baseline it needs; --report gathers what is
+    done; the parts run one by one report what a serial run reports."""
+    import kprune.experiment as E
+
+    calls = _stand_ins(monkeypatch, tmp_path)
+    sweep = [{"method": "filters", "allocation": "uniform", "criterion": "l1", "ratios": [0.5]},
+             {"method": "global", "ratios": [0.6], "epochs": 0}]
+    path = _config(tmp_path, tiny_synth_data, baseline={"model": str(tmp_path / "given.keras")}, sweep=sweep,
+                   retrain={"epochs": 1, "batch_size": 4}, export=["none"], samples=0)
+    run = tmp_path / "run"
+
+    def experiment(*args):
+        return CliRunner().invoke(main, ["experiment", str(path), "--quiet", *args])
+
+    listed = experiment("--list")
+    assert listed.exit_code == 0, listed.output
+    rows = [line.split("\t") for line in listed.output.splitlines()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("baseline", "baseline", "to do"),
+                                                  ("filters-uniform-l1-0.5", "cell", "to do"),
+                                                  ("global-0.6", "cell", "to do"), ("dense-1ep", "control", "to do")]
+    assert "nothing to report before the baseline" in experiment("--report").output
+    assert "no part 'nope'; its parts: baseline, filters-uniform-l1-0.5" in experiment("--cell", "nope").output
+    assert "give one of" in experiment("--list", "--report").output
+
+    done = experiment("--cell", "global-0.6")  # the baseline first, then only this cell
+    assert done.exit_code == 0, done.output
+    assert "\nglobal-0.6: done, mAP@0.5 " in done.output
+    assert (run / "baseline" / "result.json").is_file() and (run / "cells" / "global-0.6" / "result.json").is_file()
+    assert not (run / "cells" / "filters-uniform-l1-0.5").exists() and calls == []
+    assert experiment("--report").exit_code == 0
+    partial = json.loads((run / "results.json").read_text())
+    assert [r["label"] for r in partial["flat"]] == ["baseline", "global-0.6"]
+
+    assert experiment("--cell", "filters-uniform-l1-0.5", "--cell", "dense-1ep").exit_code == 0
+    assert calls == [("cells/filters-uniform-l1-0.5/run", 1, 0), ("controls/dense-1ep/run", 1, 0)]
+    assert {line.split("\t")[2] for line in experiment("--list").output.splitlines()} == {"done"}
+    assert experiment("--report").exit_code == 0
+    by_parts = json.loads((run / "results.json").read_text())
+    # the same config run serially in another folder
+    serial = E.Experiment(E.load_config(str(path)), progress=False, log=lambda line: None)
+    serial.config.out, serial.out = str(tmp_path / "serial"), tmp_path / "serial"
+    calls.clear()
+    monkeypatch.setattr(E, "retrain", lambda model, *args, **kwargs: (model, {}))
+    expected = serial.run()
+    keys = ("label", "kind", "control", "params", "map50", "flops_removed", "nonzero_removed")
+    assert [[r[k] for k in keys] for r in by_parts["flat"]] == [[r[k] for k in keys] for r in expected["flat"]]
+    assert [r["label"] for r in by_parts["flat"]] == ["baseline", "dense-1ep", "filters-uniform-l1-0.5", "global-0.6"]
