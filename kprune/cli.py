@@ -452,8 +452,11 @@ def report(models, data, runs, as_json):
 @click.option("--cell", "names", multiple=True, metavar="NAME",
               help="Run only this part (repeatable), after the baseline it needs; no report.")
 @click.option("--report", "report_only", is_flag=True, help="Write the report of the parts done so far; run nothing.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the parts as Ray tasks (pip install 'kprune[ray]'): on the cluster at ADDRESS, or a local "
+                   "one; each part asks the config's ray: {cpus, gpus, retries}.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def experiment(config_path, list_parts, names, report_only, quiet):
+def experiment(config_path, list_parts, names, report_only, ray_address, quiet):
     """Run a pruning sweep (baseline, then prune -> evaluate -> retrain -> evaluate -> export ->
     measure for every method x ratio) and write report.md, results.csv/json and plots. Cells already
     done are skipped when the same config is run again.
@@ -463,8 +466,8 @@ def experiment(config_path, list_parts, names, report_only, quiet):
     """
     from kprune.experiment import Experiment, load_config
 
-    if sum((list_parts, bool(names), report_only)) > 1:
-        raise click.UsageError("give one of --list, --cell and --report")
+    if sum((list_parts, bool(names), report_only, ray_address is not None)) > 1:
+        raise click.UsageError("give one of --list, --cell, --report and --ray")
     config = load_config(config_path)
     log = (lambda line: click.echo(line, err=True))
     runner = Experiment(config, progress=not quiet, log=log)
@@ -478,7 +481,12 @@ def experiment(config_path, list_parts, names, report_only, quiet):
             result = runner.run_part(name)
             click.echo(f"{name}: done, mAP@0.5 {result['map50']:.4f} ({runner.parts()[name].folder})")
         return
-    results = runner.report() if report_only else runner.run()
+    if ray_address is not None:
+        from kprune.experiment import run_on_ray
+
+        results = run_on_ray(config, ray_address or None, log=log)
+    else:
+        results = runner.report() if report_only else runner.run()
     from kprune.report.experiment import headline_table
 
     click.echo(headline_table(results["flat"]))

@@ -145,6 +145,15 @@ class QatSpec(TypedDict, total=False):
     lr: Float  # default 1e-4 (kprune.export.qat.QAT_DEFAULTS)
 
 
+@strict_keys
+class RaySpec(TypedDict, total=False):
+    """``ray:``: what each part asks of a Ray cluster (``kprune experiment --ray``)."""
+
+    cpus: Float  # default 1
+    gpus: Float  # default 0; give 1 to run each part on its own GPU
+    retries: Int  # a part whose worker died runs again up to this many times; default 2
+
+
 BUDGETS = ("remove_flops", "target_latency")  # sweep keys whose values are budgets, each a cell
 TRAINING_SPECS = ({"train"}, {"config"}, {"config", "train"})
 
@@ -161,6 +170,7 @@ class ExperimentConfig:
     retrain: Dict[str, object] = field(default_factory=lambda: {"epochs": 4})
     export: List[str] = field(default_factory=lambda: ["none", "int8"])
     qat: Optional[QatSpec] = None
+    ray: RaySpec = field(default_factory=dict)
     latency_runs: Int = 20
     latency_threads: List[Int] = field(default_factory=lambda: [1, 2])
     samples: Int = 2
@@ -639,6 +649,62 @@ class Experiment:
                 rows.extend(self.control(e, k) for e in epochs)
             rows.extend(done)
         return self._write_report(rows, compared)
+
+
+def _run_part(config: ExperimentConfig, name: str) -> dict:
+    """One part in a Ray worker (its own process: the experiment is rebuilt from the config)."""
+    return Experiment(config, progress=False).run_part(name)
+
+
+def run_on_ray(config: ExperimentConfig, address: Optional[str] = None, log=print) -> dict:
+    """Run an experiment's parts as Ray tasks, then write the report here, as :meth:`Experiment.run`
+    would: the baselines and compared trainings first, then every cell at once, then the dense
+    controls the cells need. Each task asks ``config.ray``'s CPUs and GPUs; a task whose worker died
+    runs again (``retries``); progress is logged as tasks finish. The run folder must be one path that
+    every Ray node sees (a shared file system); the report's timing runs here.
+
+    Args:
+        address: a running cluster's address (``ray start --head`` prints it), or None for a local
+            cluster of this machine's CPUs.
+
+    Returns:
+        The results, as :meth:`Experiment.run`.
+
+    Raises:
+        ValueError: Ray is not installed (``pip install kprune[ray]``).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray: pip install 'kprune[ray]'") from None
+    options = {"num_cpus": float(config.ray.get("cpus", 1)), "num_gpus": float(config.ray.get("gpus", 0)),
+               "max_retries": int(config.ray.get("retries", 2))}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+    task = ray.remote(**options)(_run_part)
+    experiment = Experiment(config, progress=False, log=log)
+    experiment.out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(dataclasses.asdict(config), experiment.out / "experiment.yaml")
+    try:
+        for kinds in (("baseline", "compare"), ("cell",), ("control",)):
+            names = [n for n, part in experiment.parts().items()
+                     if part.kind in kinds and not (part.folder / "result.json").is_file()]
+            pending = {task.remote(config, name): name for name in names}
+            if pending:
+                log(f"[{config.name}] {len(pending)} {'/'.join(kinds)} part(s) on Ray: {', '.join(names)}")
+            while pending:
+                finished, _ = ray.wait(list(pending), num_returns=1)
+                name = pending.pop(finished[0])
+                try:
+                    result = ray.get(finished[0])
+                except ray.exceptions.RayError as error:  # its traceback is in the worker's log
+                    raise ValueError(f"experiment part {name} failed on Ray: {str(error).strip().splitlines()[-1]}") from None
+                log(f"[{config.name}] {name}: done, mAP@0.5 {result['map50']:.4f} ({len(pending)} running)")
+    finally:
+        if started:
+            ray.shutdown()
+    return experiment.report()
 
 
 class Part(NamedTuple):

@@ -44,6 +44,7 @@ def test_config_checks(tmp_path):
                              ({"sweep": [{"method": "global", "ratio": 0.5}]}, "sweep.0: unknown key(s) ratio; known keys: method, ratios"),
                              ({"baseline": {}}, "either {model"),
                              ({"export": ["int4"]}, "choose from"),
+                             ({"ray": {"cpu": 1}}, "ray: unknown key(s) cpu; known keys: cpus, gpus, retries"),
                              ({"sweep": [{"method": "global", "ratios": [0.5], "distill": -1}]}, "distill -1"),
                              ({"colour": "red"}, "unknown key(s) colour; known keys: name, dataset, baseline"),
                              ({"sweep": [{"method": "global", "ratios": [0.5, "half"]}]},
