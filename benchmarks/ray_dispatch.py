@@ -14,13 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
 def main(argv=None) -> int:
@@ -32,12 +28,12 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
-    from benchmarks.run import _matmul_peak
+    import run  # benchmarks/run.py, beside this script: the matmul peak
     from kprune import detectors
     from kprune.experiment import Experiment, ExperimentConfig, run_on_ray
     from kprune.models.io import save_model
 
-    gflops = _matmul_peak(5)["gflops_best"]
+    gflops = run._matmul_peak(5)["gflops_best"]
     folder = Path(tempfile.mkdtemp(prefix="ray-dispatch-"))
     model = detectors.build("yolov2-tiny", input_size=64, width=0.25, classes=5)
     rng = np.random.default_rng(2)
