@@ -285,8 +285,8 @@ def predict_dataset(
     from kprune._keras import tf  # TensorFlow: see the note at the imports
     from kprune.data.pipeline import make_dataset
     from kprune.data.tfrecord import Manifest, read_manifest
-    from kprune.detectors import family_of
-    from kprune.models.head import ImageTransform, non_max_suppression
+    from kprune.detectors.inference import decode_and_suppress
+    from kprune.models.head import ImageTransform
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
     size = model.input_shape[1]
@@ -297,14 +297,11 @@ def predict_dataset(
             raise ValueError(f"limit {limit}: evaluate at least one image")
         dataset, total = dataset.unbatch().take(limit).batch(batch_size), min(total, limit)
     if detect is None:
-        decode = family_of(model).decode
         if predict is None:
             predict = tf.function(lambda images: model(images, training=False))
 
         def detect(images):
-            outputs = predict(images)
-            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            return non_max_suppression(*decode(model, outputs), score_threshold, 0.45, max_detections)
+            return decode_and_suppress(model, predict(images), score_threshold, 0.45, max_detections)
     elif predict is not None:
         raise ValueError("give predict (raw outputs) or detect (detections), not both")
     detections, truths = [], []

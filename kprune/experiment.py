@@ -597,6 +597,11 @@ class Experiment:
                     self.out / "controls" / name, functools.partial(self._after_baseline, self.control, k, epochs))
         return found
 
+    def save_config(self) -> None:
+        """The config beside the results it produces (``experiment.yaml`` in the run folder)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+
     def run_part(self, name: str) -> dict:
         """Run the part ``name`` (:meth:`parts`) after the baseline it needs, or return its stored result.
 
@@ -606,8 +611,7 @@ class Experiment:
         parts = self.parts()
         if name not in parts:
             raise ValueError(f"experiment {self.config.name!r} has no part {name!r}; its parts: {', '.join(parts)}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+        self.save_config()
         return parts[name].run()
 
     def report(self) -> dict:
@@ -634,8 +638,7 @@ class Experiment:
     def run(self) -> dict:
         """For each seed: the baseline, every cell, then the dense controls the cells need; then
         results, plots and report; returns the results."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(dataclasses.asdict(self.config), self.out / "experiment.yaml")
+        self.save_config()
         seeds = range(self.config.seeds)
         compared = [self.compared(label, k) for label in self.config.compare for k in seeds]
         rows = []
@@ -684,8 +687,7 @@ def run_on_ray(config: ExperimentConfig, address: Optional[str] = None, log=prin
         ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
     task = ray.remote(**options)(_run_part)
     experiment = Experiment(config, progress=False, log=log)
-    experiment.out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(dataclasses.asdict(config), experiment.out / "experiment.yaml")
+    experiment.save_config()
     try:
         for kinds in (("baseline", "compare"), ("cell",), ("control",)):
             names = [n for n, part in experiment.parts().items()

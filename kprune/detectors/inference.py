@@ -19,6 +19,15 @@ def decode_outputs(model, outputs: Sequence):
     return family_of(model).decode(model, outputs)
 
 
+def decode_and_suppress(model, outputs, score_threshold: float = 0.25, iou_threshold: float = 0.45,
+                        max_detections: int = 100) -> list:
+    """Raw outputs of ``model`` for a batch (a tensor or a list, one per output) -> the detections of
+    each image: the family's decoding, then the shared per-class NMS
+    (:func:`~kprune.models.head.non_max_suppression`, whose arguments and results these are)."""
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return non_max_suppression(*decode_outputs(model, outputs), score_threshold, iou_threshold, max_detections)
+
+
 def detect(
     model,
     images: Sequence[np.ndarray],
@@ -56,12 +65,8 @@ def detect(
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         batch, transform = preprocess_image(image, input_hw, letterbox)
-        outputs = model(batch[None], training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        boxes, scores = family.decode(model, outputs)
-        (kept, kept_scores, kept_classes), = non_max_suppression(
-            boxes, scores, score_threshold, iou_threshold, max_detections
-        )
+        (kept, kept_scores, kept_classes), = decode_and_suppress(
+            model, model(batch[None], training=False), score_threshold, iou_threshold, max_detections)
         pixels = transform.to_image(kept)
         results.append([
             Detection(tuple(float(v) for v in box), float(score), int(cls),

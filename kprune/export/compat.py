@@ -22,7 +22,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from kprune.models.litert import delegated_ops, operators
+from kprune.models.litert import delegated_ops, flatbuffer_graph, operators
 
 #: ops the GPU delegate supports (builtin and custom), as its compatibility check lists them
 GPU_OPS = frozenset("""
@@ -44,19 +44,10 @@ XNNPACK_SPARSE_1X1 = 2 / 3
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def _graph(content: bytes):
-    from ai_edge_litert import schema_py_generated as schema
-
-    if len(content) < 8 or content[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
-    model = schema.Model.GetRootAs(content, 0)
-    return schema, model, model.Subgraphs(0)
-
-
 def _weights(content: bytes) -> List[dict]:
     """The constant filter of every conv / dense op of the main graph: ``op``, ``shape``, ``zeros``,
     ``size`` (a filter stored sparse, behind DENSIFY, counts its stored values as the non-zeros)."""
-    schema, model, graph = _graph(content)
+    schema, model, graph = flatbuffer_graph(content)
     dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
               schema.TensorType.INT8: np.int8, schema.TensorType.UINT8: np.uint8}
     producer = {}
@@ -110,7 +101,7 @@ def sparse_inference_conditions(content: bytes) -> Dict[str, bool]:
     Raises:
         ValueError: ``content`` is not a TFLite flatbuffer.
     """
-    schema, _, graph = _graph(content)
+    schema, _, graph = flatbuffer_graph(content)
     ops = operators(content)
     weights = _weights(content)
     convs = [w for w in weights if w["op"] == "CONV_2D"]

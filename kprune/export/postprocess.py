@@ -30,7 +30,8 @@ import numpy as np
 from kprune._keras import tf
 from kprune.boxes import iou_matrix
 from kprune.detectors import family_of
-from kprune.models.litert import DETECTION_OP, DETECTION_OUTPUTS
+from kprune.detectors.inference import decode_and_suppress
+from kprune.models.litert import DETECTION_OP, DETECTION_OUTPUTS, flatbuffer_graph
 
 
 #: the name scope of the ops between the model's outputs and the op
@@ -143,9 +144,7 @@ def quantize_keeping_postprocess_float(converter, representative) -> bytes:
 
 def _op_output_names(content: bytes) -> list:
     """The names of the tensors the ops of a flatbuffer's main graph write."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    graph = schema.Model.GetRootAs(content, 0).Subgraphs(0)
+    _, _, graph = flatbuffer_graph(content)
     return [graph.Tensors(int(i)).Name().decode() for k in range(graph.OperatorsLength())
             for i in graph.Operators(k).OutputsAsNumpy()]
 
@@ -193,12 +192,9 @@ def compare_detections(runner, model, images: np.ndarray, options: PostprocessOp
         (detections of either side without a partner); ``max_box_diff`` and ``max_score_diff`` over
         the pairs (normalised coordinates).
     """
-    from kprune.models.head import non_max_suppression
-
-    family = family_of(model)
     outputs = predict(images) if predict is not None else model(images, training=False)
-    expected = non_max_suppression(*family.decode(model, tf.nest.flatten(outputs)),
-                                   max(options.score_threshold, min_score), options.iou_threshold, options.max_detections)
+    expected = decode_and_suppress(model, outputs, max(options.score_threshold, min_score), options.iou_threshold,
+                                   options.max_detections)
     got = [tuple(part[scores >= min_score] for part in (boxes, scores, classes))
            for boxes, scores, classes in runner(images)]
     report = {"images": int(len(images)), "min_score": float(min_score), "detections": 0, "file_detections": 0,

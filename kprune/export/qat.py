@@ -53,6 +53,7 @@ import tensorflow_model_optimization as tfmot
 
 from kprune._keras import keras, tf
 from kprune.config import build
+from kprune.detectors.base import inbound_layers, producer
 from kprune.export.tflite import calibration_images, with_integer_mish
 from kprune.models.bn_formulas import bn_formula
 from kprune.models.layers import (HEAD_LAYERS, ChannelSlice, DarknetBatchNormalization, L2Normalization, Mish,
@@ -139,18 +140,14 @@ def _single_node(layer) -> None:
                          "equalisation need every layer called once")
 
 
-def _producer(tensor):
-    return tensor._keras_history.layer
-
-
 def consumers(model) -> Dict[str, list]:
     """Layer name -> the layers that read its output (within ``model``)."""
     readers = {layer.name: [] for layer in model.layers}
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        for tensor in tf.nest.flatten(layer._inbound_nodes[0].keras_inputs):
-            readers[_producer(tensor).name].append(layer)
+        for source in inbound_layers(layer):
+            readers[source.name].append(layer)
     return readers
 
 
@@ -162,7 +159,7 @@ def replay(model, replace, name: Optional[str] = None):
     Raises:
         ValueError: a layer that is called more than once, or a dropped layer with several inputs.
     """
-    inputs = [keras.Input(t.shape[1:], dtype=t.dtype, name=_producer(t).name) for t in model.inputs]
+    inputs = [keras.Input(t.shape[1:], dtype=t.dtype, name=producer(t).name) for t in model.inputs]
     made = {id(old): new for old, new in zip(model.inputs, inputs)}
 
     depths = sorted(model._nodes_by_depth, reverse=True)

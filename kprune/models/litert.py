@@ -74,6 +74,20 @@ class TFLiteRunner(_LoadedModel):
         return [np.concatenate(o, axis=0) for o in outputs]
 
 
+def flatbuffer_graph(content: bytes) -> tuple:
+    """A TFLite flatbuffer read in place: (the generated schema module, the model, its main graph).
+
+    Raises:
+        ValueError: ``content`` is not a TFLite flatbuffer.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
+    model = schema.Model.GetRootAs(content, 0)
+    return schema, model, model.Subgraphs(0)
+
+
 def operators(content: bytes, versions: bool = False) -> List[dict]:
     """The ops of a TFLite flatbuffer's main graph in execution order, read from the file itself:
     ``op`` (the builtin name, or the custom op's name) and the numpy type names of its ``inputs``
@@ -83,14 +97,9 @@ def operators(content: bytes, versions: bool = False) -> List[dict]:
     Raises:
         ValueError: ``content`` is not a TFLite flatbuffer.
     """
-    from ai_edge_litert import schema_py_generated as schema
-
-    if len(content) < 8 or content[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
+    schema, model, graph = flatbuffer_graph(content)
     builtin = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
     types = {code: name.lower() for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(content, 0)
-    graph = model.Subgraphs(0)
 
     def op_name(code) -> str:
         if code.CustomCode():
@@ -163,13 +172,9 @@ def detection_op_options(content: bytes) -> Optional[dict]:
     Raises:
         ValueError: ``content`` is not a TFLite flatbuffer.
     """
-    from ai_edge_litert import schema_py_generated as schema
     from flatbuffers import flexbuffers
 
-    if len(content) < 8 or content[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
-    model = schema.Model.GetRootAs(content, 0)
-    graph = model.Subgraphs(0)
+    _, model, graph = flatbuffer_graph(content)
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
         code = model.OperatorCodes(op.OpcodeIndex())
