@@ -7,6 +7,8 @@ Coordinates are normalised to the square input (0 .. 1 across ``input_size`` pix
   sides and the RPN's anchors, one size per level, in the order of the RPN head's flattened outputs.
 - :func:`encode`, :func:`decode`: detectron2's ``Box2BoxTransform`` (deltas dx, dy, dw, dh with
   weights; (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the ROI heads).
+- :func:`assign_levels`, :class:`RoIAlign`: detectron2's level rule and ROIAlign over the FPN
+  levels, as TFLite builtin ops.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from kprune._keras import tf
+from kprune._keras import keras, tf
 
 #: FPN levels P2-P6 of a ResNet: stride 2**level
 FPN_STRIDES = (4, 8, 16, 32, 64)
@@ -182,3 +184,205 @@ def decode(deltas, anchors, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), cli
     w = tf.exp(tf.minimum(deltas[..., 2] / ww, clip)) * w_a
     h = tf.exp(tf.minimum(deltas[..., 3] / wh, clip)) * h_a
     return tf.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def _serializable(cls):
+    return keras.saving.register_keras_serializable(package="kprune")(cls)
+
+
+def assign_levels(boxes, input_size: int, min_level: int, max_level: int, canonical_size: float = 224.0,
+                  canonical_level: int = 4):
+    """The FPN level each box is pooled from (detectron2's ``assign_boxes_to_levels``, the rule of
+    the FPN paper): ``floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8))`` with the area
+    in pixels^2, clipped to ``min_level .. max_level``. A 224 px box goes to level 4, 112 px to 3,
+    448 px to 5; empty boxes to ``min_level``.
+
+    Computed in float32 from normalised coordinates, a box exactly on a boundary (a side of exactly
+    112, 224, 448 px) can fall either way by rounding (detectron2's 1e-8 is below float32's
+    resolution near 1 too); with an input size of a power of two times such sides it is exact.
+
+    Args:
+        boxes: ``(..., 4)`` xyxy normalised.
+        input_size: the input side in pixels.
+
+    Returns:
+        int32 tensor ``(...)``.
+    """
+    boxes = tf.cast(boxes, tf.float32)
+    size = float(input_size)
+    width = tf.maximum(boxes[..., 2] - boxes[..., 0], 0.0) * size
+    height = tf.maximum(boxes[..., 3] - boxes[..., 1], 0.0) * size
+    ratio = tf.sqrt(width * height) / float(canonical_size) + 1e-8
+    level = tf.floor(float(canonical_level) + tf.math.log(ratio) * (1.0 / math.log(2.0)))
+    level = tf.clip_by_value(level, float(min_level), float(max_level))
+    return tf.cast(level, tf.int32)
+
+
+def _int_config(key: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{key} {value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+def _float_config(key: str, value, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{key} {value!r}: must be a number")
+    if (value <= 0 if positive else value < 0) or not math.isfinite(value):
+        raise ValueError(f"{key} {value!r}: must be a finite number {'> 0' if positive else '>= 0'}")
+    return float(value)
+
+
+@_serializable
+class RoIAlign(keras.layers.Layer):
+    """detectron2's ``ROIPooler`` with ``ROIAlignV2`` over FPN levels: each box is pooled from one
+    level (:func:`assign_levels`) into ``output_size x output_size`` bins.
+
+    Inputs ``[p2, p3, ..., boxes]``: one or more feature maps ``(N, H_l, W_l, C)``, highest resolution
+    first (level ``min_level``, then ``min_level + 1``, ...), with static sides and one channel count;
+    then ``boxes`` ``(N, K, 4)`` xyxy normalised. Output ``(N, K, output_size, output_size, C)``.
+
+    Level l has stride 2**l: a normalised x becomes the feature coordinate ``x * input_size / 2**l``,
+    minus 0.5 when ``aligned`` (the half-pixel offset of ROIAlignV2: pixel centres sit at +0.5). That
+    scale is ``W_l`` when the stride divides the input (ResNet-FPN inputs are multiples of 32; P6 is
+    not pooled from). Without ``aligned`` the ROI is at least 1 x 1 feature pixel (the legacy ROIAlign).
+
+    Each bin averages ``sampling_ratio^2`` bilinear samples on a regular grid (at (k + 0.5) /
+    sampling_ratio of the bin), bilinear as ROIAlign defines it: a sample outside [-1, H] x [-1, W]
+    contributes 0 (and still counts in the mean), coordinates below 0 are taken as 0, and at or beyond
+    the last row / column the sample takes that row / column. detectron2's ``sampling_ratio=0``
+    (adaptive: ceil(roi size / output size) samples, different per box) is not supported: the graph
+    has static shapes.
+
+    Implementation, all TFLite builtins (GATHER with batch_dims, BATCH_MATMUL, arithmetic; no
+    ``crop_and_resize``, which TFLite lacks): the levels are flattened to ``(N, sum H_l W_l, C)`` and
+    joined; per box and sample axis the coordinates, the two neighbours' rows or columns and their
+    weights are computed from the box's level (its offset, side and scale gathered from small
+    tables); the four neighbours of every sample are gathered by flat index and each bin is one
+    matrix product of its ``4 sampling_ratio^2`` gathered rows with their weights. Memory: one
+    ``(N, K output_size^2 4 sampling_ratio^2, C)`` gather (K = 1000, 7 x 7, 2 x 2, C = 256: 0.8 GB in
+    float32 per image); no per-level copies.
+
+    Args:
+        output_size: bins per side (>= 1).
+        sampling_ratio: samples per bin side (>= 1).
+        aligned: the half-pixel offset (ROIAlignV2, the FPN recipe's default).
+        canonical_size, canonical_level: of the level rule (224 px -> level 4).
+        min_level: the level of the first feature map (P2: 2); the last map's level is
+            ``min_level + maps - 1``.
+        input_size: the input side in pixels (required).
+
+    Raises:
+        ValueError: a bad config value (naming it), or (when built) no feature maps, maps that are not
+            4-d with static sides, different channel counts, or boxes not ``(N, K, 4)``.
+    """
+
+    def __init__(self, output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
+                 canonical_size: float = 224, canonical_level: int = 4, min_level: int = 2,
+                 input_size: int = None, **kwargs):
+        super().__init__(**kwargs)
+        self.output_size = _int_config("RoIAlign output_size", output_size, 1)
+        if not isinstance(sampling_ratio, bool) and sampling_ratio == 0:
+            raise ValueError("RoIAlign sampling_ratio 0 (adaptive, detectron2's option) is not supported: the "
+                             "graph needs a fixed number of samples; use an integer >= 1")
+        self.sampling_ratio = _int_config("RoIAlign sampling_ratio", sampling_ratio, 1)
+        if not isinstance(aligned, (bool, np.bool_)):
+            raise ValueError(f"RoIAlign aligned {aligned!r}: must be True or False")
+        self.aligned = bool(aligned)
+        self.canonical_size = _float_config("RoIAlign canonical_size", canonical_size)
+        self.canonical_level = _int_config("RoIAlign canonical_level", canonical_level, 0)
+        self.min_level = _int_config("RoIAlign min_level", min_level, 0)
+        if input_size is None:
+            raise ValueError("RoIAlign input_size is required: the input side in pixels")
+        self.input_size = _check_input_size(input_size)
+        self.levels = None
+
+    def build(self, input_shape):
+        shapes = [tf.TensorShape(s) for s in input_shape] if isinstance(input_shape, (list, tuple)) else []
+        if len(shapes) < 2:
+            raise ValueError(f"layer {self.name}: inputs must be [feature maps..., boxes] with at least one "
+                             f"feature map, got {len(shapes)} input(s)")
+        *maps, boxes = shapes
+        if boxes.rank != 3 or boxes[-1] != 4:
+            raise ValueError(f"layer {self.name}: boxes must be (N, K, 4), got {boxes}")
+        for k, shape in enumerate(maps):
+            if shape.rank != 4 or shape[1] is None or shape[2] is None or shape[3] is None:
+                raise ValueError(f"layer {self.name}: feature map {k} must be (N, H, W, C) with static H, W, C, "
+                                 f"got {shape}")
+        channels = [int(shape[3]) for shape in maps]
+        if len(set(channels)) != 1:
+            raise ValueError(f"layer {self.name}: feature maps must have equal channel counts, got {channels}")
+        self.levels = [(int(shape[1]), int(shape[2])) for shape in maps]
+        super().build(input_shape)
+
+    @property
+    def max_level(self) -> int:
+        return self.min_level + len(self.levels) - 1
+
+    def _axis(self, start, end, side, scale, offset):
+        """Per box (B,) the 2 * sampling_ratio neighbour indices along one axis of every bin and
+        their weights (the bilinear weight, 0 outside the ROIAlign range, over sampling_ratio):
+        (B, output_size, 2 * sampling_ratio) each, samples major, (low, high) minor."""
+        out, ratio = self.output_size, self.sampling_ratio
+        start = start * scale - offset
+        length = end * scale - offset - start
+        if not self.aligned:
+            length = tf.maximum(length, 1.0)
+        steps = (np.arange(out * ratio, dtype=np.float32) + 0.5) / ratio  # sample positions in bins
+        coord = start[:, None] + tf.constant(steps)[None, :] * (length / out)[:, None]  # (B, S)
+        side_f = tf.cast(side, tf.float32)[:, None]
+        inside = tf.cast(tf.logical_and(coord >= -1.0, coord <= side_f), tf.float32)
+        coord = tf.minimum(tf.maximum(coord, 0.0), side_f - 1.0)
+        low = tf.floor(coord)
+        frac = coord - low
+        low = tf.cast(low, tf.int32)
+        high = tf.minimum(low + 1, side[:, None] - 1)
+        index = tf.stack([low, high], axis=-1)  # (B, S, 2)
+        weight = tf.stack([1.0 - frac, frac], axis=-1) * (inside / ratio)[..., None]
+        shape = [-1, out, 2 * ratio]
+        return tf.reshape(index, shape), tf.reshape(weight, shape)
+
+    def call(self, inputs):
+        *maps, boxes = inputs
+        out, ratio = self.output_size, self.sampling_ratio
+        channels = maps[0].shape[-1]
+        flat = tf.concat([tf.reshape(m, [-1, h * w, channels]) for m, (h, w) in zip(maps, self.levels)], axis=1)
+        boxes = tf.cast(boxes, tf.float32)
+        shape = tf.shape(boxes)
+        batch, count = shape[0], shape[1]
+        boxes = tf.reshape(boxes, [-1, 4])  # (B, 4), B = N * K
+        level = assign_levels(boxes, self.input_size, self.min_level, self.max_level, self.canonical_size,
+                              self.canonical_level) - self.min_level
+        heights = np.array([h for h, _ in self.levels], np.int32)
+        widths = np.array([w for _, w in self.levels], np.int32)
+        offsets = np.cumsum([0] + [h * w for h, w in self.levels[:-1]]).astype(np.int32)
+        scales = np.array([self.input_size / 2.0 ** (self.min_level + k) for k in range(len(self.levels))],
+                          np.float32)
+        height, width = tf.gather(tf.constant(heights), level), tf.gather(tf.constant(widths), level)
+        start, scale = tf.gather(tf.constant(offsets), level), tf.gather(tf.constant(scales), level)
+        half = 0.5 if self.aligned else 0.0
+        rows, row_weights = self._axis(boxes[:, 1], boxes[:, 3], height, scale, half)
+        cols, col_weights = self._axis(boxes[:, 0], boxes[:, 2], width, scale, half)
+        # (B, out_y, out_x, 2 ratio, 2 ratio): a bin's neighbours and weights (the mean folded in)
+        index = (start[:, None, None, None, None] + rows[:, :, None, :, None] * width[:, None, None, None, None]
+                 + cols[:, None, :, None, :])
+        weight = row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :]
+        taps = 4 * ratio * ratio
+        values = tf.gather(flat, tf.reshape(index, [batch, -1]), batch_dims=1)  # (N, K out^2 taps, C)
+        values = tf.reshape(values, [-1, taps, channels])
+        weight = tf.cast(tf.reshape(weight, [-1, 1, taps]), values.dtype)
+        pooled = tf.matmul(weight, values)  # (B out^2, 1, C)
+        return tf.reshape(pooled, [batch, count, out, out, channels])
+
+    def compute_output_shape(self, input_shape):
+        *maps, boxes = [tf.TensorShape(s) for s in input_shape]
+        return tf.TensorShape([boxes[0], boxes[1], self.output_size, self.output_size, maps[0][-1]])
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: no weights."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": self.output_size, "sampling_ratio": self.sampling_ratio,
+                "aligned": self.aligned, "canonical_size": self.canonical_size,
+                "canonical_level": self.canonical_level, "min_level": self.min_level,
+                "input_size": self.input_size}

@@ -1,0 +1,207 @@
+"""kprune.models.roi: FPN anchors, the box coder, RoIAlign against a reference written from its
+definition, proposals on hand cases, and a tiny two-stage model through save/load and TFLite."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kprune._keras import keras
+from kprune.models import roi
+
+S2 = math.sqrt(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- anchors
+
+def test_level_sizes_are_ceil_of_input_over_stride():
+    assert roi.level_sizes(800) == [200, 100, 50, 25, 13]
+    assert roi.level_sizes(64, (32, 64)) == [2, 1]
+    assert roi.level_sizes(65, (4, 8)) == [17, 9]
+
+
+def test_fpn_anchors_of_a_tiny_case_by_hand():
+    anchors = roi.fpn_anchors(64, strides=(32, 64), sizes=(32, 64), ratios=(0.5, 1.0, 2.0))
+    assert anchors.shape == (2 * 2 * 3 + 1 * 3, 4) and anchors.dtype == np.float32
+    px = anchors.astype(np.float64) * 64
+    # level 0 (stride 32, size 32), cell (0, 0) centred at (16, 16); ratio 0.5: w = 32 sqrt 2, h = 32 / sqrt 2
+    np.testing.assert_allclose(px[0], [16 - 16 * S2, 16 - 8 * S2, 16 + 16 * S2, 16 + 8 * S2], atol=1e-4)
+    np.testing.assert_allclose(px[1], [0, 0, 32, 32], atol=1e-4)  # ratio 1
+    np.testing.assert_allclose(px[2], [16 - 8 * S2, 16 - 16 * S2, 16 + 8 * S2, 16 + 16 * S2], atol=1e-4)  # h / w = 2
+    # row-major: anchors 3..5 are cell (row 0, column 1) centred at x = 48, anchors 6..8 cell (1, 0)
+    np.testing.assert_allclose(px[4], [32, 0, 64, 32], atol=1e-4)
+    np.testing.assert_allclose(px[7], [0, 32, 32, 64], atol=1e-4)
+    np.testing.assert_allclose(px[10], [32, 32, 64, 64], atol=1e-4)
+    # level 1 (stride 64, size 64): one cell centred at (32, 32)
+    np.testing.assert_allclose(px[13], [0, 0, 64, 64], atol=1e-4)
+    np.testing.assert_allclose(px[14], [32 - 16 * S2, 32 - 32 * S2, 32 + 16 * S2, 32 + 32 * S2], atol=1e-4)
+    # every anchor keeps the area size^2 and h / w = ratio
+    wh = px[:, 2:] - px[:, :2]
+    np.testing.assert_allclose(wh[:, 0] * wh[:, 1], [32 ** 2] * 12 + [64 ** 2] * 3, rtol=1e-5)
+    np.testing.assert_allclose(wh[:, 1] / wh[:, 0], [0.5, 1, 2] * 5, rtol=1e-5)
+    per_level = roi.anchors_per_level(64, (32, 64), (32, 64), (0.5, 1.0, 2.0))
+    assert [len(a) for a in per_level] == [12, 3]
+    np.testing.assert_array_equal(np.concatenate(per_level), anchors)
+
+
+def test_default_fpn_anchors_count_and_symmetry():
+    anchors = roi.fpn_anchors(512)
+    assert len(anchors) == 3 * (128 ** 2 + 64 ** 2 + 32 ** 2 + 16 ** 2 + 8 ** 2)
+    # half-cell centres: the grid is symmetric about the image centre
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    np.testing.assert_allclose(np.sort(centres[:, 0]), np.sort(1 - centres[:, 0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, key", [({"ratios": (1.0, 0.0)}, "ratios"), ({"sizes": (32,)}, "sizes"),
+                                         ({"strides": (4, -8), "sizes": (1, 2)}, "strides"),
+                                         ({"input_size": 0}, "input_size")])
+def test_anchor_config_errors_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        roi.fpn_anchors(**{"input_size": 64, "strides": (32, 64), "sizes": (32, 64), **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- box coder
+
+def test_encode_by_hand_with_roi_weights():
+    anchor = np.array([0, 0, 32, 32], np.float32) / 64  # centre (16, 16) px, 32 x 32
+    box = np.array([8, 4, 40, 68], np.float32) / 64  # centre (24, 36) px, 32 x 64
+    deltas = roi.encode(box, anchor, roi.ROI_BOX_WEIGHTS).numpy()
+    # dx = 10 (24 - 16) / 32, dy = 10 (36 - 16) / 32, dw = 5 log 1, dh = 5 log 2
+    np.testing.assert_allclose(deltas, [2.5, 6.25, 0.0, 5 * math.log(2)], atol=1e-5)
+    np.testing.assert_allclose(roi.decode(deltas, anchor, roi.ROI_BOX_WEIGHTS).numpy(), box, atol=1e-6)
+
+
+def test_decode_inverts_encode_and_broadcasts():
+    rng = np.random.default_rng(0)
+    anchors = roi.fpn_anchors(128, (16, 32), (32, 64))
+    centres, sizes = rng.uniform(0, 1, (5, len(anchors), 2)), rng.uniform(0.05, 0.8, (5, len(anchors), 2))
+    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], -1).astype(np.float32)
+    for weights in ((1.0, 1.0, 1.0, 1.0), roi.ROI_BOX_WEIGHTS):
+        deltas = roi.encode(boxes, anchors, weights)
+        assert deltas.shape == boxes.shape
+        assert np.abs(roi.decode(deltas, anchors, weights).numpy() - boxes).max() <= 1e-6
+
+
+def test_decode_clamps_the_log_size_change():
+    anchor = np.array([0.25, 0.25, 0.75, 0.75], np.float32)  # 0.5 x 0.5 centred at 0.5
+    box = roi.decode(np.array([0.0, 0.0, 10.0, 1.0], np.float32), anchor).numpy()
+    # dw = 10 > log(1000 / 16): the width is 62.5 times the anchor's, dh = 1 stays e
+    np.testing.assert_allclose(box, [0.5 - 15.625, 0.5 - 0.25 * math.e, 0.5 + 15.625, 0.5 + 0.25 * math.e],
+                               rtol=1e-5)
+    box = roi.decode(np.array([0.0, 0.0, 10.0, 10.0], np.float32), anchor, clip=math.log(2)).numpy()
+    np.testing.assert_allclose(box, [0, 0, 1, 1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- RoIAlign
+
+def bilinear_reference(feature, y, x):
+    """torchvision's ROIAlign bilinear_interpolate, transcribed (feature (H, W, C))."""
+    height, width = feature.shape[:2]
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return np.zeros(feature.shape[-1])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_high = y_low = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_high = x_low = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1 - ly, 1 - lx
+    return (hy * hx * feature[y_low, x_low] + hy * lx * feature[y_low, x_high]
+            + ly * hx * feature[y_high, x_low] + ly * lx * feature[y_high, x_high])
+
+
+def roi_align_reference(maps, boxes, input_size, output_size=7, sampling_ratio=2, aligned=True,
+                        canonical_size=224.0, canonical_level=4, min_level=2):
+    """RoIAlign over FPN levels from the definition, with explicit loops (float64)."""
+    maps = [np.asarray(m, np.float64) for m in maps]
+    boxes = np.asarray(boxes, np.float64)
+    n, k = boxes.shape[:2]
+    out = np.zeros((n, k, output_size, output_size, maps[0].shape[-1]))
+    for b in range(n):
+        for r in range(k):
+            x1, y1, x2, y2 = boxes[b, r] * input_size
+            area = max(x2 - x1, 0) * max(y2 - y1, 0)
+            level = math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_size + 1e-8))
+            level = min(max(level, min_level), min_level + len(maps) - 1)
+            feature, scale = maps[level - min_level][b], 1.0 / 2 ** level
+            offset = 0.5 if aligned else 0.0
+            x1, y1, x2, y2 = x1 * scale - offset, y1 * scale - offset, x2 * scale - offset, y2 * scale - offset
+            roi_w, roi_h = x2 - x1, y2 - y1
+            if not aligned:
+                roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+            bin_w, bin_h = roi_w / output_size, roi_h / output_size
+            for ph in range(output_size):
+                for pw in range(output_size):
+                    total = 0.0
+                    for iy in range(sampling_ratio):
+                        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / sampling_ratio
+                        for ix in range(sampling_ratio):
+                            x = x1 + pw * bin_w + (ix + 0.5) * bin_w / sampling_ratio
+                            total = total + bilinear_reference(feature, y, x)
+                    out[b, r, ph, pw] = total / sampling_ratio ** 2
+    return out
+
+
+def test_level_rule_on_hand_values():
+    px = np.array([[0, 0, 224, 224], [0, 0, 112, 112], [100, 50, 548, 498], [0, 0, 111, 111],
+                   [10, 10, 12, 12], [5, 5, 5, 5], [0, 0, 512, 512], [0, 0, 56, 224]], np.float32)
+    levels = roi.assign_levels(px / 512, 512, min_level=2, max_level=5).numpy()
+    # 224 -> 4, 112 -> 3, 448 -> 5, 111 -> 2 (floor of 2.99), tiny and empty -> 2, 512 -> 5 (5.19),
+    # 56 x 224 (geometric side 112) -> 3
+    np.testing.assert_array_equal(levels, [4, 3, 5, 2, 2, 2, 5, 3])
+    np.testing.assert_array_equal(roi.assign_levels(px / 512, 512, min_level=3, max_level=4).numpy(),
+                                  [4, 3, 4, 3, 3, 3, 4, 3])
+
+
+def test_roi_align_of_a_linear_feature_is_the_bin_centre():
+    # f(y, x) = x on P2 of a 64 px input: the box [8, 8, 36, 36] px (level 2) covers feature x in
+    # [8 / 4 - 0.5, 36 / 4 - 0.5] = [1.5, 8.5], so bin q of 7 has its centre at 2 + q
+    p2 = np.broadcast_to(np.arange(16, dtype=np.float32)[None, None, :, None], (1, 16, 16, 1))
+    layer = roi.RoIAlign(input_size=64)
+    pooled = layer([p2, np.array([[[8, 8, 36, 36]]], np.float32) / 64]).numpy()
+    np.testing.assert_allclose(pooled[0, 0, :, :, 0], np.broadcast_to(2.0 + np.arange(7), (7, 7)), atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned, sampling_ratio, output_size", [(True, 2, 7), (False, 3, 2)])
+def test_roi_align_matches_the_reference(aligned, sampling_ratio, output_size):
+    rng = np.random.default_rng(1)
+    input_size, channels = 256, 5
+    maps = [rng.normal(size=(2, 256 // s, 256 // s, channels)).astype(np.float32) for s in (4, 8, 16)]
+    px = np.array([[10, 20, 40, 45], [30, 30, 100, 110], [0, 0, 256, 256], [200, 180, 256, 256],
+                   [-40, 100, 60, 180], [230, -20, 300, 40], [270, 270, 330, 330], [-80, -80, 50, 50],
+                   [50, 60, 50.5, 61], [17.3, 90.1, 150.7, 120.2]], np.float32)
+    random_px = np.concatenate([rng.uniform(-20, 200, (10, 2)), np.zeros((10, 2))], 1)
+    random_px[:, 2:] = random_px[:, :2] + rng.uniform(4, 180, (10, 2))
+    boxes = np.stack([px, random_px.astype(np.float32)]) / input_size  # (2, 10, 4)
+    levels = roi.assign_levels(boxes, input_size, 2, 4).numpy()
+    assert set(levels.ravel()) == {2, 3, 4}
+    layer = roi.RoIAlign(output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned, input_size=input_size)
+    got = layer([*maps, boxes]).numpy()
+    assert got.shape == (2, 10, output_size, output_size, channels)
+    expected = roi_align_reference(maps, boxes, input_size, output_size, sampling_ratio, aligned)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(expected[0, 6]).max() == 0  # wholly beyond the border: every sample is outside
+    assert np.abs(expected[0, 3]).max() > 0
+
+
+@pytest.mark.parametrize("kwargs, key", [({"output_size": 0}, "output_size"), ({"sampling_ratio": 0}, "adaptive"),
+                                         ({"sampling_ratio": -1}, "sampling_ratio"), ({"input_size": None}, "input_size"),
+                                         ({"aligned": "yes"}, "aligned"), ({"canonical_size": 0}, "canonical_size")])
+def test_roi_align_config_errors(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        roi.RoIAlign(**{"input_size": 64, **kwargs})
+
+
+def test_roi_align_rejects_feature_maps_of_different_channels():
+    p2, p3 = keras.Input((16, 16, 8)), keras.Input((8, 8, 4))
+    with pytest.raises(ValueError, match="equal channel counts"):
+        roi.RoIAlign(input_size=64)([p2, p3, keras.Input((5, 4))])
+    with pytest.raises(ValueError, match="static"):
+        roi.RoIAlign(input_size=64)([keras.Input((None, None, 8)), keras.Input((5, 4))])
