@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install test test-ray test-fast bench demo data-synth baseline prune-yolov2-coco5 prune-yolov4-tiny-coco5 prune-yolov2-kitti clean
+.PHONY: install test test-distributed test-fast bench demo data-synth baseline prune-yolov2-coco5 prune-yolov4-tiny-coco5 prune-yolov2-kitti clean
 
 install: $(STAMP)
 
@@ -23,14 +23,14 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml
 
 # two test processes: most of a tiny test's time is single-threaded Python (tracing, building)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not ray"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not distributed"
 
 # the Ray dispatch of experiments on a local two-worker cluster (its own target: about 80 s)
-test-ray: $(STAMP)
-	$(PY) -m pytest -q -m ray
+test-distributed: $(STAMP)
+	$(PY) -m pytest -q -m distributed
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not ray"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not distributed"
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench-results.json

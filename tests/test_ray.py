@@ -7,7 +7,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 
-@pytest.mark.ray
+@pytest.mark.distributed
 def test_a_two_cell_sweep_on_a_local_ray_cluster_reports_as_a_serial_run(tmp_path, tiny_synth_data):
     from kprune.darknet.builder import build_model
     from kprune.experiment import Experiment, ExperimentConfig, run_on_ray

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +92,17 @@ class RunCallback(keras.callbacks.Callback):
         self.run.write_json("state.json", self.run.state)
 
 
+#: what collective ops raise on the workers left when a peer of a multi-worker cluster dies
+LOST_PEER = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+             tf.errors.DeadlineExceededError)
+
+def _reason(error) -> str:
+    """The line of a TensorFlow error that says why collectives failed (its first line is generic)."""
+    lines = [line.strip() for line in error.message.splitlines() if line.strip()]
+    said = [line for line in lines if "aborted by" in line]
+    return f"{type(error).__name__}: {(said or lines or [''])[0]}"
+
+
 #: what ``init`` says in ``config.yaml`` of a run that trained a model given in memory
 GIVEN_MODEL = "(a model given in memory)"
 
@@ -165,7 +177,9 @@ class TrainingRun:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             checkpoint = tf.train.Checkpoint(detector=self.detector, optimizer=optimizer, epoch=self.epoch)
         # under multi-worker training every worker saves (collective ops), but only the chief into
-        # the run directory; the others write to a scratch folder of their own
+        # the run directory; the others write to a scratch folder of their own, removed at the end.
+        # A resume reads the chief's checkpoint on every worker (the run directory must be on storage
+        # all workers see), so the workers start again from identical weights
         self.chief = is_chief(self.strategy)
         folder = self.out if self.chief else Path(tempfile.mkdtemp(prefix="kprune-worker-"))
         self.writes_to = folder
@@ -173,9 +187,10 @@ class TrainingRun:
         self.best = tf.train.CheckpointManager(checkpoint, str(folder / "checkpoints" / "best"), max_to_keep=1)
         self.state = {}
         if resume:
-            if self.last.latest_checkpoint is None:
+            latest = tf.train.latest_checkpoint(str(self.out / "checkpoints" / "last"))
+            if latest is None:
                 raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints' / 'last'}")
-            checkpoint.restore(self.last.latest_checkpoint)
+            checkpoint.restore(latest)
             state_path = self.out / "state.json"
             self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
 
@@ -202,12 +217,17 @@ class TrainingRun:
         c = self.config
         size = self.detector.input_shape[1]
         augment = build(Augment, c.augment, "augment")  # [low, high] lists become tuples
-        return make_dataset(
+        dataset = make_dataset(
             self.manifest, split, size, c.batch_size, training=training, augment=augment, letterbox=c.letterbox,
             encoder=self.encoder, multiscale=c.multiscale if training and not fixed_size else None,
             seed=c.seed, start_epoch=start_epoch, repeat=training, label_map=self.label_map,
             drop_remainder=training or self.replicas > 1,  # replicas need equal, non-empty shares
         )
+        # every worker runs the same seeded pipeline and takes its share of each global batch (a
+        # split is one file, so tf.data's default, sharding by file, cannot serve two workers)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return dataset.with_options(options)
 
     def write_json(self, name: str, payload) -> None:
         write_json_atomic(self.writes_to / name, payload)
@@ -238,8 +258,12 @@ class TrainingRun:
             TrainingError: the loss became NaN or Inf (the last good checkpoint is kept).
         """
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(dataclasses.asdict(c), self.out / "config.yaml")
+        self.writes_to.mkdir(parents=True, exist_ok=True)
+        dump_yaml(dataclasses.asdict(c), self.writes_to / "config.yaml")
+        if not self.chief and self.progress:
+            resolver = self.strategy.cluster_resolver
+            print(f"{resolver.task_type} {resolver.task_id} (not the chief): the chief writes the run directory {self.out}; this worker writes to {self.writes_to} "
+                  f"(removed at the end)")
         if self.anchor_fit is not None and self.chief:
             self.write_json("anchors.json", self.anchor_fit)
             if self.progress and self.anchor_fit["mean_iou"] is not None:
@@ -256,8 +280,8 @@ class TrainingRun:
         callbacks = [
             *callbacks,
             run_callback,
-            keras.callbacks.CSVLogger(str(self.out / "log.csv"), append=start > 0),
-            keras.callbacks.TensorBoard(str(self.out / "tensorboard"), update_freq="epoch", write_graph=False),
+            keras.callbacks.CSVLogger(str(self.writes_to / "log.csv"), append=start > 0),
+            keras.callbacks.TensorBoard(str(self.writes_to / "tensorboard"), update_freq="epoch", write_graph=False),
         ]
         began = time.perf_counter()
         if start == 0 and c.pretrain_epochs and not self.state.get("pretrained"):
@@ -265,12 +289,20 @@ class TrainingRun:
                 self.state["pretrained"] = pretrain_trunk(self.detector, self.manifest, c.pretrain_epochs,
                                                           c.pretrain_crop, progress=self.progress, seed=c.seed)
         if start < c.epochs and not self.state.get("stopped_early"):
-            self.trainer.fit(
-                self.dataset("train", True, start), validation_data=self.dataset("val", False),
-                validation_freq=c.validate_every, epochs=c.epochs, initial_epoch=start, steps_per_epoch=self.steps,
-                callbacks=callbacks,
-                verbose=1 if self.progress else 0,
-            )
+            try:
+                self.trainer.fit(
+                    self.dataset("train", True, start), validation_data=self.dataset("val", False),
+                    validation_freq=c.validate_every, epochs=c.epochs, initial_epoch=start,
+                    steps_per_epoch=self.steps, callbacks=callbacks, verbose=1 if self.progress else 0,
+                )
+            except LOST_PEER as exc:
+                if c.distribution != "multi-worker":
+                    raise
+                raise TrainingError(
+                    f"the multi-worker cluster lost a worker in epoch {run_callback.epoch + 1} "
+                    f"({_reason(exc)}); the last checkpoint is "
+                    f"{tf.train.latest_checkpoint(str(self.out / 'checkpoints' / 'last'))} (epoch "
+                    f"{int(self.epoch.numpy())}): start every worker again with --resume") from None
         if run_callback.failure:
             raise TrainingError(f"{run_callback.failure}; stopped. The last good checkpoint is "
                                 f"{self.last.latest_checkpoint} (epoch {int(self.epoch.numpy())})")
@@ -290,6 +322,8 @@ class TrainingRun:
         if c.slimming:
             metrics.update(bn_gamma_before=self.gamma_before, bn_gamma_after=gamma_stats(self.final_model))
         self.write_json("metrics.json", metrics)
+        if not self.chief:
+            shutil.rmtree(self.writes_to, ignore_errors=True)
         return metrics
 
 
