@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from kprune._keras import keras
+from kprune._keras import keras, tf
 from kprune.models import roi
 
 S2 = math.sqrt(2.0)
@@ -192,8 +192,9 @@ def test_roi_align_matches_the_reference(aligned, sampling_ratio, output_size):
 
 
 @pytest.mark.parametrize("kwargs, key", [({"output_size": 0}, "output_size"), ({"sampling_ratio": 0}, "adaptive"),
-                                         ({"sampling_ratio": -1}, "sampling_ratio"), ({"input_size": None}, "input_size"),
-                                         ({"aligned": "yes"}, "aligned"), ({"canonical_size": 0}, "canonical_size")])
+                                         ({"sampling_ratio": -1}, "sampling_ratio"),
+                                         ({"input_size": None}, "input_size"), ({"aligned": "yes"}, "aligned"),
+                                         ({"canonical_size": 0}, "canonical_size")])
 def test_roi_align_config_errors(kwargs, key):
     with pytest.raises(ValueError, match=key):
         roi.RoIAlign(**{"input_size": 64, **kwargs})
@@ -205,3 +206,74 @@ def test_roi_align_rejects_feature_maps_of_different_channels():
         roi.RoIAlign(input_size=64)([p2, p3, keras.Input((5, 4))])
     with pytest.raises(ValueError, match="static"):
         roi.RoIAlign(input_size=64)([keras.Input((None, None, 8)), keras.Input((5, 4))])
+
+
+# ---------------------------------------------------------------------------------------------- proposals
+
+# input 64, strides (32, 64), sizes (32, 64), one ratio: level 0 anchors [0 0 32 32], [32 0 64 32],
+# [0 32 32 64], [32 32 64 64] px, level 1 [0 0 64 64]
+PROPOSAL_CONFIG = {"input_size": 64, "strides": (32, 64), "sizes": (32, 64), "ratios": (1.0,)}
+
+
+def hand_rpn_outputs():
+    """Two images. Image 0: anchor 1 moved 30 px left, [2 0 34 32] (logit 5), overlaps anchor 0
+    [0 0 32 32] (logit 4) at IoU 30/34; anchor 3 grown to 48 px, [24 24 72 72] (logit 3), crossing
+    the border; anchor 2 (logit -1); the level-1 anchor shrunk to 4 px, [30 30 34 34] (logit 6).
+    Image 1: the same deltas, logits reversed."""
+    deltas = np.zeros((2, 5, 4), np.float32)
+    deltas[:, 1, 0] = -30 / 32
+    deltas[:, 3, 2:] = math.log(1.5)
+    deltas[:, 4, 2:] = math.log(4 / 64)
+    logits = np.array([[4, 5, -1, 3, 6], [6, 3, -1, 5, 4]], np.float32)
+    return logits, deltas
+
+
+def test_proposals_nms_clipping_and_min_size_by_hand():
+    logits, deltas = hand_rpn_outputs()
+    layer = roi.Proposals(**PROPOSAL_CONFIG, pre_nms_topk=3, count=4, min_size=5.0)
+    boxes = layer([logits, deltas]).numpy() * 64
+    # image 0: level 0 keeps the top 3 (anchors 1, 0, 3); the 4 px box is dropped by min_size;
+    # NMS keeps [2 0 34 32] and the clipped [24 24 64 64], drops anchor 0; the rest zero rows
+    np.testing.assert_allclose(boxes[0], [[2, 0, 34, 32], [24, 24, 64, 64], [0, 0, 0, 0], [0, 0, 0, 0]], atol=1e-4)
+    # image 1: top 3 of level 0 are anchors 0 (6), 3 (5), 1 (3): [2 0 34 32] now loses to [0 0 32 32]
+    np.testing.assert_allclose(boxes[1], [[0, 0, 32, 32], [24, 24, 64, 64], [0, 0, 0, 0], [0, 0, 0, 0]], atol=1e-4)
+    # min_size 0 keeps the 4 px box, first by logit in image 0; pre_nms_topk 4 lets anchor 2 in
+    boxes, scores, valid = roi.propose(logits, deltas, layer.anchors, 64, pre_nms_topk=4, count=5)
+    np.testing.assert_array_equal(valid.numpy(), [4, 4])
+    np.testing.assert_allclose(boxes[0].numpy() * 64, [[30, 30, 34, 34], [2, 0, 34, 32], [24, 24, 64, 64],
+                                                       [0, 32, 32, 64], [0, 0, 0, 0]], atol=1e-4)
+    np.testing.assert_allclose(scores[0].numpy(), [6, 5, 3, -1, 0])
+
+
+def test_proposals_nms_per_level_or_across_levels():
+    # anchor 0 moved to the centre and doubled: [0 0 64 64] px (logit 2), the level-1 anchor the same
+    # (logit 1); one candidate per level
+    deltas = np.zeros((1, 5, 4), np.float32)
+    deltas[0, 0] = [0.5, 0.5, math.log(2), math.log(2)]
+    logits = np.array([[2, -5, -5, -5, 1]], np.float32)
+    config = {**PROPOSAL_CONFIG, "pre_nms_topk": 1, "count": 2}
+    per_level = roi.Proposals(**config)([logits, deltas]).numpy() * 64
+    np.testing.assert_allclose(per_level[0], [[0, 0, 64, 64], [0, 0, 64, 64]], atol=1e-4)
+    across = roi.Proposals(**config, per_level_nms=False)([logits, deltas]).numpy() * 64
+    np.testing.assert_allclose(across[0], [[0, 0, 64, 64], [0, 0, 0, 0]], atol=1e-4)
+
+
+def test_proposals_stop_the_gradient():
+    logits, deltas = (tf.constant(v) for v in hand_rpn_outputs())
+    with tf.GradientTape() as tape:
+        tape.watch(deltas)
+        boxes = roi.Proposals(**PROPOSAL_CONFIG, count=4)([logits, deltas])
+    assert tape.gradient(boxes, deltas) is None
+
+
+@pytest.mark.parametrize("kwargs, key", [({"count": 0}, "count"), ({"pre_nms_topk": 0}, "pre_nms_topk"),
+                                         ({"nms_iou": 1.5}, "nms_iou"), ({"min_size": -1}, "min_size"),
+                                         ({"ratios": (1.0, -2.0)}, "ratios"), ({"sizes": (32,)}, "sizes")])
+def test_proposal_config_errors(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        roi.Proposals(**{**PROPOSAL_CONFIG, **kwargs})
+
+
+def test_proposals_reject_inputs_that_do_not_fit_the_anchors():
+    with pytest.raises(ValueError, match=r"\(N, 5\) logits"):
+        roi.Proposals(**PROPOSAL_CONFIG)([keras.Input((6,)), keras.Input((6, 4))])

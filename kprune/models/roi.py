@@ -9,6 +9,8 @@ Coordinates are normalised to the square input (0 .. 1 across ``input_size`` pix
   weights; (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the ROI heads).
 - :func:`assign_levels`, :class:`RoIAlign`: detectron2's level rule and ROIAlign over the FPN
   levels, as TFLite builtin ops.
+- :func:`propose`, :class:`Proposals`: the RPN's proposals (top-k per level, decoding, clipping,
+  NMS), a fixed number per image, as TFLite builtin ops.
 """
 
 from __future__ import annotations
@@ -386,3 +388,153 @@ class RoIAlign(keras.layers.Layer):
                 "aligned": self.aligned, "canonical_size": self.canonical_size,
                 "canonical_level": self.canonical_level, "min_level": self.min_level,
                 "input_size": self.input_size}
+
+
+#: the score given to candidates dropped before NMS, and the NMS score threshold that removes them
+_DROPPED = float(np.finfo(np.float32).min)
+_DROP_THRESHOLD = -1e38
+
+
+def _suppress(boxes, scores, count: int, nms_iou: float):
+    """One image's greedy NMS (TFLite NON_MAX_SUPPRESSION_V4): ``count`` indices in score order,
+    padded with 0, and the number of valid ones."""
+    selected, valid = tf.raw_ops.NonMaxSuppressionV4(
+        boxes=boxes, scores=scores, max_output_size=count, iou_threshold=nms_iou,
+        score_threshold=_DROP_THRESHOLD, pad_to_max_output_size=True)
+    return selected, valid
+
+
+def propose(logits, deltas, anchors: Sequence[np.ndarray], input_size: int, pre_nms_topk: int = 1000,
+            count: int = 1000, nms_iou: float = 0.7, min_size: float = 0.0, per_level_nms: bool = True):
+    """The RPN's proposals (detectron2's ``find_top_rpn_proposals`` at inference).
+
+    Per level the ``pre_nms_topk`` anchors of highest logit are decoded (weights (1, 1, 1, 1), the
+    log(1000 / 16) clamp), clipped to [0, 1], and those whose clipped width or height is not larger
+    than ``min_size`` pixels are dropped (detectron2's ``nonempty(min_size)``, strict, so 0 drops
+    only empty boxes); then one greedy NMS per image at IoU ``nms_iou`` keeps at most ``count``, in
+    decreasing logit over all levels.
+
+    With ``per_level_nms`` (the default), NMS is per level as in detectron2 and torchvision, whose
+    ``batched_nms`` takes the level as the category: a box never suppresses one of another level.
+    It is done in one NMS op by moving each level's boxes (already in [0, 1]) by 2 * level, so that
+    boxes of different levels cannot overlap; the moved coordinates (< 2 * levels) keep about 1e-6 of
+    absolute precision, which only matters for an IoU within ~1e-4 of the threshold. Without it,
+    one NMS runs across the levels (fewer near-duplicates of one object from neighbouring levels,
+    but not what pretrained detectron2 weights were trained with).
+
+    TFLite: TOPK_V2, GATHER, arithmetic, and NON_MAX_SUPPRESSION_V4 inside a WHILE over the batch
+    (``tf.map_fn``); no Flex ops.
+
+    Args:
+        logits: ``(N, A)`` objectness logits, in :func:`fpn_anchors` order.
+        deltas: ``(N, A, 4)`` (dx, dy, dw, dh).
+        anchors: the anchors of each level (:func:`anchors_per_level`), ``A`` rows in all.
+        input_size: the input side in pixels (for ``min_size``).
+
+    Returns:
+        ``(boxes, scores, valid)``: ``(N, count, 4)`` xyxy in [0, 1] and ``(N, count)`` their logits,
+        both zero beyond the ``valid`` ``(N,)`` kept ones; gradients stopped.
+    """
+    logits = tf.cast(logits, tf.float32)
+    deltas = tf.cast(deltas, tf.float32)
+    boxes, scores, levels, start = [], [], [], 0
+    for level, level_anchors in enumerate(anchors):
+        size = len(level_anchors)
+        k = min(int(pre_nms_topk), size)
+        top = tf.math.top_k(logits[:, start:start + size], k=k, sorted=True)
+        level_deltas = tf.gather(deltas[:, start:start + size], top.indices, batch_dims=1)
+        boxes.append(decode(level_deltas, tf.gather(tf.constant(level_anchors, tf.float32), top.indices)))
+        scores.append(top.values)
+        levels.append(np.full(k, level, np.float32))
+        start += size
+    boxes = tf.clip_by_value(tf.concat(boxes, axis=1), 0.0, 1.0)
+    scores = tf.concat(scores, axis=1)
+    sides = (boxes[..., 2:] - boxes[..., :2]) * float(input_size)
+    kept = tf.reduce_min(sides, axis=-1) > float(min_size)
+    nms_scores = tf.where(kept, scores, _DROPPED)
+    nms_boxes = boxes
+    if per_level_nms:
+        nms_boxes = boxes + tf.constant(2.0 * np.concatenate(levels))[None, :, None]
+    selected, valid = tf.map_fn(
+        lambda image: _suppress(image[0], image[1], int(count), float(nms_iou)), (nms_boxes, nms_scores),
+        fn_output_signature=(tf.TensorSpec([int(count)], tf.int32), tf.TensorSpec([], tf.int32)))
+    mask = tf.cast(tf.range(int(count))[None, :] < valid[:, None], tf.float32)
+    boxes = tf.gather(boxes, selected, batch_dims=1) * mask[..., None]
+    scores = tf.gather(scores, selected, batch_dims=1) * mask
+    return tf.stop_gradient(boxes), tf.stop_gradient(scores), tf.stop_gradient(valid)
+
+
+@_serializable
+class Proposals(keras.layers.Layer):
+    """The RPN's proposals as a layer: inputs ``[rpn_logits (N, A), rpn_deltas (N, A, 4)]``, output
+    ``(N, count, 4)`` xyxy normalised boxes in [0, 1], in decreasing objectness, zero rows beyond
+    the kept ones, gradient stopped. See :func:`propose` for the steps and the NMS.
+
+    The anchors are recomputed from the config (:func:`anchors_per_level`), so ``A`` must be
+    ``len(fpn_anchors(input_size, strides, sizes, ratios))``.
+
+    Args:
+        input_size, strides, sizes, ratios: of :func:`fpn_anchors`.
+        pre_nms_topk: candidates per level before NMS (detectron2's test value: 1000).
+        count: proposals per image after NMS (K).
+        nms_iou: IoU above which NMS suppresses, in (0, 1].
+        min_size: in pixels; boxes whose clipped width or height is not larger are dropped.
+        per_level_nms: NMS per level (detectron2) or across levels.
+
+    Raises:
+        ValueError: a bad config value (naming it), or (when built) inputs whose shapes do not fit
+            the anchors.
+    """
+
+    def __init__(self, input_size: int, strides: Sequence[int] = FPN_STRIDES, sizes: Sequence[float] = FPN_SIZES,
+                 ratios: Sequence[float] = FPN_RATIOS, pre_nms_topk: int = 1000, count: int = 1000,
+                 nms_iou: float = 0.7, min_size: float = 0.0, per_level_nms: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.anchors = anchors_per_level(input_size, strides, sizes, ratios)
+        self.input_size = int(input_size)
+        self.strides = [int(v) for v in strides]
+        self.sizes = [float(v) for v in sizes]
+        self.ratios = [float(v) for v in ratios]
+        self.pre_nms_topk = _int_config("Proposals pre_nms_topk", pre_nms_topk, 1)
+        self.count = _int_config("Proposals count", count, 1)
+        self.nms_iou = _float_config("Proposals nms_iou", nms_iou)
+        if self.nms_iou > 1:
+            raise ValueError(f"Proposals nms_iou {nms_iou!r}: must be in (0, 1]")
+        self.min_size = _float_config("Proposals min_size", min_size, positive=False)
+        if not isinstance(per_level_nms, (bool, np.bool_)):
+            raise ValueError(f"Proposals per_level_nms {per_level_nms!r}: must be True or False")
+        self.per_level_nms = bool(per_level_nms)
+
+    @property
+    def num_anchors(self) -> int:
+        return sum(len(a) for a in self.anchors)
+
+    def build(self, input_shape):
+        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+            raise ValueError(f"layer {self.name}: inputs must be [rpn_logits, rpn_deltas]")
+        logits, deltas = (tf.TensorShape(s) for s in input_shape)
+        total = self.num_anchors
+        if logits.rank != 2 or logits[1] != total or deltas.rank != 3 or deltas[1] != total or deltas[2] != 4:
+            raise ValueError(f"layer {self.name}: inputs must be (N, {total}) logits and (N, {total}, 4) deltas for "
+                             f"the anchors of input {self.input_size}, strides {self.strides}, "
+                             f"{len(self.ratios)} ratios; got {logits} and {deltas}")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        logits, deltas = inputs
+        boxes, _, _ = propose(logits, deltas, self.anchors, self.input_size, self.pre_nms_topk, self.count,
+                              self.nms_iou, self.min_size, self.per_level_nms)
+        return boxes
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([tf.TensorShape(input_shape[0])[0], self.count, 4])
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: no weights."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "input_size": self.input_size, "strides": self.strides,
+                "sizes": self.sizes, "ratios": self.ratios, "pre_nms_topk": self.pre_nms_topk,
+                "count": self.count, "nms_iou": self.nms_iou, "min_size": self.min_size,
+                "per_level_nms": self.per_level_nms}
