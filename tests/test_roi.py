@@ -277,3 +277,60 @@ def test_proposal_config_errors(kwargs, key):
 def test_proposals_reject_inputs_that_do_not_fit_the_anchors():
     with pytest.raises(ValueError, match=r"\(N, 5\) logits"):
         roi.Proposals(**PROPOSAL_CONFIG)([keras.Input((6,)), keras.Input((6, 4))])
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+
+def tiny_two_stage_model():
+    """64 px input -> P2 (16 x 16) and P3 (8 x 8) of 8 channels -> RPN outputs -> 20 proposals ->
+    3 x 3 RoIAlign (canonical size 32 px, so both levels are used)."""
+    image = keras.Input((64, 64, 3), name="image")
+    p2 = keras.layers.Conv2D(8, 3, strides=4, padding="same", name="p2")(image)
+    p3 = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="p3")(p2)
+    logits, deltas = [], []
+    for level, feature in ((2, p2), (3, p3)):
+        logit = keras.layers.Conv2D(3, 1, name=f"rpn_logits_p{level}")(feature)
+        delta = keras.layers.Conv2D(12, 1, name=f"rpn_deltas_p{level}")(feature)
+        logits.append(keras.layers.Reshape((-1,))(logit))
+        deltas.append(keras.layers.Reshape((-1, 4))(delta))
+    logits = keras.layers.Concatenate(axis=1)(logits)
+    deltas = keras.layers.Concatenate(axis=1)(deltas)
+    proposals = roi.Proposals(input_size=64, strides=(4, 8), sizes=(16, 32), pre_nms_topk=50, count=20,
+                              min_size=1.0, name="proposals")([logits, deltas])
+    pooled = roi.RoIAlign(output_size=3, input_size=64, canonical_size=32, name="roi_align")([p2, p3, proposals])
+    model = keras.Model(image, [proposals, pooled], name="tiny_two_stage")
+    rng = np.random.default_rng(3)
+    for weight in model.weights:  # small deltas: proposals spread over the image, not all clipped to it
+        weight.assign(rng.normal(0, 0.05 if "deltas" in weight.name else 0.5, weight.shape).astype(np.float32))
+    return model
+
+
+def test_tiny_two_stage_model_saves_loads_and_converts_to_builtin_tflite(tmp_path):
+    from kprune.export.tflite import convert
+    from kprune.models.io import load_model, save_model
+    from kprune.models.litert import TFLiteRunner, flatbuffer_graph
+
+    model = tiny_two_stage_model()
+    images = np.random.default_rng(4).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    proposals, pooled = (o.numpy() for o in model(images))
+    assert proposals.shape == (2, 20, 4) and pooled.shape == (2, 20, 3, 3, 8)
+    levels = roi.assign_levels(proposals, 64, 2, 3, canonical_size=32).numpy()
+    assert set(levels.ravel()) == {2, 3}
+
+    save_model(model, tmp_path / "tiny.keras")
+    loaded = load_model(tmp_path / "tiny.keras")  # safe_mode=True
+    for expected, got in zip((proposals, pooled), loaded(images)):
+        np.testing.assert_array_equal(got.numpy(), expected)
+    assert loaded.get_layer("proposals").get_config() == model.get_layer("proposals").get_config()
+
+    content = convert(model)  # float32, builtin ops only: the converter refuses anything else
+    schema, flatbuffer, _ = flatbuffer_graph(content)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = [flatbuffer.OperatorCodes(k) for k in range(flatbuffer.OperatorCodesLength())]
+    assert not [c.CustomCode() for c in codes if c.CustomCode()]  # no Flex (SELECT_TF_OPS) or custom ops
+    ops = {names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes}
+    assert {"NON_MAX_SUPPRESSION_V4", "TOPK_V2", "GATHER", "BATCH_MATMUL", "WHILE"} <= ops
+    assert not ops & {"CROP_AND_RESIZE", "FLEX_DELEGATE"}
+    tflite_proposals, tflite_pooled = TFLiteRunner(content, model)(images)
+    assert np.abs(tflite_proposals - proposals).max() <= 1e-4  # in order: the logits have no ties
+    assert np.abs(tflite_pooled - pooled).max() <= 1e-4
