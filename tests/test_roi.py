@@ -334,3 +334,25 @@ def test_tiny_two_stage_model_saves_loads_and_converts_to_builtin_tflite(tmp_pat
     tflite_proposals, tflite_pooled = TFLiteRunner(content, model)(images)
     assert np.abs(tflite_proposals - proposals).max() <= 1e-4  # in order: the logits have no ties
     assert np.abs(tflite_pooled - pooled).max() <= 1e-4
+
+
+def test_proposals_hand_case_in_tflite():
+    from ai_edge_litert.interpreter import Interpreter
+
+    from kprune.export.tflite import convert
+
+    logits, deltas = hand_rpn_outputs()
+    inputs = [keras.Input((5,), name="logits"), keras.Input((5, 4), name="deltas")]
+    layer = roi.Proposals(**PROPOSAL_CONFIG, pre_nms_topk=3, count=4, min_size=5.0)
+    model = keras.Model(inputs, layer(inputs))
+    interpreter = Interpreter(model_content=convert(model))
+    interpreter.allocate_tensors()
+    by_rank = {len(d["shape"]): d["index"] for d in interpreter.get_input_details()}
+    expected = model([logits, deltas]).numpy()
+    for image in range(2):  # the min_size drop and the zero rows as in Keras
+        interpreter.set_tensor(by_rank[2], logits[image:image + 1])
+        interpreter.set_tensor(by_rank[3], deltas[image:image + 1])
+        interpreter.invoke()
+        got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        np.testing.assert_allclose(got[0], expected[image], atol=1e-6)
+    np.testing.assert_array_equal(expected[:, 2:], 0)
