@@ -200,12 +200,14 @@ def test_roi_align_config_errors(kwargs, key):
         roi.RoIAlign(**{"input_size": 64, **kwargs})
 
 
-def test_roi_align_rejects_feature_maps_of_different_channels():
+def test_roi_align_rejects_feature_maps_that_do_not_fit():
     p2, p3 = keras.Input((16, 16, 8)), keras.Input((8, 8, 4))
     with pytest.raises(ValueError, match="equal channel counts"):
         roi.RoIAlign(input_size=64)([p2, p3, keras.Input((5, 4))])
     with pytest.raises(ValueError, match="static"):
         roi.RoIAlign(input_size=64)([keras.Input((None, None, 8)), keras.Input((5, 4))])
+    with pytest.raises(ValueError, match="min_level 3"):  # P2 of a 64 px input given as P3
+        roi.RoIAlign(input_size=64, min_level=3)([keras.Input((16, 16, 8)), keras.Input((5, 4))])
 
 
 # ---------------------------------------------------------------------------------------------- proposals

@@ -200,8 +200,9 @@ def assign_levels(boxes, input_size: int, min_level: int, max_level: int, canoni
     448 px to 5; empty boxes to ``min_level``.
 
     Computed in float32 from normalised coordinates, a box exactly on a boundary (a side of exactly
-    112, 224, 448 px) can fall either way by rounding (detectron2's 1e-8 is below float32's
-    resolution near 1 too); with an input size of a power of two times such sides it is exact.
+    112, 224, 448 px) can fall either way by rounding when ``x * input_size`` is not exact in float32
+    (detectron2's 1e-8 is below float32's resolution near 1 too); with a power-of-two input size the
+    pixel sides are exact and such boxes land as stated.
 
     Args:
         boxes: ``(..., 4)`` xyxy normalised.
@@ -255,11 +256,11 @@ class RoIAlign(keras.layers.Layer):
     (adaptive: ceil(roi size / output size) samples, different per box) is not supported: the graph
     has static shapes.
 
-    Implementation, all TFLite builtins (GATHER with batch_dims, BATCH_MATMUL, arithmetic; no
-    ``crop_and_resize``, which TFLite lacks): the levels are flattened to ``(N, sum H_l W_l, C)`` and
-    joined; per box and sample axis the coordinates, the two neighbours' rows or columns and their
-    weights are computed from the box's level (its offset, side and scale gathered from small
-    tables); the four neighbours of every sample are gathered by flat index and each bin is one
+    Implementation, all TFLite builtins (GATHER with batch_dims, BATCH_MATMUL, arithmetic; not
+    ``tf.image.crop_and_resize``, which converts only as a Flex op): the levels are flattened to
+    ``(N, sum H_l W_l, C)`` and joined; per box and sample axis the coordinates, the two
+    neighbours' rows or columns and their weights are computed from the box's level (its offset,
+    side and scale gathered from small tables); the four neighbours of every sample are gathered by flat index and each bin is one
     matrix product of its ``4 sampling_ratio^2`` gathered rows with their weights. Memory: one
     ``(N, K output_size^2 4 sampling_ratio^2, C)`` gather (K = 1000, 7 x 7, 2 x 2, C = 256: 0.8 GB in
     float32 per image); no per-level copies.
@@ -275,7 +276,9 @@ class RoIAlign(keras.layers.Layer):
 
     Raises:
         ValueError: a bad config value (naming it), or (when built) no feature maps, maps that are not
-            4-d with static sides, different channel counts, or boxes not ``(N, K, 4)``.
+            4-d with static sides, different channel counts, sides other than ``ceil(input_size /
+            2**level)`` (:func:`level_sizes`: a wrong ``min_level`` or ``input_size``), or boxes not
+            ``(N, K, 4)``.
     """
 
     def __init__(self, output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
@@ -314,6 +317,12 @@ class RoIAlign(keras.layers.Layer):
         if len(set(channels)) != 1:
             raise ValueError(f"layer {self.name}: feature maps must have equal channel counts, got {channels}")
         self.levels = [(int(shape[1]), int(shape[2])) for shape in maps]
+        strides = [2 ** (self.min_level + k) for k in range(len(maps))]
+        expected = [(side, side) for side in level_sizes(self.input_size, strides)]
+        if self.levels != expected:
+            raise ValueError(f"layer {self.name}: feature maps of sides {self.levels} do not fit input_size "
+                             f"{self.input_size} and min_level {self.min_level}: levels {self.min_level}.."
+                             f"{self.max_level} (strides {strides}) have sides {expected}")
         super().build(input_shape)
 
     @property
