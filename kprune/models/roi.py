@@ -260,10 +260,10 @@ class RoIAlign(keras.layers.Layer):
     ``tf.image.crop_and_resize``, which converts only as a Flex op): the levels are flattened to
     ``(N, sum H_l W_l, C)`` and joined; per box and sample axis the coordinates, the two
     neighbours' rows or columns and their weights are computed from the box's level (its offset,
-    side and scale gathered from small tables); the four neighbours of every sample are gathered by flat index and each bin is one
-    matrix product of its ``4 sampling_ratio^2`` gathered rows with their weights. Memory: one
-    ``(N, K output_size^2 4 sampling_ratio^2, C)`` gather (K = 1000, 7 x 7, 2 x 2, C = 256: 0.8 GB in
-    float32 per image); no per-level copies.
+    side and scale gathered from small tables); the four neighbours of every sample are gathered by
+    flat index and each bin is one matrix product of its ``4 sampling_ratio^2`` gathered rows with
+    their weights. Memory: one ``(N, K output_size^2 4 sampling_ratio^2, C)`` gather (K = 1000,
+    7 x 7, 2 x 2, C = 256: 0.8 GB in float32 per image); no per-level copies.
 
     Args:
         output_size: bins per side (>= 1).
