@@ -22,7 +22,9 @@ def non_max_suppression(
     """Per-class NMS with TensorFlow's ``tf.image.combined_non_max_suppression``.
 
     Args:
-        boxes: (N, B, 4) xyxy boxes.
+        boxes: (N, B, 4) xyxy boxes shared by all classes (one-stage detectors), or (N, B, classes, 4)
+            one box per class (a two-stage detector's class-specific boxes): box ``b`` of class ``c``
+            is then ``boxes[:, b, c]``, and only boxes of one class suppress each other in either form.
         scores: (N, B, classes) scores.
         score_threshold: boxes scoring below it are dropped (use 0.001 for mAP).
         iou_threshold: a box overlapping a higher-scoring box of its class by more is dropped.
@@ -32,7 +34,8 @@ def non_max_suppression(
         A list per image of (boxes (K, 4) xyxy, scores (K,), classes (K,) int) numpy arrays, best first.
 
     Raises:
-        ValueError: thresholds outside [0, 1] or max_detections < 1.
+        ValueError: thresholds outside [0, 1], max_detections < 1, or boxes that are neither
+            (N, B, 4) nor (N, B, classes, 4) for the scores' B and classes.
     """
     for name, value in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold)):
         if not 0.0 <= value <= 1.0:
@@ -40,10 +43,19 @@ def non_max_suppression(
     if max_detections < 1:
         raise ValueError(f"max_detections must be at least 1, got {max_detections}")
     boxes = tf.convert_to_tensor(boxes, tf.float32)
-    yxyx = tf.gather(boxes, [1, 0, 3, 2], axis=-1)[:, :, None, :]
+    scores = tf.convert_to_tensor(scores, tf.float32)
+    per_class = boxes.shape.rank == 4
+    if boxes.shape.rank not in (3, 4) or boxes.shape[-1] != 4 or scores.shape.rank != 3 \
+            or (per_class and boxes.shape[2] not in (None, scores.shape[-1])):
+        raise ValueError(f"boxes {boxes.shape} and scores {scores.shape}: boxes must be (N, B, 4) or "
+                         "(N, B, classes, 4) for scores (N, B, classes)")
+    # combined_non_max_suppression takes (N, B, q, 4) yxyx boxes with q = 1 (shared) or q = classes
+    yxyx = tf.gather(boxes, [1, 0, 3, 2], axis=-1)
+    if not per_class:
+        yxyx = yxyx[:, :, None, :]
     nmsed_boxes, nmsed_scores, nmsed_classes, valid = tf.image.combined_non_max_suppression(
         yxyx,
-        tf.convert_to_tensor(scores, tf.float32),
+        scores,
         max_output_size_per_class=max_detections,
         max_total_size=max_detections,
         iou_threshold=iou_threshold,
