@@ -10,7 +10,7 @@ from typing import Dict, Iterator, List
 
 import numpy as np
 
-from kprune._keras import keras
+from kprune._keras import keras, tf
 
 
 def leaf_layers(model) -> Iterator:
@@ -45,26 +45,44 @@ def count_params(model) -> Dict[str, int]:
     }
 
 
-def layer_flops(layer) -> int:
-    """2 x multiply-adds of one Conv2D / DepthwiseConv2D / Dense layer (0 for any other layer)."""
+def layer_flops(layer, output_shape=None) -> int:
+    """2 x multiply-adds of one Conv2D / DepthwiseConv2D / Dense layer (0 for any other layer).
+
+    Args:
+        output_shape: the output shape of the call counted; default the layer's own (which a layer
+            called on several inputs of different shapes, such as a shared RPN head, does not have).
+    """
+    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+        return 0
+    shape = layer.output_shape if output_shape is None else tuple(output_shape)
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw, c_in, multiplier = layer.depthwise_kernel.shape
-        _, h, w, _ = layer.output_shape
+        _, h, w, _ = shape
         return 2 * kh * kw * c_in * multiplier * h * w
     if isinstance(layer, keras.layers.Conv2D):
         kh, kw, c_per_group, c_out = layer.kernel.shape
-        _, h, w, _ = layer.output_shape
+        _, h, w, _ = shape
         return 2 * kh * kw * c_per_group * c_out * h * w
-    if isinstance(layer, keras.layers.Dense):
-        c_in, c_out = layer.kernel.shape
-        positions = int(np.prod(layer.output_shape[1:-1])) if len(layer.output_shape) > 2 else 1
-        return 2 * c_in * c_out * positions
-    return 0
+    c_in, c_out = layer.kernel.shape
+    positions = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+    return 2 * c_in * c_out * positions
 
 
 def count_flops(model) -> int:
-    """Total FLOPs of one forward pass of one image (see :func:`layer_flops`)."""
-    return int(sum(layer_flops(layer) for layer in leaf_layers(model)))
+    """Total FLOPs of one forward pass of one image (see :func:`layer_flops`): every call of a
+    layer in the model's graph counts, so a layer shared by several inputs counts once per input."""
+    if not getattr(model, "_is_graph_network", False):
+        return int(sum(layer_flops(layer) for layer in leaf_layers(model)))
+    total = 0
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            if node.is_input:
+                continue
+            if isinstance(node.layer, keras.Model):
+                total += count_flops(node.layer)
+            else:
+                total += layer_flops(node.layer, tf.nest.flatten(node.outputs)[0].shape)
+    return int(total)
 
 
 def _shape(shape) -> List:
