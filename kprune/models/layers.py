@@ -9,6 +9,9 @@
 - :class:`L2Normalization`: SSD's conv4_3 normalisation with a learned per-channel scale.
 - :class:`MultiBoxHead`: SSD's output, the per-level box and class predictions flattened and joined,
   carrying the default-box specification, variances, classes, names and backbone boundary.
+- :class:`RCNNHead`: identity on Faster R-CNN's five outputs (RPN logits and deltas, proposals, class
+  logits, class-specific box deltas), carrying the anchor specification, proposal count, box coder
+  weights, classes, names, backbone boundary and FPN level layers.
 
 Every head layer stores ``backbone``: the names of the layers whose outputs end the backbone. The
 backbone is those layers and everything they depend on, so the split travels with the model file
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import numpy as np
+
 from kprune._keras import keras, tf
 from kprune.models.bn_formulas import bn_formula
+from kprune.models.roi import FPN_RATIOS, FPN_SIZES, FPN_STRIDES, ROI_BOX_WEIGHTS, Proposals, RoIAlign, fpn_anchors
 
 REORG_MODES = ("darknet", "space_to_depth")
 HEAD_KINDS = ("region", "yolo")
@@ -527,8 +533,101 @@ def prior_spec(spec: dict) -> dict:
     return out
 
 
+@_serializable
+class RCNNHead(keras.layers.Layer):
+    """Identity on the five outputs of a Faster R-CNN with FPN, carrying what decoding, training and
+    export need from the model file alone.
+
+    Called on ``[rpn_logits, rpn_deltas, proposals, class_logits, box_deltas]``, returns them
+    unchanged, in that order:
+
+    - ``rpn_logits`` (N, A): the RPN's objectness logit of every anchor (:meth:`anchors` order);
+    - ``rpn_deltas`` (N, A, 4): its (dx, dy, dw, dh) against the anchor, box coder weights 1;
+    - ``proposals`` (N, K, 4): xyxy in [0, 1], zero rows beyond the kept ones (no gradient);
+    - ``class_logits`` (N, K, classes + 1): per proposal, background first;
+    - ``box_deltas`` (N, K, classes, 4): per proposal and class (background has none), (dx, dy,
+      dw, dh) against the proposal with the weights ``box_weights``.
+
+    Args:
+        classes: object classes (background not counted).
+        input_size: the square input side in pixels (the anchors depend on it).
+        strides, sizes, ratios: of :func:`~kprune.models.roi.fpn_anchors`.
+        proposals: K, proposals per image.
+        box_weights: the ROI heads' box coder weights (wx, wy, ww, wh), detectron2's (10, 10, 5, 5).
+        names: optional class names.
+        backbone: names of the layers that end the backbone.
+        features: names of the layers that output the FPN levels (P2 .. P6), which end the FPN.
+
+    Raises:
+        ValueError: classes < 1, names of the wrong count, box weights that are not four positive
+            numbers, or (when built) inputs whose shapes do not fit the anchors, K and the classes.
+    """
+
+    #: the outputs, in order
+    OUTPUTS = ("rpn_logits", "rpn_deltas", "proposals", "class_logits", "box_deltas")
+
+    def __init__(self, classes: int, input_size: int, strides: Sequence[int] = FPN_STRIDES,
+                 sizes: Sequence[float] = FPN_SIZES, ratios: Sequence[float] = FPN_RATIOS, proposals: int = 1000,
+                 box_weights: Sequence[float] = ROI_BOX_WEIGHTS, names: Optional[Sequence[str]] = None,
+                 backbone: Optional[Sequence[str]] = None, features: Optional[Sequence[str]] = None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(classes, bool) or int(classes) != classes or int(classes) < 1:
+            raise ValueError(f"classes must be a whole number of at least 1, got {classes}")
+        if names is not None and len(names) != int(classes):
+            raise ValueError(f"head has {classes} classes but {len(names)} names were given")
+        if isinstance(proposals, bool) or int(proposals) != proposals or int(proposals) < 1:
+            raise ValueError(f"proposals must be a whole number of at least 1, got {proposals}")
+        weights = [float(w) for w in box_weights]
+        if len(weights) != 4 or min(weights) <= 0:
+            raise ValueError(f"box_weights {list(box_weights)}: need four positive numbers (wx, wy, ww, wh)")
+        self.classes = int(classes)
+        self.input_size = int(input_size)
+        self.strides = [int(v) for v in strides]
+        self.sizes = [float(v) for v in sizes]
+        self.ratios = [float(v) for v in ratios]
+        self.proposals = int(proposals)
+        self.box_weights = weights
+        self.names = None if names is None else [str(n) for n in names]
+        self.backbone = None if backbone is None else [str(n) for n in backbone]
+        self.features = None if features is None else [str(n) for n in features]
+        self.num_anchors = len(self.anchors())  # checks input_size, strides, sizes, ratios
+
+    def anchors(self) -> np.ndarray:
+        """The RPN's anchors, (A, 4) xyxy normalised (:func:`~kprune.models.roi.fpn_anchors`)."""
+        return fpn_anchors(self.input_size, self.strides, self.sizes, self.ratios)
+
+    def _expected(self):
+        a, k, c = self.num_anchors, self.proposals, self.classes
+        return [(a,), (a, 4), (k, 4), (k, c + 1), (k, c, 4)]
+
+    def build(self, input_shape):
+        shapes = [tuple(tf.TensorShape(s).as_list()) for s in input_shape] \
+            if isinstance(input_shape, (list, tuple)) else []
+        expected = self._expected()
+        if len(shapes) != len(expected) or any(s[1:] != e for s, e in zip(shapes, expected)):
+            wanted = ", ".join(f"{n} (N, {', '.join(map(str, e))})" for n, e in zip(self.OUTPUTS, expected))
+            raise ValueError(f"layer {self.name}: inputs must be {wanted}; got {shapes}")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return [tf.identity(t) for t in inputs]
+
+    def compute_output_shape(self, input_shape):
+        return [tf.TensorShape(s) for s in input_shape]
+
+    def get_prunable_weights(self) -> list:
+        """tfmot's PrunableLayer interface: a head has no weights."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes, "input_size": self.input_size,
+                "strides": self.strides, "sizes": self.sizes, "ratios": self.ratios, "proposals": self.proposals,
+                "box_weights": self.box_weights, "names": self.names, "backbone": self.backbone,
+                "features": self.features}
+
+
 #: the layers that end a detector and carry its metadata
-HEAD_LAYERS = (DetectionHead, MultiBoxHead)
+HEAD_LAYERS = (DetectionHead, MultiBoxHead, RCNNHead)
 
 CUSTOM_OBJECTS = {
     "Reorg": Reorg,
@@ -537,17 +636,26 @@ CUSTOM_OBJECTS = {
     "DetectionHead": DetectionHead,
     "L2Normalization": L2Normalization,
     "MultiBoxHead": MultiBoxHead,
+    "RCNNHead": RCNNHead,
+    "RoIAlign": RoIAlign,
+    "Proposals": Proposals,
 }
 
 
 def detection_heads(model) -> list:
-    """The model's head layers (:data:`HEAD_LAYERS`) in output order.
+    """The model's head layers (:data:`HEAD_LAYERS`) in output order, each once (a head with several
+    outputs, such as :class:`RCNNHead`, at its first output).
 
     Raises:
         ValueError: the model has no head layer among its outputs.
     """
-    by_output = {id(layer.output): layer for layer in model.layers if isinstance(layer, HEAD_LAYERS)}
-    heads = [by_output[id(t)] for t in model.outputs if id(t) in by_output]
+    by_output = {id(t): layer for layer in model.layers if isinstance(layer, HEAD_LAYERS)
+                 for t in tf.nest.flatten(layer.output)}
+    heads = []
+    for t in model.outputs:
+        layer = by_output.get(id(t))
+        if layer is not None and all(layer is not h for h in heads):
+            heads.append(layer)
     if not heads:
         raise ValueError(f"model {model.name!r} has no detection head among its outputs: it was not built by "
                          "kprune (a Darknet cfg, or a detector family such as ssd300-vgg16), so kprune does not "

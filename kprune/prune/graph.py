@@ -4,7 +4,8 @@ Every output channel of a *producer* (Conv2D, Dense) gets an integer id. Walking
 in order, each tensor is described by the ids of its channels (its last axis): layers that keep
 channels (batch norm, activations, pooling, padding, upsampling) pass the ids on, a concatenation
 joins them, a reorg repeats them, a flatten tiles them, a channel slice (the AlexeyAB fork's CSP
-split) takes one part of them and ties the parts together. Layers that add or multiply tensors couple
+split) takes one part of them and ties the parts together, a reshape keeps, tiles or folds them, and
+RoIAlign passes the channels of the feature maps it pools from (tied across the maps) to its output. Layers that add or multiply tensors couple
 the channels they combine: channel i of every input must be removed together, which a union-find
 over ids records. What the surgeon removes is therefore a *unit* (a union-find class of ids: one
 filter, or filters that must go together), and the producers linked by shared units form a *group*
@@ -26,7 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.models.layers import ChannelSlice, DetectionHead, L2Normalization, MultiBoxHead, Reorg
+from kprune.models.layers import ChannelSlice, DetectionHead, L2Normalization, MultiBoxHead, RCNNHead, Reorg
+from kprune.models.roi import Proposals, RoIAlign
 
 
 class UnionFind:
@@ -168,13 +170,22 @@ class Elementwise(Handler):
 
 
 class Concat(Handler):
-    """Concatenate on the channel axis: the inputs' channels one after the other."""
+    """Concatenate on the channel axis: the inputs' channels one after the other. On another axis
+    (Faster R-CNN joins its levels' anchors on axis 1) channel c of every input becomes channel c of
+    the output, so channel c of every input is tied, as in an addition."""
 
     def propagate(self, layer, inputs, graph):
         rank = len(layer.output_shape)
-        if layer.axis not in (-1, rank - 1):
-            return UNKNOWN.propagate(layer, inputs, graph, why=f"concatenation on axis {layer.axis}")
-        return np.concatenate(inputs)
+        if layer.axis in (-1, rank - 1):
+            return np.concatenate(inputs)
+        if layer.axis in (0, -rank):
+            return UNKNOWN.propagate(layer, inputs, graph, why="concatenation on the batch axis")
+        if any(len(ids) != len(inputs[0]) for ids in inputs[1:]):
+            return UNKNOWN.propagate(layer, inputs, graph, why="inputs of different channel counts")
+        for other in inputs[1:]:
+            for a, b in zip(inputs[0], other):
+                graph.union(a, b)
+        return inputs[0]
 
 
 class ReorgHandler(Handler):
@@ -234,6 +245,69 @@ class FlattenHandler(Handler):
         return np.tile(inputs[0], positions)
 
 
+class ReshapeHandler(Handler):
+    """Reshape (channels last): the values keep their memory order, so the channel of a value is
+    its flat index modulo the channel count. Three cases map channels cleanly:
+
+    - the last axis keeps its size C (only the other axes are regrouped, e.g. (N, H, W, C) ->
+      (N, H W, C)): channel c stays channel c;
+    - the last axis grows to m C (a per-item flatten, e.g. RoIAlign's (N, K, 7, 7, C) ->
+      (N, K, 49 C)): position p * C + c holds channel c, as in a flatten;
+    - the last axis shrinks to C / m (e.g. (N, H, W, 3 * 4) -> (N, H W 3, 4)): channel k holds input
+      channels k, C/m + k, ...: those are tied, as one unit.
+
+    Any other reshape is unknown (its inputs protected). The config's target shape gets the kept
+    channel count on its last axis (unless that axis is -1, which Keras infers).
+    """
+
+    def propagate(self, layer, inputs, graph):
+        ids = inputs[0]
+        out = layer.output_shape[-1] if len(layer.output_shape) > 1 else None
+        if not out or not len(ids):
+            return UNKNOWN.propagate(layer, inputs, graph, why="a reshape of an unknown shape")
+        if out % len(ids) == 0:
+            return np.tile(ids, out // len(ids))
+        if len(ids) % out == 0:
+            folded = ids.reshape(-1, out)
+            for other in folded[1:]:
+                for a, b in zip(folded[0], other):
+                    graph.union(a, b)
+            return folded[0]
+        return UNKNOWN.propagate(layer, inputs, graph, why=f"{len(ids)} channels regrouped into {out}")
+
+    def config(self, layer, config, in_keep, out_keep):
+        target = list(config["target_shape"])
+        if target and target[-1] != -1:
+            target[-1] = int(out_keep.sum())
+        return {**config, "target_shape": tuple(target)}
+
+
+class RoIAlignHandler(Handler):
+    """RoIAlign on ``[p2, p3, ..., boxes]``: output channel c is channel c of whichever map a box is
+    pooled from, so channel c of every map is tied (one unit) and passes to the output; the boxes
+    (coordinates, not channels) are left alone."""
+
+    def propagate(self, layer, inputs, graph):
+        *maps, _ = inputs
+        for other in maps[1:]:
+            if len(other) != len(maps[0]):
+                return UNKNOWN.propagate(layer, inputs, graph, why="feature maps of different channel counts")
+            for a, b in zip(maps[0], other):
+                graph.union(a, b)
+        return maps[0]
+
+
+class Consumer(Handler):
+    """A layer that reads its inputs whole and makes something else of them (Faster R-CNN's
+    :class:`~kprune.models.roi.Proposals`: RPN outputs -> boxes): every channel feeding it is
+    protected, its output channels are new and protected."""
+
+    def propagate(self, layer, inputs, graph):
+        for ids in inputs:
+            graph.protect(ids, f"feeds {layer.name} ({type(layer).__name__}), which reads it whole")
+        return graph.new_channels(layer.name, int(layer.output_shape[-1]), protect=f"output of {layer.name}")
+
+
 class Unknown(Handler):
     """A layer the surgeon does not know: the channels feeding it are protected, and its output
     channels are new, protected ids."""
@@ -263,6 +337,20 @@ class Output(Handler):
         return graph.new_channels(layer.name, int(shape[-1]), protect=f"output of {layer.name}")
 
 
+class MultiOutput(Handler):
+    """A head layer with several outputs (Faster R-CNN's :class:`RCNNHead`): every channel feeding it
+    reaches a model output, so it is protected; each output gets new, protected channels.
+    ``propagate`` returns one id array per output."""
+
+    multi_output = True
+
+    def propagate(self, layer, inputs, graph):
+        for ids in inputs:
+            graph.protect(ids, f"feeds the detection output {layer.name}")
+        shapes = layer.output_shape if isinstance(layer.output_shape, list) else [layer.output_shape]
+        return [graph.new_channels(layer.name, int(shape[-1]), protect=f"output of {layer.name}") for shape in shapes]
+
+
 class Activation(PassThrough):
     """An ``Activation`` layer keeps channels apart unless it is a softmax over them."""
 
@@ -284,7 +372,11 @@ HANDLERS: Dict[type, Handler] = {
     L.Activation: Activation(),
     L.Concatenate: Concat(),
     L.Flatten: FlattenHandler(),
+    L.Reshape: ReshapeHandler(),
     Reorg: ReorgHandler(),
+    RoIAlign: RoIAlignHandler(),
+    Proposals: Consumer(),
+    RCNNHead: MultiOutput(),
     ChannelSlice: SliceHandler(),
     DetectionHead: PassThrough(),
     MultiBoxHead: Output(),
@@ -311,7 +403,8 @@ class ChannelGraph:
     Attributes:
         producers: producer layer name -> ids of its output channels (model order).
         layer_inputs: layer name -> ids of the channels of each of its inputs (first call).
-        layer_outputs: layer name -> ids of its output channels.
+        layer_outputs: layer name -> ids of its output channels (of a layer with several outputs,
+            those of every output one after the other).
         protected: protected id -> reason (see :meth:`protection`).
         unhandled: layers the surgeon does not know -> why; the convs feeding them are protected.
     """
@@ -348,6 +441,7 @@ class ChannelGraph:
 
     def _trace(self) -> None:
         tensors: Dict[int, np.ndarray] = {}
+        per_output: Dict[str, List[np.ndarray]] = {}
         for tensor, layer in zip(self.model.inputs, self.model._input_layers):
             ids = self.new_channels(layer.name, int(tensor.shape[-1]), protect="model input")
             tensors[id(tensor)] = ids
@@ -364,13 +458,19 @@ class ChannelGraph:
                     for before, now in zip(seen, inputs):
                         for a, b in zip(before, now):
                             self.union(a, b)
-                    result = self.layer_outputs[layer.name]
+                    results = per_output[layer.name]
                 else:
                     self.layer_inputs[layer.name] = inputs
-                    result = handler_for(layer).propagate(layer, inputs, self) if len(outputs) == 1 else \
-                        UNKNOWN.propagate(layer, inputs, self, why="several outputs")
-                    self.layer_outputs[layer.name] = result
-                for tensor in outputs:
+                    handler = handler_for(layer)
+                    if len(outputs) == 1:
+                        results = [handler.propagate(layer, inputs, self)]
+                    elif getattr(handler, "multi_output", False):
+                        results = list(handler.propagate(layer, inputs, self))
+                    else:
+                        results = [UNKNOWN.propagate(layer, inputs, self, why="several outputs")] * len(outputs)
+                    per_output[layer.name] = results
+                    self.layer_outputs[layer.name] = results[0] if len(results) == 1 else np.concatenate(results)
+                for tensor, result in zip(outputs, results):
                     tensors[id(tensor)] = result
         for tensor in tf.nest.flatten(self.model.outputs):
             self.protect(tensors[id(tensor)], "reaches a model output")
