@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from kprune.detectors.base import DetectorFamily
+from kprune.detectors.rcnn import RCNNFamily
 from kprune.detectors.ssd import SSDFamily
 from kprune.detectors.yolo import YoloFamily
 
-FAMILIES: Dict[str, DetectorFamily] = {family.name: family for family in (YoloFamily(), SSDFamily())}
+FAMILIES: Dict[str, DetectorFamily] = {family.name: family for family in (YoloFamily(), SSDFamily(), RCNNFamily())}
 
 
 def get(name: str) -> DetectorFamily:

@@ -28,6 +28,8 @@ class DetectorFamily:
     head_types: tuple = ()
     #: the dataclass of the options ``loss:`` takes in training configs
     loss_options: type = object
+    #: names of the model parts :meth:`scopes` gives, besides ``backbone`` and ``head`` (pruning scopes)
+    scope_names: tuple = ()
 
     # -- the zoo --------------------------------------------------------------------------------
     def zoo(self) -> List[str]:
@@ -78,6 +80,11 @@ class DetectorFamily:
     def backbone_boundary(self, model) -> Optional[List[str]]:
         """Names of the layers that end the backbone (stored in the head), or None if unknown."""
         return self.heads(model)[0].backbone
+
+    def scopes(self, model) -> Dict[str, List[str]]:
+        """Names of the layers of each part in :attr:`scope_names` (e.g. a two-stage detector's
+        ``rpn``), by part; empty for a family without such parts."""
+        return {}
 
     def boxes_per_image(self, model) -> int:
         """Boxes the model predicts per image, before non-maximum suppression."""

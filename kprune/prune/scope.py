@@ -1,8 +1,10 @@
-"""Which layers a pruning touches: ``all``, ``backbone``, ``head`` or a regular expression.
+"""Which layers a pruning touches: ``all``, ``backbone``, ``head``, a part a detector family names
+(a Faster R-CNN's ``fpn``, ``rpn``, ``roi_head``) or a regular expression.
 
 The backbone / head split travels with the model: its head layer names the layers that end the
 backbone (:meth:`kprune.detectors.base.DetectorFamily.backbone_boundary`), and the backbone is
-everything they depend on; the head is the rest. Output convs — the detector's predictors, or for
+everything they depend on; the head is the rest. A family's own parts come from its
+:meth:`~kprune.detectors.base.DetectorFamily.scopes`, found from the model too. Output convs — the detector's predictors, or for
 a model of no family the kernel layers whose output is a model output — are left out unless
 ``outputs=True``.
 """
@@ -13,11 +15,13 @@ import re
 from typing import List
 
 from kprune._keras import tf
-from kprune.detectors import family_of
+from kprune.detectors import FAMILIES, family_of
 from kprune.detectors.base import backbone_layers as depends_on
 from kprune.models.sparsity import KERNEL_LAYERS
 
-SCOPES = ("all", "backbone", "head")
+#: the named scopes: every model's, then the parts the families name (in registry order)
+SCOPES = ("all", "backbone", "head") + tuple(dict.fromkeys(
+    name for family in FAMILIES.values() for name in family.scope_names))
 
 
 def backbone_layers(model) -> List[str]:
@@ -63,12 +67,13 @@ def layers_in_scope(model, scope: str = "all", outputs: bool = False) -> List[st
     """Names of the Conv2D / DepthwiseConv2D / Dense layers in ``scope``, in model order.
 
     Args:
-        scope: ``all``, ``backbone``, ``head``, or a regular expression searched in layer names.
+        scope: ``all``, ``backbone``, ``head``, a part the model's family names (:data:`SCOPES`),
+            or a regular expression searched in layer names.
         outputs: include the output layers (see :func:`output_layers`).
 
     Raises:
-        ValueError: an invalid expression, a scope that matches no layer, or ``backbone``/``head``
-            for a model whose split is unknown.
+        ValueError: an invalid expression, a scope that matches no layer, ``backbone``/``head``
+            for a model whose split is unknown, or a family's part for a model of another family.
     """
     layers = [layer for layer in model.layers if isinstance(layer, KERNEL_LAYERS)]
     if not outputs:
@@ -79,6 +84,18 @@ def layers_in_scope(model, scope: str = "all", outputs: bool = False) -> List[st
     elif scope in ("backbone", "head"):
         backbone = set(backbone_layers(model))
         chosen = [layer for layer in layers if (layer.name in backbone) == (scope == "backbone")]
+    elif scope in SCOPES:
+        try:
+            family = family_of(model)
+        except ValueError:
+            family = None
+        if family is None or scope not in family.scope_names:
+            known = ", ".join(("all", "backbone", "head") + (family.scope_names if family else ()))
+            raise ValueError(f"scope {scope!r} names a part of another detector family's models; model {model.name!r} "
+                             f"({family.name if family else 'no detector family'}) has the scopes {known}, or give "
+                             "a regular expression")
+        part = set(family.scopes(model)[scope])
+        chosen = [layer for layer in layers if layer.name in part]
     else:
         try:
             pattern = re.compile(scope)
