@@ -416,6 +416,14 @@ class Experiment:
         scored_on_data = uses_data(cell.get("criterion"), bool(cell.get("reconstruct")))
         dense = load_model(str(self._baseline_folder(k) / "model.keras"))
         train_options = self._options(k, cell)
+        method = get_method(cell["method"])
+        if train_options.get("distribution", "default") != "default":
+            # tfmot's wrappers refuse several replicas, and a filter-pruned model's synchronised batch
+            # norm issued its collectives in different orders on the replicas (TensorFlow 2.21); cells
+            # are many and independent: run them side by side (--ray) rather than one over devices
+            self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: trains on one device (cells do not "
+                     f"use the {train_options['distribution']} strategy; --ray runs cells side by side)")
+            train_options["distribution"] = "default"
         model, report, history = prune(dense, cell["method"],
                                        ratio=cell["ratio"], data=self.data if trains_itself or scored_on_data else None,
                                        epochs=max(epochs, 1) if trains_itself else None,
@@ -444,7 +452,7 @@ class Experiment:
                 self.log(f"[{self.config.name}] {cell['label'] + _suffix(k)}: retraining {epochs} epochs")
                 start = time.perf_counter()
                 model, _ = retrain(model, str(folder / "run"), self.data, epochs, train_options,
-                                   self.progress, keep_sparsity=cell["method"] in ("threshold", "percentage", "global"),
+                                   self.progress, keep_sparsity=method.keeps_sparsity,
                                    teacher=dense_teacher(dense, train_options))
                 result["train_seconds"] = time.perf_counter() - start
         result["retrained"] = trains_itself or epochs > 0

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -101,3 +102,37 @@ def test_a_pair_that_lost_a_worker_finishes_after_a_restart_with_resume(tiny_syn
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
     assert [row["epoch"] for row in csv.DictReader(open(out / "log.csv"))][-(3 - interrupted):] == \
         [str(e) for e in range(interrupted, 3)]
+
+
+EXPERIMENT = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from kprune.experiment import Experiment, load_config
+    Experiment(load_config(sys.argv[1]), progress=False, log=print).run()
+""")
+
+
+@pytest.mark.distributed
+def test_an_experiment_trains_its_baseline_cells_and_control_with_the_configured_strategy(tiny_synth_data, tmp_path):
+    """``distribution`` of the baseline's training settings serves the baseline and the dense control;
+    the cells train on one device and say so."""
+    train_values = dict(SMALL, epochs=1, distribution="mirrored")
+    dump_yaml({"name": "mirrored", "dataset": tiny_synth_data, "baseline": {"train": train_values},
+               "sweep": [{"method": "filters", "allocation": "uniform", "criterion": "l1", "ratios": [0.5]},
+                         {"method": "global", "ratios": [0.5]}],
+               "retrain": {"epochs": 1}, "export": ["none"], "latency_runs": 1, "samples": 0,
+               "out": str(tmp_path / "run")}, tmp_path / "experiment.yaml")
+    script = tmp_path / "experiment.py"
+    script.write_text(EXPERIMENT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "experiment.yaml")], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    replicas = {p.parent.parent.relative_to(run).as_posix(): json.loads(p.read_text())["replicas"]
+                for p in run.rglob("run/metrics.json")}
+    assert replicas == {"baseline": 2, "controls/dense-1ep": 2, "cells/filters-uniform-l1-0.5": 1,
+                        "cells/global-0.5": 1}
+    for cell in ("filters-uniform-l1-0.5", "global-0.5"):
+        assert f"{cell}: trains on one device (cells do not use the mirrored strategy" in result.stdout

@@ -133,6 +133,10 @@ class TrainingRun:
             # the same fresh weights for the same seed; the global seed is cleared again because the
             # pipeline seeds its own ops per epoch (and tf.data refuses tensor seeds under a global one)
             keras.utils.set_random_seed(config.seed)
+            if model is not None and self.replicas > 1:  # replicas train variables made in the scope
+                copy = keras.models.clone_model(model)
+                copy.set_weights(model.get_weights())
+                model = copy
             self.detector, self.label_map = build_detector(config, self.manifest.classes, model)
             tf.random.set_seed(None)
             self.family = detectors.family_of(self.detector)
@@ -152,6 +156,11 @@ class TrainingRun:
             if prepare is not None:
                 self.detector = prepare(self.detector, self.steps)
             self.pruning = bool(pruning_wrappers(self.detector))
+            if self.pruning and self.replicas > 1:
+                # tfmot's wrappers reduce their masked weights across replicas in every step, and the
+                # replicas of one step issue those collectives in different orders
+                raise ValueError(f"distribution {config.distribution}: tfmot's pruning wrappers (keep_sparsity, "
+                                 f"pruning schedules) train on one device only; use distribution: default")
             set_trainable(self.detector, config.mode)
             if config.bn_momentum is not None:
                 for layer in batch_norm_layers(self.detector):
@@ -316,7 +325,7 @@ class TrainingRun:
         save_model(self.final_model, self.writes_to / "final.keras")
         metrics = self.evaluate(model=self.final_model)
         metrics.update({"epochs": int(self.epoch.numpy()), "train_seconds": seconds,
-                        "input_size": c.final_size or self.detector.input_shape[1],
+                        "input_size": c.final_size or self.detector.input_shape[1], "replicas": self.replicas,
                         "images_per_second": (int(self.epoch.numpy()) - start) * self.steps * c.batch_size / max(seconds, 1e-9)})
         metrics.pop("coco_summary", None)
         if c.slimming:
