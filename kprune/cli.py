@@ -19,6 +19,10 @@ from kprune.prune.recovery import RECOVERIES
 from kprune.prune.schedules import SCHEDULES
 from kprune.report.runtimes import RUNTIMES
 
+#: the scopes kprune.prune.scope.SCOPES knows (it imports TensorFlow; tests check this text against it)
+SCOPE_HELP = ("all, backbone, head, a two-stage detector's fpn, rpn or roi_head, or a regular expression on "
+              "layer names.")
+
 
 class _Group(click.Group):
     """Bad input raises ValueError in the library; show it as a one-line error, not a traceback."""
@@ -330,7 +334,7 @@ def _layer_ratio(ctx, param, values):
 @click.option("--layer-ratio", multiple=True, callback=_layer_ratio, metavar="LAYER=RATIO",
               help="Per-layer ratio for --allocation independent (LAYER may be a regular expression); repeatable.")
 @click.option("--scope", default="all", show_default=True,
-              help="all, backbone, head, or a regular expression on layer names.")
+              help=SCOPE_HELP)
 @click.option("--include-outputs", is_flag=True, help="Also prune the output convs (sparsity methods).")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Kept filters per layer: a multiple of this.")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True, help="At most this fraction of a layer's filters.")
@@ -508,7 +512,7 @@ def _ratios(ctx, param, value):
 @click.option("--criterion", type=click.Choice(list(CRITERIA)), default="l1",
               show_default=True, help="Which filters go first.")
 @click.option("--scope", default="all", show_default=True,
-              help="all, backbone, head, or a regular expression on layer names.")
+              help=SCOPE_HELP)
 @click.option("--round-to", type=int, default=1, show_default=True, help="Kept filters: a multiple of this.")
 @click.option("--split", default="val", show_default=True)
 @click.option("--limit", type=int, help="Evaluate only the first N images of the split (faster, noisier).")

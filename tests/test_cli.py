@@ -155,3 +155,10 @@ def test_bad_weights_and_input_messages(tmp_path, darknet_files):
     assert not (tmp_path / "y.npz").exists()
     model = load_model(out)
     assert model.get_layer("region_31").darknet_header == [0, 2, 0, 640]
+
+
+def test_the_scope_help_names_every_scope():
+    from kprune.cli import SCOPE_HELP
+    from kprune.prune.scope import SCOPES
+
+    assert all(name in SCOPE_HELP.replace(",", " ").split() for name in SCOPES)
