@@ -70,6 +70,25 @@ def test_small_counts_and_outputs():
     assert count_flops(model) - count_flops(levels_only) == rpn + 128 * 2 * (3136 * 256 + 256 * 256 + 256 * 6 + 256 * 20)
 
 
+def test_small_anchor_sizes_are_three_quarters_of_the_full_models():
+    """The small variant's anchors: sides 24 .. 384 px on P2..P6, in the head and the proposal layer
+    alike; the first anchor (P2, cell (0, 0), ratio h / w = 0.5) centred at (2, 2) px with
+    w = 24 / sqrt(0.5), h = 24 x sqrt(0.5); other sizes by argument, five of them or refused."""
+    from kprune.detectors.rcnn.builders import faster_rcnn_small
+
+    model = RCNN.build("faster-rcnn-small", input_size=64, width=0.25)
+    assert RCNN.head(model).sizes == [24.0, 48.0, 96.0, 192.0, 384.0]
+    assert list(RCNN.proposal_layer(model).sizes) == [24.0, 48.0, 96.0, 192.0, 384.0]
+    half_w, half_h = 12 / np.sqrt(0.5), 12 * np.sqrt(0.5)
+    np.testing.assert_allclose(RCNN.anchors(model)[0], np.array([2 - half_w, 2 - half_h, 2 + half_w, 2 + half_h]) / 64,
+                               atol=1e-6)
+    full = faster_rcnn_small(input_size=64, width=0.25, anchor_sizes=(32, 64, 128, 256, 512))
+    assert RCNN.head(full).sizes == [32.0, 64.0, 128.0, 256.0, 512.0]
+    assert count_params(full) == count_params(model)  # anchors are not weights
+    with pytest.raises(ValueError, match="one positive size"):
+        faster_rcnn_small(input_size=64, width=0.25, anchor_sizes=(16, 32))
+
+
 def test_bad_sizes_are_refused(small):
     with pytest.raises(ValueError, match="multiple of 32"):
         RCNN.build("faster-rcnn-small", input_size=100)
