@@ -148,6 +148,25 @@ class DetectorFamily:
         ops only."""
         raise NotImplementedError(f"the {self.name} family cannot export with the detection post-processing op")
 
+    # -- export ---------------------------------------------------------------------------------
+    def int8_float_layers(self, model) -> List[str]:
+        """Names of the layers a full-integer (int8) TFLite export keeps in float, inside an
+        otherwise integer network (:mod:`kprune.export.selective`): parts whose results int8 would
+        spoil (box arithmetic, rankings). None by default: the whole network int8."""
+        return []
+
+    def reference_outputs(self, model, images, outputs: Sequence) -> List:
+        """The model's raw outputs on ``images`` made comparable, position by position, with an
+        export's raw ``outputs`` of the same images (the export check's ``max_abs_diff``). By
+        default the model's own outputs: a single-stage detector's outputs depend on the image only."""
+        return [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
+
+    def checks_detections(self, model) -> bool:
+        """Whether an export of ``model`` is also checked on its detections (decoding and NMS) and
+        mAP against Keras, because a small change in its raw outputs can change which boxes it
+        considers at all (a ranking inside the graph). False by default: the raw outputs say it."""
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class DetectionOpInputs:

@@ -36,6 +36,7 @@ def detect(
     max_detections: int = 100,
     letterbox: bool = True,
     names: Optional[Sequence[str]] = None,
+    predict=None,
 ) -> List[List[Detection]]:
     """Run a detector on RGB uint8 images of any size; boxes come back in each image's pixels.
 
@@ -45,6 +46,8 @@ def detect(
         score_threshold, iou_threshold, max_detections: see :func:`non_max_suppression`.
         letterbox: letterbox (True) or stretch (False) the images into the input.
         names: class names; default the names stored in the model's head, if any.
+        predict: a function of a float batch (1, H, W, 3) giving the raw outputs in the model's order
+            instead of the model (a TFLite file converted from it, :class:`kprune.models.litert.TFLiteRunner`).
 
     Returns:
         One list of :class:`Detection` per image, best first.
@@ -65,8 +68,9 @@ def detect(
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         batch, transform = preprocess_image(image, input_hw, letterbox)
-        (kept, kept_scores, kept_classes), = decode_and_suppress(
-            model, model(batch[None], training=False), score_threshold, iou_threshold, max_detections)
+        outputs = model(batch[None], training=False) if predict is None else predict(batch[None])
+        (kept, kept_scores, kept_classes), = decode_and_suppress(model, outputs, score_threshold, iou_threshold,
+                                                                 max_detections)
         pixels = transform.to_image(kept)
         results.append([
             Detection(tuple(float(v) for v in box), float(score), int(cls),
@@ -74,7 +78,6 @@ def detect(
             for box, score, cls in zip(pixels, kept_scores, kept_classes)
         ])
     return results
-
 
 
 def detect_files(
@@ -86,8 +89,10 @@ def detect_files(
     letterbox: bool = True,
     names: Optional[Sequence[str]] = None,
     progress: bool = True,
+    predict=None,
 ) -> List[Dict]:
     """Detect objects in image files; write each image with its boxes drawn and ``detections.json``.
+    ``predict``: raw outputs from elsewhere than the model (see :func:`detect`).
 
     Output images are named after the inputs' stems (``.jpg``); a stem seen before gets ``_N`` added
     so no output overwrites another.
@@ -106,7 +111,8 @@ def detect_files(
     all_detections, used = [], set()
     for index, path in enumerate(tqdm(paths, desc="detect", unit="image", disable=not progress or len(paths) < 2)):
         image = read_image(path)
-        (detections,) = detect(model, [image], score_threshold, iou_threshold, letterbox=letterbox, names=names)
+        (detections,) = detect(model, [image], score_threshold, iou_threshold, letterbox=letterbox, names=names,
+                               predict=predict)
         all_detections.append(detections)
         stem = os.path.splitext(os.path.basename(path))[0]
         name = stem if stem not in used else f"{stem}_{index}"

@@ -18,6 +18,7 @@ import numpy as np
 from kprune._keras import tf
 from kprune.data.tfrecord import read_manifest
 from kprune.detectors import family_of
+from kprune.detectors.inference import decode_and_suppress
 from kprune.export.compat import compatibility
 from kprune.export.compat import text as compatibility_text
 from kprune.export.metadata import embed_detector_metadata
@@ -32,6 +33,8 @@ from kprune.models.litert import DETECTION_OP, DetectionRunner, TFLiteRunner
 
 FORMATS = ("tflite", "saved_model")
 CHECK_IMAGES = 8
+#: images of the check split a detection-checked export (a two-stage detector) is scored on, Keras and file
+CHECK_MAP_IMAGES = 100
 
 
 def _check_images(model, data, count: int) -> tuple:
@@ -43,6 +46,38 @@ def _check_images(model, data, count: int) -> tuple:
         split = "val" if manifest.num_images("val") else "train"
         return calibration_images(manifest, count, split, size), f"{split} images"
     return np.random.default_rng(0).random((count, size, size, 3), dtype=np.float32), "random images"
+
+
+def check_detections(runner, model, images: np.ndarray, data: Optional[str], quant: str) -> dict:
+    """A raw-output file's detections against Keras', for a family whose raw outputs alone do not
+    say whether the file detects what the model detects
+    (:meth:`~kprune.detectors.base.DetectorFamily.checks_detections`: a two-stage detector, whose
+    proposals are a ranking that int8 reorders).
+
+    Returns:
+        ``detections``: :func:`~kprune.export.postprocess.compare_detections` of the file (decoded
+        and suppressed as ``kprune detect`` does) on ``images``, quantized files at scores >= 0.25
+        (what an app shows); with ``data`` also ``map50``: ``{"keras", "file", "images", "split"}``,
+        mAP@0.5 of both on the first :data:`CHECK_MAP_IMAGES` images of the check split.
+    """
+    from kprune.evaluate import evaluate_loaded
+
+    options = PostprocessOptions()
+    min_score = 0.0 if quant == "none" else 0.25
+
+    def detect(batch):
+        return decode_and_suppress(model, runner(batch), max(options.score_threshold, min_score),
+                                   options.iou_threshold, options.max_detections)
+
+    result = {"detections": compare_detections(detect, model, images, options, min_score)}
+    if data is not None:
+        manifest = read_manifest(data)
+        split = "val" if manifest.num_images("val") else "train"
+        count = min(CHECK_MAP_IMAGES, manifest.num_images(split))
+        keras_map = evaluate_loaded(model, manifest, split, limit=count)["map50"]
+        file_map = evaluate_loaded(model, manifest, split, limit=count, predict=runner)["map50"]
+        result["map50"] = {"keras": keras_map, "file": file_map, "images": int(count), "split": split}
+    return result
 
 
 def _replace_dir(tmp: str, path: str) -> None:
@@ -179,6 +214,8 @@ def export(model, out: str, format: str = "tflite", quant: str = "none", data: O
         if postprocess is None:
             runner = TFLiteRunner(content, model)
             report["check"] = {**compare(runner, source, images), "on": on}
+            if family.checks_detections(model):
+                report["check"].update(check_detections(runner, source, images, data, quant))
         else:
             content, missing = embed_detector_metadata(content, metadata_names(model, family))
             report["tflite_metadata"] = missing or "labels, input normalisation and outputs (MediaPipe ObjectDetector)"
@@ -255,6 +292,17 @@ def summary(report: dict) -> str:
         lines.append(f"check on {check['images']} {check['on']}: largest difference from Keras "
                      f"{check['max_abs_diff']:.4g} (mean {check['mean_abs_diff']:.3g}; outputs up to "
                      f"{check['max_abs_output']:.3g})")
+        if check.get("detections"):
+            found = check["detections"]
+            scoring = f" (scores >= {found['min_score']})" if found["min_score"] else ""
+            lines.append(f"detections against kprune detect's{scoring}: {found['file_detections']} for "
+                         f"{found['detections']}, {found['unmatched']} "
+                         f"unmatched; largest difference box {found['max_box_diff']:.3g}, score "
+                         f"{found['max_score_diff']:.3g}")
+        if check.get("map50"):
+            scores = check["map50"]
+            lines.append(f"mAP@0.5 on the first {scores['images']} {scores['split']} images: Keras "
+                         f"{scores['keras']:.4f}, file {scores['file']:.4f}")
     if report.get("qat"):
         qat = report["qat"]
         lines.append(f"quantization-aware training: {qat['epochs']} epochs before the int8 conversion (QAT model "

@@ -22,7 +22,6 @@ TensorFlow has no kernel for the op: the graph holds a function annotated to *im
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +30,8 @@ from kprune._keras import tf
 from kprune.boxes import iou_matrix
 from kprune.detectors import family_of
 from kprune.detectors.inference import decode_and_suppress
-from kprune.models.litert import DETECTION_OP, DETECTION_OUTPUTS, flatbuffer_graph
+from kprune.export.selective import quantize_keeping_float
+from kprune.models.litert import DETECTION_OP, DETECTION_OUTPUTS
 
 
 #: the name scope of the ops between the model's outputs and the op
@@ -123,30 +123,15 @@ def quantize_keeping_postprocess_float(converter, representative) -> bytes:
     sizes (-10..2) in one tensor, which int8 gives one scale (a step of about 0.05, 2 % of a box's
     size), and the class scores of every box share one too. Kept float, the post-processed int8
     file scores the mAP of the plain int8 file decoded in float. TensorFlow's selective
-    quantization (``tf.lite.experimental.QuantizationDebugger`` with ``denylisted_nodes``) leaves
-    the ops of :data:`SCOPE` in float; the network is int8 up to a DEQUANTIZE after each head.
+    quantization (:func:`kprune.export.selective.quantize_keeping_float`) leaves the ops of
+    :data:`SCOPE` in float; the network is int8 up to a DEQUANTIZE after each head.
 
     Args:
         converter: a ``TFLiteConverter`` set up for int8 (representative dataset, int8 and float
             builtin ops, custom ops allowed).
         representative: the calibration generator.
     """
-    options = tf.lite.experimental.QuantizationDebugOptions()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")  # the debugger's own use
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
-                                                             debug_options=options)
-    # the calibrated model is still float: the names of its decoding ops are the ones to keep
-    options.denylisted_nodes = [name for name in _op_output_names(debugger.calibrated_model)
-                                if name.startswith(SCOPE + "/")]
-    return debugger.get_nondebug_quantized_model()
-
-
-def _op_output_names(content: bytes) -> list:
-    """The names of the tensors the ops of a flatbuffer's main graph write."""
-    _, _, graph = flatbuffer_graph(content)
-    return [graph.Tensors(int(i)).Name().decode() for k in range(graph.OperatorsLength())
-            for i in graph.Operators(k).OutputsAsNumpy()]
+    return quantize_keeping_float(converter, representative, [SCOPE])
 
 
 def outputs_in_op_order(content: bytes) -> bytes:

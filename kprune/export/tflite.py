@@ -32,15 +32,17 @@ smaller (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from kprune._keras import keras, tf
 from kprune.data.pipeline import make_dataset
 from kprune.data.tfrecord import Manifest, read_manifest
-from kprune.export.postprocess import (PostprocessOptions, outputs_in_op_order, postprocess_function,
+from kprune.detectors import family_of
+from kprune.export.postprocess import (SCOPE, PostprocessOptions, outputs_in_op_order, postprocess_function,
                                        quantize_keeping_postprocess_float)
+from kprune.export.selective import layer_scopes, quantize_keeping_float
 from kprune.models.layers import Mish
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
@@ -70,6 +72,15 @@ def calibration_images(data, count: int = 100, split: str = "train", size: Optio
     return np.concatenate(batches)[:count]
 
 
+def family_float_layers(model) -> List[str]:
+    """The layers the model's family keeps float in an int8 file (none for a model of no family)."""
+    try:
+        family = family_of(model)
+    except ValueError:  # an arbitrary Keras model: everything int8
+        return []
+    return list(family.int8_float_layers(model))
+
+
 def with_integer_mish(model):
     """``model`` with every Keras ``mish`` activation replaced by :class:`~kprune.models.layers.Mish`
     (same names and weights; the same function to float32 rounding), or ``model`` itself when it
@@ -90,15 +101,22 @@ def with_integer_mish(model):
 
 
 def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None, io: str = "float",
-            sparse: bool = False, postprocess: Optional[PostprocessOptions] = None, per_channel: bool = True) -> bytes:
+            sparse: bool = False, postprocess: Optional[PostprocessOptions] = None, per_channel: bool = True,
+            float_layers: Optional[Sequence[str]] = None) -> bytes:
     """Convert a Keras model to a TFLite flatbuffer; with ``postprocess``, one that ends in the
     detection post-processing op (:mod:`kprune.export.postprocess`). ``per_channel=False`` gives
     quantized conv weights one scale per tensor instead of one per output channel (the converter's
     default), the comparison point of :mod:`kprune.export.ptq`.
 
+    ``float_layers`` (``int8`` only): names of layers whose ops stay float in the integer network
+    (:mod:`kprune.export.selective`); None takes the model's family's choice
+    (:meth:`~kprune.detectors.base.DetectorFamily.int8_float_layers`: a Faster R-CNN's proposals and
+    RoIAlign; none for single-stage detectors and models of no family).
+
     Raises:
         ValueError: an unknown mode or io type, ``int8`` without calibration images, an integer
-            ``io`` without ``int8``, or a model the converter refuses (its message included).
+            ``io`` without ``int8``, an integer ``io`` with float layers, a name that is not a layer
+            of the model, or a model the converter refuses (its message included).
     """
     if quant not in QUANT_MODES:
         raise ValueError(f"quantization {quant!r}: choose one of {', '.join(QUANT_MODES)}")
@@ -107,6 +125,13 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
     if io != "float" and quant != "int8":
         raise ValueError(f"io {io} needs full-integer quantization (--quant int8)")
     source = with_integer_mish(model) if quant == "int8" else model
+    scopes = []
+    if quant == "int8":
+        float_layers = family_float_layers(model) if float_layers is None else list(float_layers)
+        scopes = layer_scopes(source, float_layers)
+        if scopes and io != "float":
+            raise ValueError(f"io {io} with layers kept in float ({', '.join(float_layers)}): TensorFlow's selective "
+                             "quantization keeps float io")
     if postprocess is None:
         converter = tf.lite.TFLiteConverter.from_keras_model(source)
     else:
@@ -136,6 +161,8 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
                                  f"are float); its input is quantized inside")
             # the decoding before the op stays float (see kprune.export.postprocess)
             converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
+        elif scopes:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)  # the float islands' kernels
         elif io != "float":
             converter.inference_input_type = converter.inference_output_type = {"int8": tf.int8,
                                                                                  "uint8": tf.uint8}[io]
@@ -145,7 +172,12 @@ def convert(model, quant: str = "none", calibration: Optional[np.ndarray] = None
             # is exactly the case (the quantize op at the input uses the calibrated range)
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             if postprocess is not None and quant == "int8":
-                content = quantize_keeping_postprocess_float(converter, representative)
+                if scopes:
+                    content = quantize_keeping_float(converter, representative, [*scopes, SCOPE], same_scale=True)
+                else:
+                    content = quantize_keeping_postprocess_float(converter, representative)
+            elif scopes:
+                content = quantize_keeping_float(converter, representative, scopes, same_scale=True)
             else:
                 content = converter.convert()
     except Exception as error:  # the converter raises many types; keep its message, drop its traceback
@@ -166,6 +198,14 @@ def differences(expected: List[np.ndarray], got: List[np.ndarray]) -> dict:
 
 def compare(runner, model, images: np.ndarray) -> dict:
     """The TFLite model (a :class:`kprune.models.litert.TFLiteRunner`) against Keras on ``images``:
-    ``images`` and :func:`differences` of the raw outputs."""
-    expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
-    return {"images": int(len(images)), **differences(expected, runner(images))}
+    ``images`` and :func:`differences` of the raw outputs, the model's taken as its family makes
+    them comparable with the file's (:meth:`~kprune.detectors.base.DetectorFamily.reference_outputs`:
+    a Faster R-CNN's ROI outputs on the file's own proposals)."""
+    got = runner(images)
+    try:
+        family = family_of(model)
+    except ValueError:  # an arbitrary Keras model: its outputs as they are
+        expected = [o.numpy() for o in tf.nest.flatten(model(images, training=False))]
+    else:
+        expected = family.reference_outputs(model, images, got)
+    return {"images": int(len(images)), **differences(expected, got)}
