@@ -46,6 +46,9 @@ def test_r50_fpn_counts_and_outputs():
     backbone_params = sum(model.get_layer(n).count_params() for n in backbone)
     assert backbone_params == 23_587_712 + 984_064 + 2_360_320  # ResNet-50 + FPN: 64 % of the model
     assert RCNN.boxes_per_image(model) == 1000 and RCNN.num_classes(model) == 80
+    # detectron2's geometry: anchors 32 .. 512 px, RoIAlign's level rule with 224 px on P4
+    assert RCNN.head(model).sizes == [32.0, 64.0, 128.0, 256.0, 512.0]
+    assert model.get_layer("roi_align").canonical_size == 224.0
     with pytest.raises(ValueError, match="width 1 only"):
         RCNN.build("faster-rcnn-r50-fpn", input_size=64, width=0.5)
 
@@ -70,11 +73,14 @@ def test_small_counts_and_outputs():
     assert count_flops(model) - count_flops(levels_only) == rpn + 128 * 2 * (3136 * 256 + 256 * 256 + 256 * 6 + 256 * 20)
 
 
-def test_small_anchor_sizes_are_three_quarters_of_the_full_models():
+def test_small_anchor_sizes_and_roi_levels_are_scaled_to_its_input():
     """The small variant's anchors: sides 24 .. 384 px on P2..P6, in the head and the proposal layer
     alike; the first anchor (P2, cell (0, 0), ratio h / w = 0.5) centred at (2, 2) px with
-    w = 24 / sqrt(0.5), h = 24 x sqrt(0.5); other sizes by argument, five of them or refused."""
+    w = 24 / sqrt(0.5), h = 24 x sqrt(0.5); other sizes by argument, five of them or refused.
+    RoIAlign pools a box of side 96 (the P4 anchor) from P4: floor(4 + log2(side / 96)) gives sides
+    24, 47, 48, 95, 96, 191, 192, 400 px levels 2, 2, 3, 3, 4, 4, 5, 5 (clamped to P5)."""
     from kprune.detectors.rcnn.builders import faster_rcnn_small
+    from kprune.models.roi import assign_levels
 
     model = RCNN.build("faster-rcnn-small", input_size=64, width=0.25)
     assert RCNN.head(model).sizes == [24.0, 48.0, 96.0, 192.0, 384.0]
@@ -87,6 +93,12 @@ def test_small_anchor_sizes_are_three_quarters_of_the_full_models():
     assert count_params(full) == count_params(model)  # anchors are not weights
     with pytest.raises(ValueError, match="one positive size"):
         faster_rcnn_small(input_size=64, width=0.25, anchor_sizes=(16, 32))
+    align = model.get_layer("roi_align")
+    assert align.canonical_size == 96.0 and align.canonical_level == 4
+    sides = np.array([24, 47, 48, 95, 96, 191, 192, 400], np.float32) / 512
+    boxes = np.stack([0.1 + 0 * sides, 0.1 + 0 * sides, 0.1 + sides, 0.1 + sides], axis=-1)
+    levels = assign_levels(boxes, 512, align.min_level, 5, align.canonical_size, align.canonical_level)
+    np.testing.assert_array_equal(np.asarray(levels), [2, 2, 3, 3, 4, 4, 5, 5])
 
 
 def test_bad_sizes_are_refused(small):

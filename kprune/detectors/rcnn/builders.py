@@ -102,15 +102,16 @@ def rpn(levels: Dict[int, object], channels: int, anchors_per_location: int) -> 
 
 def two_stage(inputs, features: Sequence, backbone: List[str], input_size: int, classes: int, names,
               fpn_channels: int, head_units: int, proposals: int, pre_nms_topk: int, name: str,
-              min_size: float = 0.0, anchor_sizes: Sequence[float] = FPN_SIZES):
+              min_size: float = 0.0, anchor_sizes: Sequence[float] = FPN_SIZES, canonical_size: float = 224.0):
     """FPN, RPN, proposals, RoIAlign, box head, predictors and the :class:`RCNNHead` on the backbone
-    stages ``features`` (C2..C5), with one anchor side of ``anchor_sizes`` (pixels) per level P2..P6;
-    returns the model."""
+    stages ``features`` (C2..C5), with one anchor side of ``anchor_sizes`` (pixels) per level P2..P6
+    and RoIAlign's level rule putting boxes of side ``canonical_size`` on P4; returns the model."""
     levels = fpn(features, fpn_channels)
     logits, deltas = rpn(levels, fpn_channels, len(FPN_RATIOS))
     boxes = Proposals(input_size, FPN_STRIDES, anchor_sizes, FPN_RATIOS, pre_nms_topk=pre_nms_topk, count=proposals,
                       nms_iou=0.7, min_size=min_size, name="proposals")([logits, deltas])
     pooled = RoIAlign(output_size=7, sampling_ratio=2, aligned=True, input_size=input_size,
+                      canonical_size=canonical_size,
                       name="roi_align")([levels[level] for level in ROI_LEVELS] + [boxes])
     x = L.Reshape((proposals, 7 * 7 * fpn_channels), name="roi_flatten")(pooled)
     x = L.Dense(head_units, activation="relu", name="roi_fc1")(x)
@@ -182,6 +183,10 @@ SMALL_STEM = 32
 #: best anchor of a true box overlaps it with IoU >= 0.5 for 95 % of the boxes, against 85 % with
 #: 32 .. 512 (whose 256 and 512 px anchors on P5 / P6 are larger than most objects or the image).
 SMALL_ANCHOR_SIZES = (24, 48, 96, 192, 384)
+#: the box side RoIAlign pools from P4 in the small variant (the level rule's canonical size): the
+#: P4 anchor side, so that a box is pooled from the level whose anchors fit it. detectron2's 224 is
+#: for images of 800 px and more; at 256 px it would pool every box under 112 px from P2.
+SMALL_CANONICAL_SIZE = 96.0
 
 
 def _basic_block(x, filters: int, stride: int, name: str):
@@ -202,7 +207,8 @@ def _basic_block(x, filters: int, stride: int, name: str):
 
 def faster_rcnn_small(input_size: int = 256, classes: int = 5, width: float = 1.0,
                       names: Optional[Sequence[str]] = None, proposals: int = 128, pre_nms_topk: int = 256,
-                      anchor_sizes: Sequence[float] = SMALL_ANCHOR_SIZES, name: str = "faster-rcnn-small"):
+                      anchor_sizes: Sequence[float] = SMALL_ANCHOR_SIZES, canonical_size: float = SMALL_CANONICAL_SIZE,
+                      name: str = "faster-rcnn-small"):
     """A Faster R-CNN FPN small enough to train on a CPU: a ResNet-18 layout (a 7x7 stride-2 stem
     conv and a 3x3 stride-2 max-pool, then two basic blocks per stage, batch norm after every conv)
     at half ResNet-18's width (stem 32, stages 32, 64, 128, 256 filters: C2..C5 =
@@ -242,4 +248,5 @@ def faster_rcnn_small(input_size: int = 256, classes: int = 5, width: float = 1.
         features.append(x)
     return two_stage(inputs, features, ["conv5_block2_out"], size, int(classes), names,
                      fpn_channels=filters(64), head_units=filters(256), proposals=int(proposals),
-                     pre_nms_topk=int(pre_nms_topk), name=name, anchor_sizes=tuple(anchor_sizes))
+                     pre_nms_topk=int(pre_nms_topk), name=name, anchor_sizes=tuple(anchor_sizes),
+                     canonical_size=float(canonical_size))
