@@ -140,3 +140,16 @@ def test_postprocess_is_refused(exported, tmp_path):
     assert "cannot export with the TFLite_Detection_PostProcess op" in result.output
     assert "decodes class-specific boxes against its own proposals" in result.output
     assert not (tmp_path / "p.tflite").exists()
+
+
+def test_outputs_of_equal_shapes_are_told_apart_by_name(tmp_path):
+    """With 3 classes the class logits (K, 4) have the proposals' shape: the runner takes the file's
+    outputs by the names the converter gives them (the Keras output names), not by shape."""
+    from kprune.export.tflite import convert
+
+    model = builders.faster_rcnn_small(input_size=64, classes=3, width=0.25, proposals=16, pre_nms_topk=32)
+    assert model.output_shape[2][1:] == model.output_shape[3][1:] == (16, 4)
+    images = _images(1, seed=3)
+    got = TFLiteRunner(convert(model), model)(images)
+    for ours, theirs in zip(got, model(images)):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)

@@ -49,7 +49,7 @@ class _LoadedModel:
 
 class TFLiteRunner(_LoadedModel):
     """A TFLite model in the LiteRT interpreter that takes float images and returns float outputs
-    in the order of the Keras model's outputs (matched by shape), quantizing at the edges as the
+    in the order of the Keras model's outputs (matched by name, else by shape), quantizing at the edges as the
     file's input and output types require."""
 
     def __init__(self, content: bytes, model, threads: Optional[int] = None):
@@ -57,12 +57,24 @@ class TFLiteRunner(_LoadedModel):
         expected = (1, *model.input_shape[1:])
         if tuple(self.input["shape"]) != expected:
             raise ValueError(f"TFLite input shape {tuple(self.input['shape'])}, the Keras model has {expected}")
-        by_shape = {tuple(d["shape"][1:]): d for d in self.outputs}
         shapes = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
         wanted = [tuple(shape[1:]) for shape in shapes]
-        if sorted(by_shape) != sorted(wanted):
-            raise ValueError(f"TFLite outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
-        self.outputs = [by_shape[shape] for shape in wanted]
+        # the converter names a Keras model's outputs in the file's signature; files without (or of
+        # another model) are matched by shape, which needs the shapes to differ
+        signatures = self.interpreter._get_full_signature_list()
+        named = next(iter(signatures.values()))["outputs"] if len(signatures) == 1 else {}
+        by_index = {d["index"]: d for d in self.outputs}
+        if set(model.output_names) <= set(named) and len(named) == len(self.outputs):
+            found = [by_index[named[name]] for name in model.output_names]
+        else:
+            by_shape = {tuple(d["shape"][1:]): d for d in self.outputs}
+            if sorted(by_shape) != sorted(wanted) or len(by_shape) != len(self.outputs):
+                raise ValueError(f"TFLite outputs {sorted(by_shape)} do not match the Keras model's {wanted}")
+            found = [by_shape[shape] for shape in wanted]
+        if [tuple(d["shape"][1:]) for d in found] != wanted:
+            raise ValueError(f"TFLite outputs {[tuple(d['shape'][1:]) for d in found]} do not match the Keras "
+                             f"model's {wanted}")
+        self.outputs = found
 
     def __call__(self, images: np.ndarray) -> List[np.ndarray]:
         """Raw outputs for a batch of float32 images, image by image."""
