@@ -168,6 +168,28 @@ class DetectorFamily:
         return False
 
 
+class TableZoo:
+    """:meth:`~DetectorFamily.zoo` and :meth:`~DetectorFamily.build` for a family whose zoo is a
+    table of builder functions (mixed in before :class:`DetectorFamily`)."""
+
+    #: zoo name -> (builder(input_size, classes, width, names), default input size, default classes)
+    models: Dict[str, tuple] = {}
+    #: the family's name in messages ("an SSD", "a Faster R-CNN")
+    title: str = ""
+
+    def zoo(self) -> List[str]:
+        return list(self.models)
+
+    def build(self, name, input_size=None, classes=None, width=1.0, names=None):
+        if name not in self.models:
+            raise ValueError(f"{name!r} is not {self.title} model; these are: {', '.join(self.models)}")
+        builder, size, count = self.models[name]
+        if classes is None and names is not None:
+            classes = len(names)
+        return builder(input_size=input_size or size, classes=count if classes is None else classes, width=width,
+                       names=names)
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectionOpInputs:
     """What ``TFLite_Detection_PostProcess`` takes. The op decodes box ``i`` with anchor ``i``

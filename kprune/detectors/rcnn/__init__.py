@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.detectors.base import DetectorFamily, backbone_layers, inbound_layers, rebuilt, unwrap
+from kprune.detectors.base import DetectorFamily, TableZoo, backbone_layers, inbound_layers, rebuilt, unwrap
 from kprune.detectors.rcnn import builders
 from kprune.detectors.rcnn.distill import rcnn_distillation
 from kprune.detectors.rcnn.loss import RCNNLoss, RCNNLossOptions
@@ -34,7 +34,9 @@ ZOO = {
 }
 
 
-class RCNNFamily(DetectorFamily):
+class RCNNFamily(TableZoo, DetectorFamily):
+    models = ZOO
+    title = "a Faster R-CNN"
     name = "rcnn"
     head_types = (RCNNHead,)
     loss_options = RCNNLossOptions
@@ -42,18 +44,6 @@ class RCNNFamily(DetectorFamily):
     multiscale = False
     #: named parts of the model besides backbone / head (see :meth:`scopes`)
     scope_names = ("fpn", "rpn", "roi_head")
-
-    def zoo(self) -> List[str]:
-        return list(ZOO)
-
-    def build(self, name, input_size=None, classes=None, width=1.0, names=None):
-        if name not in ZOO:
-            raise ValueError(f"{name!r} is not a Faster R-CNN model; Faster R-CNN models: {', '.join(ZOO)}")
-        builder, size, count = ZOO[name]
-        if classes is None and names is not None:
-            classes = len(names)
-        return builder(input_size=input_size or size, classes=count if classes is None else classes, width=width,
-                       names=names)
 
     def head(self, model) -> RCNNHead:
         return self.heads(model)[0]

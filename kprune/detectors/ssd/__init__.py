@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from kprune._keras import keras, tf
-from kprune.detectors.base import DetectionOpInputs, DetectorFamily, inbound_layers, rebuilt, unwrap
+from kprune.detectors.base import DetectionOpInputs, DetectorFamily, TableZoo, inbound_layers, rebuilt, unwrap
 from kprune.detectors.ssd import builders
 from kprune.detectors.ssd.distill import ssd_distillation
 from kprune.detectors.ssd.loss import MultiBoxLoss, MultiBoxOptions
@@ -28,24 +28,14 @@ ZOO = {
 }
 
 
-class SSDFamily(DetectorFamily):
+class SSDFamily(TableZoo, DetectorFamily):
+    models = ZOO
+    title = "an SSD"
     name = "ssd"
     head_types = (MultiBoxHead,)
     loss_options = MultiBoxOptions
     #: the default boxes are fixed to the input size, so training batches cannot change size
     multiscale = False
-
-    def zoo(self) -> List[str]:
-        return list(ZOO)
-
-    def build(self, name, input_size=None, classes=None, width=1.0, names=None):
-        if name not in ZOO:
-            raise ValueError(f"{name!r} is not an SSD model; SSD models: {', '.join(ZOO)}")
-        builder, size, count = ZOO[name]
-        if classes is None and names is not None:
-            classes = len(names)
-        return builder(input_size=input_size or size, classes=count if classes is None else classes, width=width,
-                       names=names)
 
     def head(self, model) -> MultiBoxHead:
         return self.heads(model)[0]
