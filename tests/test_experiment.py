@@ -96,7 +96,8 @@ def test_shipped_experiments_load():
     expected = {"demo": 2, "demo_seeds": 2, "demo_all": 8, "yolov2_coco5": 5, "yolov4_tiny_coco5": 5, "synth_yolov4_tiny_prune": 2, "yolov2_kitti": 3, "gradual_global": 9,
                 "threshold_vs_percentage": 8, "backbone_vs_head": 6, "quantize": 2, "ssd_gradual_global": 9,
                 "ssd_gradual_global_synth": 9, "recovery": 10, "recovery_slimming": 2,
-                "demo_recovery": 3, "recovery_imitation": 2, "recovery_all": 2, "demo_qat": 2}
+                "demo_recovery": 3, "recovery_imitation": 2, "recovery_all": 2, "demo_qat": 2,
+                "faster_rcnn_backbone_vs_head": 24, "faster_rcnn_backbone_vs_head_synth": 12}
     found = {}
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         if "sweep" not in read_yaml(path):  # training configs
