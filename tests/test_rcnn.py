@@ -90,7 +90,7 @@ def test_small_anchor_sizes_and_roi_levels_are_scaled_to_its_input():
                                atol=1e-6)
     full = faster_rcnn_small(input_size=64, width=0.25, anchor_sizes=(32, 64, 128, 256, 512))
     assert RCNN.head(full).sizes == [32.0, 64.0, 128.0, 256.0, 512.0]
-    assert count_params(full) == count_params(model)  # anchors are not weights
+    assert full.count_params() == model.count_params()  # anchors are not weights (zeros differ by chance)
     with pytest.raises(ValueError, match="one positive size"):
         faster_rcnn_small(input_size=64, width=0.25, anchor_sizes=(16, 32))
     align = model.get_layer("roi_align")
