@@ -6,7 +6,9 @@ by a training config, or an existing ``.keras`` model) and a sweep: for each met
 end every model is timed, side by side. A cell loads the baseline once and keeps its model in memory
 from pruning to measuring; it saves ``final.keras`` once, beside the exported ``.tflite`` files.
 Every cell writes ``cells/<label>/result.json`` last, so a rerun of the same config skips the
-cells already done (and the baseline, once trained). The run folder then gets ``results.json``,
+cells already done (and the baseline, once trained); a quantization added to ``export`` (or a ``qat``
+added) afterwards is exported from the stored ``final.keras`` of every part done, nothing is trained
+again. The run folder then gets ``results.json``,
 ``results.csv``, ``report.md`` and the plots (:mod:`kprune.report.plots`).
 
 Config keys (see :class:`ExperimentConfig`)::
@@ -373,7 +375,7 @@ class Experiment:
         """Train (with seed ``k``) or take the baseline model, then evaluate, export and measure it
         (once); its ``model.keras`` is what seed ``k``'s cells prune and its controls retrain."""
         folder = self._baseline_folder(k)
-        done = _done(folder / "result.json")
+        done = self._stored(folder)
         if done:
             return done
         folder.mkdir(parents=True, exist_ok=True)
@@ -396,7 +398,7 @@ class Experiment:
         in memory."""
         folder = self.out / "cells" / (cell["label"] + _suffix(k))
         epochs, trains_itself = self._epochs(cell), _trains_itself(cell)
-        done = _done(folder / "result.json")
+        done = self._stored(folder)
         if done:
             if "train_epochs" not in done:  # stored before controls: the one-shot epochs, rounds unknown
                 done["train_epochs"] = 0 if trains_itself else epochs
@@ -468,7 +470,7 @@ class Experiment:
         if label == "baseline":
             return self.baseline(k)
         folder = self.out / "controls" / (label + _suffix(k))
-        done = _done(folder / "result.json")
+        done = self._stored(folder)
         if done:
             return done
         folder.mkdir(parents=True, exist_ok=True)
@@ -490,23 +492,46 @@ class Experiment:
         save_model(model, final)
         scores = evaluate_loaded(model, self.data, source=str(final))
         result = {"model": str(final), "map50": scores["map50"], "coco_map": scores["coco_map"], "export": {}}
-        qat = self.config.qat
-        for quant in [*self.config.export, *(["int8-qat"] if qat else [])]:
-            out = folder / ("final.tflite" if quant == "none" else f"final-{quant}.tflite")
-            if quant == "int8-qat":  # QAT options: the baseline's batch, loss and augmentation, qat's epochs and lr
-                options = qat_options(training_values(self.config.baseline), lr=qat.get("lr"))
-                exported = export(model, str(out), "tflite", "int8", self.data, qat_epochs=qat["epochs"],
-                                  qat_options=options)
-            else:
-                exported = export(model, str(out), "tflite", quant, self.data if quant == "int8" else None)
-            entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
-            runner = TFLiteRunner(out.read_bytes(), model)  # the file as written
-            entry["map50"] = evaluate_loaded(model, self.data, predict=runner, source=str(out))["map50"]
-            result["export"][quant] = entry
+        for quant in self._quantizations():
+            result["export"][quant] = self._export(folder, model, quant)
         # sizes of final.keras and of the float final.tflite written above; latency comes after the
         # cells, side by side (see latency())
         result["measure"] = measure_model(str(final), None, threads=(), model=model)
         return result
+
+    def _quantizations(self) -> List[str]:
+        """The TFLite files every model of the experiment gets: ``export``'s, and int8-qat with ``qat``."""
+        return [*self.config.export, *(["int8-qat"] if self.config.qat else [])]
+
+    def _export(self, folder: Path, model, quant: str) -> dict:
+        """Export ``model`` as ``quant`` into ``folder`` and evaluate the file as LiteRT runs it."""
+        out = folder / ("final.tflite" if quant == "none" else f"final-{quant}.tflite")
+        if quant == "int8-qat":  # QAT options: the baseline's batch, loss and augmentation, qat's epochs and lr
+            options = qat_options(training_values(self.config.baseline), lr=self.config.qat.get("lr"))
+            exported = export(model, str(out), "tflite", "int8", self.data, qat_epochs=self.config.qat["epochs"],
+                              qat_options=options)
+        else:
+            exported = export(model, str(out), "tflite", quant, self.data if quant == "int8" else None)
+        entry = {"bytes": exported["bytes"], "max_abs_diff": exported["check"]["max_abs_diff"]}
+        runner = TFLiteRunner(out.read_bytes(), model)  # the file as written
+        entry["map50"] = evaluate_loaded(model, self.data, predict=runner, source=str(out))["map50"]
+        return entry
+
+    def _stored(self, folder: Path) -> Optional[dict]:
+        """A part's stored result (or None), completed with the quantizations ``export`` and ``qat``
+        ask for that it lacks: an entry added to ``export`` after a run exports the saved
+        ``final.keras`` of every part done, without training anything again."""
+        done = _done(folder / "result.json")
+        if done is None:
+            return None
+        missing = [q for q in self._quantizations() if q not in done.setdefault("export", {})]
+        if missing:
+            self.log(f"[{self.config.name}] {folder.name}: exporting {', '.join(missing)} from its final.keras")
+            model = load_model(str(folder / "final.keras"))
+            for quant in missing:
+                done["export"][quant] = self._export(folder, model, quant)
+            self._write(folder, done)
+        return done
 
     def latency(self, rows: List[dict]) -> None:
         """Time every architecture of the sweep side by side — the baseline and each cell of the
@@ -630,7 +655,8 @@ class Experiment:
             ValueError: the baseline is not done yet.
         """
         parts = self.parts()  # the controls of the cells done are known
-        done = {name: _done(part.folder / "result.json") for name, part in parts.items()}
+        done = {name: _done(part.folder / "result.json") if part.kind == "compare" else self._stored(part.folder)
+                for name, part in parts.items()}
         rows = [r for name, r in done.items() if r is not None and parts[name].kind != "compare"]
         compared = [r for name, r in done.items() if r is not None and parts[name].kind == "compare"]
         if not any(r["kind"] == "baseline" for r in rows):

@@ -192,6 +192,21 @@ def test_sweep_end_to_end_and_resume(tmp_path, tiny_synth_data):
     stamp = (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns
     again = CliRunner().invoke(main, ["experiment", str(path), "--quiet"], catch_exceptions=False)
     assert again.exit_code == 0 and (run / "cells" / "global-0.6" / "result.json").stat().st_mtime_ns == stamp
+    # a quantization added to export afterwards: every part's stored final.keras exported, nothing retrained
+    trained = (run / "cells" / "filters-uniform-l1-0.5" / "run" / "final.keras").stat().st_mtime_ns
+    path = _config(tmp_path, tiny_synth_data, compare={"higher-lr": {"train": other}}, spread=0.02,
+                   export=["int8", "fp16"])
+    more = CliRunner().invoke(main, ["experiment", str(path), "--quiet"], catch_exceptions=False)
+    assert more.exit_code == 0, more.output
+    assert (run / "cells" / "filters-uniform-l1-0.5" / "run" / "final.keras").stat().st_mtime_ns == trained
+    for row in json.loads((run / "results.json").read_text())["rows"]:
+        folder = Path(row["model"]).parent
+        assert sorted(row["export"]) == ["fp16", "int8", "none"]
+        assert row["export"]["fp16"]["bytes"] == (folder / "final-fp16.tflite").stat().st_size
+        assert row["export"]["int8"] == results["rows"][[r["model"] for r in results["rows"]].index(row["model"])]["export"]["int8"]
+        # half-precision weights: the file is about half the float one and scores as the Keras model
+        assert row["export"]["fp16"]["bytes"] < 0.6 * row["export"]["none"]["bytes"]
+        assert row["export"]["fp16"]["map50"] == pytest.approx(row["map50"], abs=0.01)
 
 
 def _stand_ins(monkeypatch, tmp_path) -> list:
