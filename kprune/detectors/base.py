@@ -136,6 +136,11 @@ class DetectorFamily:
         """A copy of ``model`` with new, freshly initialised predictors for ``classes`` classes."""
         raise NotImplementedError
 
+    def trunk_output(self, model):
+        """The feature map trunk pre-training classifies object crops from
+        (:func:`kprune.train.pretrain.pretrain_trunk`): by default the input of the first head conv."""
+        return next(iter(self.predictor_convs(model).values())).input
+
     # -- inference ------------------------------------------------------------------------------
     def decode(self, model, outputs: Sequence) -> Tuple[tf.Tensor, tf.Tensor]:
         """Raw outputs -> boxes (N, B, 4) xyxy normalised to the input and scores (N, B, classes)."""

@@ -32,7 +32,7 @@ def object_crops(manifest, split: str, size: int, limit: Optional[int] = None):
 
 def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: int = 32, lr: float = 2e-3,
                    progress: bool = False, seed: int = 0) -> dict:
-    """Train the detector's trunk (everything up to its first head conv) as a classifier of the
+    """Train the detector's trunk (up to its family's ``trunk_output``) as a classifier of the
     ground-truth objects, cut out and resized to ``crop`` pixels, under a global-average-pooling
     softmax layer that is then thrown away. The analogue of Darknet's ImageNet pre-training: a thin
     YOLOv2 learns shapes far faster this way than from detection alone. ``seed`` fixes the
@@ -45,8 +45,7 @@ def pretrain_trunk(detector, manifest, epochs: int, crop: int = 64, batch_size: 
         raise ValueError(f"pre-training crop {crop}: must be a multiple of 32")
     began = time.perf_counter()
     images, labels = object_crops(manifest, "train", crop)
-    conv = next(iter(detectors.family_of(detector).predictor_convs(detector).values()))
-    trunk = keras.Model(detector.input, conv.input)
+    trunk = keras.Model(detector.input, detectors.family_of(detector).trunk_output(detector))
     # the classifier's weights and fit's shuffling draw from the global seed; it is cleared after,
     # because the detection pipeline seeds its own ops (and tf.data refuses tensor seeds under a global one)
     keras.utils.set_random_seed(seed)

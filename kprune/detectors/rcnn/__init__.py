@@ -201,6 +201,15 @@ class RCNNFamily(TableZoo, DetectorFamily):
         return True
 
     # -- heads and scopes -----------------------------------------------------------------------
+    def trunk_output(self, model):
+        """The shared RPN conv on P2, the finest level: pre-training teaches the objects to the
+        backbone, the FPN's path down to P2 and the conv every RPN level starts with."""
+        conv, p2 = model.get_layer("rpn_conv"), model.get_layer("fpn_output2").output
+        for node in range(len(conv.inbound_nodes)):  # one call per level
+            if conv.get_input_at(node) is p2:
+                return conv.get_output_at(node)
+        raise ValueError(f"Faster R-CNN model {model.name}: its rpn_conv is not called on fpn_output2 (P2)")
+
     def predictor_convs(self, model) -> Dict[str, object]:
         """The layers whose outputs the head reads, by name: the RPN's objectness and deltas convs
         and the ROI head's class and box Dense layers (or the tfmot wrappers around them)."""
