@@ -183,22 +183,30 @@ def predict(model_path, input_path, out):
 
 
 @main.command()
-@click.argument("model_path", metavar="MODEL.keras", type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--score", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Score threshold.")
-@click.option("--iou", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS IoU threshold.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.45, show_default=True,
+              help="NMS IoU threshold (a .tflite file exported with --postprocess uses its own).")
+@click.option("--keras", "keras_path", type=click.Path(dir_okay=False),
+              help="For a .tflite MODEL: the .keras model it was converted from (default: same name).")
 @click.option("--names", type=click.Path(dir_okay=False), help="Class names file (default: names in the model).")
 @click.option("--no-letterbox", is_flag=True, help="Stretch images to the input instead of letterboxing.")
-def detect(model_path, images, out, score, iou, names, no_letterbox):
-    """Detect objects in IMAGE files; write annotated images and detections.json (COCO results)."""
+def detect(model_path, images, out, score, iou, keras_path, names, no_letterbox):
+    """Detect objects in IMAGE files with MODEL (.keras or .tflite, run by LiteRT); write annotated
+    images and detections.json (COCO results)."""
     from kprune.detectors.inference import detect_files
+    from kprune.evaluate import load_for_inference
     from kprune.models.inference import read_names
-    from kprune.models.io import load_model
 
-    model = load_model(model_path)
+    model, predict, detections, _ = load_for_inference(model_path, keras_path)
+    if detections is not None:
+        click.echo(f"{model_path} has its own post-processing: NMS at IoU {detections.options['nms_iou_threshold']:.3g}, "
+                   f"at most {detections.options['max_detections']} detections (--iou is not used)")
     class_names = read_names(names) if names else None
-    results = detect_files(model, images, out, score, iou, letterbox=not no_letterbox, names=class_names)
+    results = detect_files(model, images, out, score, iou, letterbox=not no_letterbox, names=class_names,
+                           predict=predict, detections=detections)
     click.echo(f"{len(results)} detections in {len(images)} images -> {out}")
 
 

@@ -358,11 +358,38 @@ def tflite_predict(path: str, model) -> tuple:
     return None, runner, notes
 
 
+def load_for_inference(path: str, keras_path: Optional[str] = None) -> tuple:
+    """A ``.keras`` or ``.tflite`` model ready to run on images. A ``.tflite`` file needs the
+    ``.keras`` model it came from for its head metadata: ``keras_path``, or the file of the same
+    name with ``.keras``.
+
+    Returns:
+        (model, predict, detect, notes): the Keras model, and for a ``.tflite`` file what
+        :func:`tflite_predict` returns (None, None, [] for a ``.keras`` file).
+
+    Raises:
+        ValueError: unknown file type, missing Keras model for a .tflite file, or a file that does
+            not match its Keras model.
+    """
+    from kprune.models.io import load_model
+
+    if path.endswith(".tflite"):
+        keras_path = keras_path or path[: -len(".tflite")] + ".keras"
+        if not os.path.isfile(keras_path):
+            raise ValueError(f"{path}: a .tflite file needs the .keras model it was converted from for its head "
+                             f"metadata; {keras_path} does not exist (give --keras)")
+        model = load_model(keras_path)
+        return (model, *tflite_predict(path, model))
+    if path.endswith(".keras"):
+        return load_model(path), None, None, []
+    raise ValueError(f"{path}: expected a .keras or .tflite model")
+
+
 def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, keras_path: Optional[str] = None,
                    letterbox: bool = True, progress: bool = False) -> dict:
     """mAP of a ``.keras`` or ``.tflite`` model on a split of a converted dataset (see
-    :func:`evaluate_detections`). A ``.tflite`` file needs the ``.keras`` model it came from for
-    its head metadata: ``keras_path``, or the file of the same name with ``.keras``.
+    :func:`evaluate_detections`); a ``.tflite`` file is read with the ``.keras`` model it came from
+    (:func:`load_for_inference`).
 
     Classes are matched by name when the model stores names (a model that kept other classes is
     scored in its own classes, the dataset's mapped onto them); by index otherwise.
@@ -372,22 +399,9 @@ def evaluate_model(path: str, data, split: str = "val", batch_size: int = 8, ker
             fit the dataset.
     """
     from kprune.data.tfrecord import Manifest, read_manifest  # TensorFlow: see the note at the imports
-    from kprune.models.io import load_model
 
     manifest = data if isinstance(data, Manifest) else read_manifest(data)
-    predict = detect = None
-    notes = []
-    if path.endswith(".tflite"):
-        keras_path = keras_path or path[: -len(".tflite")] + ".keras"
-        if not os.path.isfile(keras_path):
-            raise ValueError(f"{path}: a .tflite file needs the .keras model it was converted from for its head "
-                             f"metadata; {keras_path} does not exist (give --keras)")
-        model = load_model(keras_path)
-        predict, detect, notes = tflite_predict(path, model)
-    elif path.endswith(".keras"):
-        model = load_model(path)
-    else:
-        raise ValueError(f"{path}: expected a .keras or .tflite model")
+    model, predict, detect, notes = load_for_inference(path, keras_path)
     result = evaluate_loaded(model, manifest, split, batch_size, letterbox, predict=predict, progress=progress,
                              source=path, detect=detect)
     result["model"] = path

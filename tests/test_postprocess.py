@@ -109,6 +109,22 @@ def test_export_and_evaluate_a_post_processed_file(tmp_path, tiny_synth_data):
     assert "notes" not in tflite
     assert [r["detections"] for r in tflite["per_class"].values()] == [r["detections"] for r in keras["per_class"].values()]
     assert abs(tflite["map50"] - keras["map50"]) < 1e-4 and abs(tflite["coco_map"] - keras["coco_map"]) < 1e-4
+    # kprune detect runs the file (its own NMS) and finds what it finds with the .keras model
+    from data_tools.synth import generate
+
+    generate(tmp_path / "raw", num_train=1, num_val=2, size=96, seed=3, progress=False)
+    images = sorted(str(p) for p in (tmp_path / "raw").rglob("*.jpg"))[:2]
+    found = {}
+    for name in ("m.keras", "m.tflite"):
+        result = CliRunner().invoke(main, ["detect", str(tmp_path / name), *images, "--out", str(tmp_path / name[2:]),
+                                           "--score", "0.01"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        found[name] = json.loads((tmp_path / name[2:] / "detections.json").read_text())
+    assert "own post-processing: NMS at IoU 0.45, at most 100 detections" in result.output
+    assert len(found["m.keras"]) == len(found["m.tflite"]) > 0
+    for want, got in zip(found["m.keras"], found["m.tflite"]):
+        assert (want["image_id"], want["category_id"]) == (got["image_id"], got["category_id"])
+        assert np.abs(np.subtract(want["bbox"], got["bbox"])).max() <= 0.01
     # settings that cut detections are said
     export(model, str(tmp_path / "cut.tflite"), postprocess=PostprocessOptions(0.3, 0.45, 10))
     (tmp_path / "cut.keras").write_bytes((tmp_path / "m.keras").read_bytes())

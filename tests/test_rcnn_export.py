@@ -109,8 +109,6 @@ def test_evaluate_and_detect_through_the_cli(exported, tiny_synth_data, tmp_path
     """``kprune evaluate`` on the .keras and the float .tflite: the same mAP to 1e-6; the int8 file
     within 0.05. ``kprune detect`` on the .keras and the float file run by LiteRT: the same
     detections to 0.01 px."""
-    from kprune.detectors.inference import detect_files
-
     folder = exported["folder"]
     scores = {name: json.loads(_cli("evaluate", folder / name, "--data", tiny_synth_data, "--json"))["map50"]
               for name in ("m.keras", "m-none.tflite", "m-int8.tflite")}
@@ -124,9 +122,9 @@ def test_evaluate_and_detect_through_the_cli(exported, tiny_synth_data, tmp_path
     images = sorted(str(p) for p in (tmp_path / "raw").rglob("*.jpg"))[:2]
     _cli("detect", folder / "m.keras", *images, "--out", tmp_path / "keras", "--score", 0.2)
     keras_found = json.loads((tmp_path / "keras" / "detections.json").read_text())
-    model = exported["model"]
-    file_found = detect_files(model, images, str(tmp_path / "file"), 0.2, progress=False,
-                              predict=TFLiteRunner((folder / "m-none.tflite").read_bytes(), model))
+    _cli("detect", folder / "m-none.tflite", *images, "--out", tmp_path / "file", "--score", 0.2, "--keras",
+         folder / "m.keras")
+    file_found = json.loads((tmp_path / "file" / "detections.json").read_text())
     assert len(keras_found) == len(file_found) > 0
     for want, got in zip(keras_found, file_found):
         assert (want["image_id"], want["category_id"]) == (got["image_id"], got["category_id"])

@@ -37,6 +37,7 @@ def detect(
     letterbox: bool = True,
     names: Optional[Sequence[str]] = None,
     predict=None,
+    detections=None,
 ) -> List[List[Detection]]:
     """Run a detector on RGB uint8 images of any size; boxes come back in each image's pixels.
 
@@ -48,13 +49,20 @@ def detect(
         names: class names; default the names stored in the model's head, if any.
         predict: a function of a float batch (1, H, W, 3) giving the raw outputs in the model's order
             instead of the model (a TFLite file converted from it, :class:`kprune.models.litert.TFLiteRunner`).
+        detections: a function of such a batch giving its detections as
+            :func:`~kprune.models.head.non_max_suppression` does, instead of the model, the decoding and
+            NMS (a file with TFLite's post-processing op, :class:`kprune.models.litert.DetectionRunner`):
+            its own NMS IoU and detection count apply; ``score_threshold`` is applied on top.
 
     Returns:
         One list of :class:`Detection` per image, best first.
 
     Raises:
-        ValueError: an image that is not uint8 (H, W, 3), or names whose count is not the model's.
+        ValueError: an image that is not uint8 (H, W, 3), names whose count is not the model's, or
+            both ``predict`` and ``detections``.
     """
+    if predict is not None and detections is not None:
+        raise ValueError("give predict (raw outputs) or detections, not both")
     input_hw = tuple(model.input_shape[1:3])
     family = family_of(model)
     classes = family.num_classes(model)
@@ -68,9 +76,14 @@ def detect(
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         batch, transform = preprocess_image(image, input_hw, letterbox)
-        outputs = model(batch[None], training=False) if predict is None else predict(batch[None])
-        (kept, kept_scores, kept_classes), = decode_and_suppress(model, outputs, score_threshold, iou_threshold,
-                                                                 max_detections)
+        if detections is None:
+            outputs = model(batch[None], training=False) if predict is None else predict(batch[None])
+            (kept, kept_scores, kept_classes), = decode_and_suppress(model, outputs, score_threshold, iou_threshold,
+                                                                     max_detections)
+        else:
+            (kept, kept_scores, kept_classes), = detections(batch[None])
+            above = kept_scores >= score_threshold
+            kept, kept_scores, kept_classes = kept[above], kept_scores[above], kept_classes[above]
         pixels = transform.to_image(kept)
         results.append([
             Detection(tuple(float(v) for v in box), float(score), int(cls),
@@ -90,9 +103,11 @@ def detect_files(
     names: Optional[Sequence[str]] = None,
     progress: bool = True,
     predict=None,
+    detections=None,
 ) -> List[Dict]:
     """Detect objects in image files; write each image with its boxes drawn and ``detections.json``.
-    ``predict``: raw outputs from elsewhere than the model (see :func:`detect`).
+    ``predict``, ``detections``: raw outputs or detections from elsewhere than the model, e.g. a TFLite
+    file (see :func:`detect`).
 
     Output images are named after the inputs' stems (``.jpg``); a stem seen before gets ``_N`` added
     so no output overwrites another.
@@ -111,14 +126,14 @@ def detect_files(
     all_detections, used = [], set()
     for index, path in enumerate(tqdm(paths, desc="detect", unit="image", disable=not progress or len(paths) < 2)):
         image = read_image(path)
-        (detections,) = detect(model, [image], score_threshold, iou_threshold, letterbox=letterbox, names=names,
-                               predict=predict)
-        all_detections.append(detections)
+        (found,) = detect(model, [image], score_threshold, iou_threshold, letterbox=letterbox, names=names,
+                          predict=predict, detections=detections)
+        all_detections.append(found)
         stem = os.path.splitext(os.path.basename(path))[0]
         name = stem if stem not in used else f"{stem}_{index}"
         used.add(name)
         target = os.path.join(out_dir, name + ".jpg")
-        if not cv2.imwrite(target, cv2.cvtColor(draw_detections(image, detections), cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(target, cv2.cvtColor(draw_detections(image, found), cv2.COLOR_RGB2BGR)):
             raise ValueError(f"cannot write {target}")
     results = coco_results(all_detections, range(len(paths)), list(paths))
     write_json_atomic(os.path.join(out_dir, "detections.json"), results)
