@@ -131,6 +131,14 @@ def test_evaluate_and_detect_through_the_cli(exported, tiny_synth_data, tmp_path
         assert np.abs(np.subtract(want["bbox"], got["bbox"])).max() <= 0.01
 
 
+def test_qat_is_refused_with_a_reason(exported):
+    from kprune.export.qat import quantize_model
+
+    with pytest.raises(ValueError, match=r"quantization-aware training of .*: layer rpn_conv is used 5 times: .*"
+                                         r"post-training int8 \(--quant int8\) has no such limit"):
+        quantize_model(exported["model"])
+
+
 def test_postprocess_is_refused(exported, tmp_path):
     result = CliRunner().invoke(main, ["export", str(exported["folder"] / "m.keras"), "--postprocess",
                                        "--out", str(tmp_path / "p.tflite")])

@@ -324,10 +324,15 @@ def quantize_model(model, sparse: Optional[bool] = None, calibration: Optional[n
     tfmot's [-6, 6].
 
     Raises:
-        ValueError: a layer neither tfmot nor :data:`QUANTIZE_CONFIGS` knows (named in the message).
+        ValueError: a layer neither tfmot nor :data:`QUANTIZE_CONFIGS` knows, or a layer called more
+            than once (named in the message).
     """
     sparse = is_sparse(model) if sparse is None else bool(sparse)
-    folded = fold_batch_norms(with_integer_mish(model))
+    try:
+        folded = fold_batch_norms(with_integer_mish(model))
+    except ValueError as error:  # a layer shared by several calls (Faster R-CNN's RPN head on every level)
+        raise ValueError(f"quantization-aware training of {model.name}: {error}; post-training int8 "
+                         f"(--quant int8) has no such limit") from None
 
     def annotate(layer):
         copy = layer.__class__.from_config(layer.get_config())
