@@ -52,14 +52,18 @@ def test_a_run_directory_has_everything(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_of_one_config_give_identical_weights(data, tmp_path):
+def test_two_runs_of_one_config_give_identical_weights(data, tmp_path, capsys):
     """On one host, a config and its seed fix the run: initial weights, the trunk pre-training, data
     order and augmentation, and every update, bit for bit (across hosts CPU kernels round differently)."""
     short = dict(epochs=1, steps_per_epoch=2, validate_every=2, recalibrate_bn=0, pretrain_epochs=1, pretrain_crop=32)
     runs = [TrainingRun(config(data, tmp_path / name, **short), progress=False) for name in ("a", "b")]
     for run in runs:
         run.fit()
-    assert json.loads((tmp_path / "a" / "state.json").read_text())["pretrained"]["epochs"] == 1
+    pretrained = json.loads((tmp_path / "a" / "state.json").read_text())["pretrained"]
+    assert pretrained["epochs"] == 1
+    # the run says how well the trunk learned, against chance for the data's five classes
+    said = f"trunk pre-training: {pretrained['accuracy']:.0%} of {pretrained['crops']} object crops classified right"
+    assert capsys.readouterr().out.count(said + " after 1 epochs (chance 20%)") == 2
     for a, b in zip(weights_of(runs[0].detector), weights_of(runs[1].detector)):
         np.testing.assert_array_equal(a, b)
     first = weights_of(TrainingRun(config(data, tmp_path / "c", **short), progress=False).detector)

@@ -297,6 +297,10 @@ class TrainingRun:
             with self.strategy.scope():
                 self.state["pretrained"] = pretrain_trunk(self.detector, self.manifest, c.pretrain_epochs,
                                                           c.pretrain_crop, progress=self.progress, seed=c.seed)
+            done, chance = self.state["pretrained"], 1.0 / len(self.manifest.classes)
+            print(f"trunk pre-training: {done['accuracy']:.0%} of {done['crops']} object crops classified right "
+                  f"after {done['epochs']} epochs (chance {chance:.0%})"
+                  + (": the trunk learned next to nothing" if done["accuracy"] < 1.5 * chance else ""))
         if start < c.epochs and not self.state.get("stopped_early"):
             try:
                 self.trainer.fit(
