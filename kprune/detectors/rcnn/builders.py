@@ -2,9 +2,9 @@
 ResNet-18-style variant that trains on a CPU.
 
 Both are functional tf_keras models on a square image in [0, 1] (a ``preprocess`` layer does the
-backbone's normalisation) with a fixed number K of proposals, made of built-in and registered layers only
-(they load with ``safe_mode``), and end in one :class:`~kprune.models.layers.RCNNHead` with five outputs: RPN logits
-(N, A), RPN deltas (N, A, 4), proposals (N, K, 4), class logits (N, K, classes + 1) and
+backbone's normalisation) with a fixed number K of proposals, made of built-in and registered
+layers only (they load with ``safe_mode``), and end in one :class:`~kprune.models.layers.RCNNHead`
+with five outputs: RPN logits (N, A), RPN deltas (N, A, 4), proposals (N, K, 4), class logits (N, K, classes + 1) and
 class-specific box deltas (N, K, classes, 4).
 
 The shared parts, with detectron2's layer names where it has them:
